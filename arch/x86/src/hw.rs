@@ -1,0 +1,209 @@
+//! Every privileged x86-64 instruction the hypervisor executes directly, in one place.
+//!
+//! Manuals cited: Intel SDM (Intel 64 and IA-32 Architectures Software Developer's Manual,
+//! order 325462, rev. 084) and AMD APM (AMD64 Architecture Programmer's Manual, pub. 24593,
+//! rev. 3.42). Wrappers from the `x86_64` crate are used where it has them (control registers,
+//! MSRs, ports); only what it lacks (VMXON/VMXOFF) is written here with `asm!`.
+//!
+//! Every function here is `unsafe` or documents why it is safe: each executes an instruction
+//! that can fault or change machine state for the whole CPU.
+
+use core::arch::asm;
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+use x86_64::registers::model_specific::Msr;
+use x86_64::structures::port::{PortRead, PortWrite};
+
+/// The result of one CPUID query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidResult {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// Executes CPUID with EAX = `leaf`, ECX = `subleaf`. See: SDM Vol 2A 3.3 "CPUID".
+pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    let result = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    CpuidResult {
+        eax: result.eax,
+        ebx: result.ebx,
+        ecx: result.ecx,
+        edx: result.edx,
+    }
+}
+
+/// Reads the time-stamp counter. See: SDM Vol 2B 4.3 "RDTSC".
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no side effects and cannot fault at CPL 0.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Reads a model-specific register. See: SDM Vol 2B 4.3 "RDMSR".
+///
+/// # Safety
+/// The MSR must exist on this CPU (otherwise #GP); the caller checks CPUID or a capability
+/// MSR first.
+pub unsafe fn read_msr(msr: u32) -> u64 {
+    // SAFETY: the caller guarantees the MSR exists.
+    unsafe { Msr::new(msr).read() }
+}
+
+/// Writes a model-specific register. See: SDM Vol 2B 4.3 "WRMSR".
+///
+/// # Safety
+/// The MSR must exist and the value must be valid for it; writing it must not break the
+/// invariants of the running hypervisor (e.g. EFER.LME).
+pub unsafe fn write_msr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the MSR exists and the value is harmless.
+    unsafe { Msr::new(msr).write(value) }
+}
+
+/// Reads CR0.
+pub fn read_cr0() -> u64 {
+    Cr0::read_raw()
+}
+
+/// Writes CR0.
+///
+/// # Safety
+/// The value must keep paging and protection on (the hypervisor runs in long mode).
+pub unsafe fn write_cr0(value: u64) {
+    // SAFETY: the caller keeps PE, PG and the other bits long mode needs.
+    unsafe { Cr0::write_raw(value) }
+}
+
+/// Reads CR4.
+pub fn read_cr4() -> u64 {
+    Cr4::read_raw()
+}
+
+/// Writes CR4.
+///
+/// # Safety
+/// The value must keep PAE (long mode) and any bit the running code relies on.
+pub unsafe fn write_cr4(value: u64) {
+    // SAFETY: the caller keeps the bits long mode needs.
+    unsafe { Cr4::write_raw(value) }
+}
+
+/// CR0 bits long mode cannot run without (for callers that sanity-check a CR0 value).
+pub const CR0_LONG_MODE_BITS: u64 =
+    Cr0Flags::PROTECTED_MODE_ENABLE.bits() | Cr0Flags::PAGING.bits();
+/// CR4.VMXE: VMX enable. See: SDM Vol 3C 24.7 "Enabling and entering VMX operation".
+pub const CR4_VMXE: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
+
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// Reading the port must have no side effect that breaks the hypervisor's devices.
+pub unsafe fn inb(port: u16) -> u8 {
+    // SAFETY: the caller owns the port.
+    unsafe { u8::read_from_port(port) }
+}
+
+/// Reads a word from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+pub unsafe fn inw(port: u16) -> u16 {
+    // SAFETY: the caller owns the port.
+    unsafe { u16::read_from_port(port) }
+}
+
+/// Writes a byte to an I/O port.
+///
+/// # Safety
+/// The caller owns the port (or intends the side effect, e.g. a power-off register).
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller owns the port.
+    unsafe { u8::write_to_port(port, value) }
+}
+
+/// Writes a word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: the caller owns the port.
+    unsafe { u16::write_to_port(port, value) }
+}
+
+/// Writes a doubleword to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller owns the port.
+    unsafe { u32::write_to_port(port, value) }
+}
+
+/// Why a VMX instruction failed. See: SDM Vol 3C 31.2 "Conventions" (VMfailInvalid sets CF,
+/// VMfailValid sets ZF and leaves an error number in the VM-instruction error field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmxInstructionError {
+    /// CF = 1: no current VMCS, or the operand itself was bad (e.g. VMXON's region).
+    FailInvalid,
+    /// ZF = 1: the VM-instruction error field holds the reason.
+    FailValid,
+}
+
+/// Decodes RFLAGS after a VMX instruction. See: SDM Vol 3C 31.2.
+fn vmx_result(rflags: u64) -> Result<(), VmxInstructionError> {
+    const CARRY: u64 = 1 << 0;
+    const ZERO: u64 = 1 << 6;
+    if rflags & CARRY != 0 {
+        Err(VmxInstructionError::FailInvalid)
+    } else if rflags & ZERO != 0 {
+        Err(VmxInstructionError::FailValid)
+    } else {
+        Ok(())
+    }
+}
+
+/// Enters VMX root operation. See: SDM Vol 3C 31.3 "VMXON".
+///
+/// # Safety
+/// CR4.VMXE is set, CR0/CR4 satisfy the IA32_VMX_CR*_FIXED MSRs, IA32_FEATURE_CONTROL allows
+/// VMX outside SMX, and `vmxon_region` is the physical address of a 4 KiB-aligned region
+/// whose first dword holds the VMCS revision identifier and which stays reserved until VMXOFF.
+pub unsafe fn vmxon(vmxon_region: u64) -> Result<(), VmxInstructionError> {
+    let rflags: u64;
+    // SAFETY: the caller established every precondition listed above.
+    unsafe {
+        asm!(
+            "vmxon [{region}]",
+            "pushfq",
+            "pop {rflags}",
+            region = in(reg) &vmxon_region,
+            rflags = lateout(reg) rflags,
+        );
+    }
+    vmx_result(rflags)
+}
+
+/// Leaves VMX operation. See: SDM Vol 3C 31.3 "VMXOFF".
+///
+/// # Safety
+/// The CPU is in VMX root operation (a successful [`vmxon`]) and no VMCS of it is in use.
+pub unsafe fn vmxoff() -> Result<(), VmxInstructionError> {
+    let rflags: u64;
+    // SAFETY: the caller guarantees the CPU is in VMX root operation.
+    unsafe {
+        asm!("vmxoff", "pushfq", "pop {rflags}", rflags = lateout(reg) rflags);
+    }
+    vmx_result(rflags)
+}
+
+/// Halts until the next interrupt. See: SDM Vol 2A 3.3 "HLT".
+pub fn halt() {
+    x86_64::instructions::hlt();
+}
+
+/// Disables interrupts and halts forever: the end of the line when power-off failed.
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}

@@ -1,0 +1,121 @@
+//! `ringzero-boot`: the host tool that turns a built hypervisor kernel into bootable disk
+//! images (UEFI and BIOS, through the rust-osdev `bootloader` crate) and packs the boot
+//! manifest into the bootloader's ramdisk.
+//!
+//! Usage: `ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook NAME] [--config FILE]`
+//! writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`.
+
+use bootloader::{BiosBoot, BootConfig, UefiBoot};
+use bootloader_boot_config::LevelFilter;
+use ringzero_loader::manifest::{Manifest, TestHook};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+struct Options {
+    kernel: PathBuf,
+    out_dir: PathBuf,
+    test_hook: TestHook,
+    config: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault] [--config FILE]";
+
+fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let (mut kernel, mut out_dir, mut test_hook, mut config) = (None, None, TestHook::None, None);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--out-dir" => out_dir = Some(PathBuf::from(value()?)),
+            "--test-hook" => {
+                let name = value()?;
+                test_hook = TestHook::from_name(&name).ok_or_else(|| {
+                    format!("unknown test hook '{name}' (known: none, page-fault)")
+                })?;
+            }
+            "--config" => config = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
+        }
+    }
+    Ok(Options {
+        kernel: kernel.ok_or_else(|| format!("--kernel is required\n{USAGE}"))?,
+        out_dir: out_dir.ok_or_else(|| format!("--out-dir is required\n{USAGE}"))?,
+        test_hook,
+        config,
+    })
+}
+
+fn build(options: &Options) -> Result<(), String> {
+    if let Some(config) = &options.config {
+        return Err(format!(
+            "{}: guest configurations are not supported yet (they arrive with the guest support); run without --config",
+            config.display()
+        ));
+    }
+    if !options.kernel.is_file() {
+        return Err(format!(
+            "kernel '{}' not found: build it first (scripts/run-qemu.sh does)",
+            options.kernel.display()
+        ));
+    }
+    std::fs::create_dir_all(&options.out_dir)
+        .map_err(|error| format!("cannot create {}: {error}", options.out_dir.display()))?;
+
+    let manifest_path = options.out_dir.join("manifest.bin");
+    let manifest = Manifest {
+        test_hook: options.test_hook,
+    };
+    std::fs::write(&manifest_path, manifest.encode())
+        .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
+
+    // The bootloader's own log goes to serial only (drawing text into the framebuffer is
+    // slow under emulation, Bochs above all) and only for warnings.
+    let mut boot_config = BootConfig::default();
+    boot_config.frame_buffer_logging = false;
+    boot_config.log_level = LevelFilter::Warn;
+
+    let uefi_path = options.out_dir.join("uefi.img");
+    UefiBoot::new(&options.kernel)
+        .set_ramdisk(&manifest_path)
+        .set_boot_config(&boot_config)
+        .create_disk_image(&uefi_path)
+        .map_err(|error| {
+            format!(
+                "cannot create the UEFI image {}: {error:#}",
+                uefi_path.display()
+            )
+        })?;
+    let bios_path = options.out_dir.join("bios.img");
+    BiosBoot::new(&options.kernel)
+        .set_ramdisk(&manifest_path)
+        .set_boot_config(&boot_config)
+        .create_disk_image(&bios_path)
+        .map_err(|error| {
+            format!(
+                "cannot create the BIOS image {}: {error:#}",
+                bios_path.display()
+            )
+        })?;
+    println!(
+        "ringzero-boot: wrote {} and {} (test hook: {})",
+        uefi_path.display(),
+        bios_path.display(),
+        options.test_hook.name()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let result = parse_options(std::env::args().skip(1)).and_then(|options| build(&options));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ringzero-boot: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Per-CPU descriptor tables (GDT, TSS with its interrupt stacks) and the shared IDT whose
+//! exception handlers report and power off.
+//!
+//! See: SDM Vol 3A 7.2 "Task management data structures" (64-bit TSS, IST), 6.14
+//! "Exception and interrupt handling in 64-bit mode".
+
+use crate::{console, memory, power};
+use alloc::boxed::Box;
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::registers::control::Cr2;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+/// IST slot (0-based, as the `x86_64` crate counts) of the double-fault stack.
+const DOUBLE_FAULT_IST: u16 = 0;
+/// IST slot of the NMI stack.
+const NMI_IST: u16 = 1;
+/// IST slot of the machine-check stack.
+const MACHINE_CHECK_IST: u16 = 2;
+/// Size of each interrupt stack.
+const IST_STACK_SIZE: usize = 16 * 1024;
+
+/// One CPU's GDT and TSS. Leaked: a CPU's tables live as long as the CPU runs.
+struct CpuTables {
+    gdt: GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+}
+
+fn new_stack() -> VirtAddr {
+    let stack: &'static mut [u8] = Box::leak(alloc::vec![0u8; IST_STACK_SIZE].into_boxed_slice());
+    // Stacks grow down: the IST entry holds the end, 16-byte aligned.
+    VirtAddr::from_ptr(stack.as_ptr_range().end).align_down(16u64)
+}
+
+/// Loads this CPU's own GDT and TSS, then the shared IDT. Needs the heap.
+pub fn init_this_cpu() {
+    let tss: &'static mut TaskStateSegment = Box::leak(Box::new(TaskStateSegment::new()));
+    tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST)] = new_stack();
+    tss.interrupt_stack_table[usize::from(NMI_IST)] = new_stack();
+    tss.interrupt_stack_table[usize::from(MACHINE_CHECK_IST)] = new_stack();
+    let tss: &'static TaskStateSegment = tss;
+
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss_selector = gdt.append(Descriptor::tss_segment(tss));
+    let tables: &'static CpuTables = Box::leak(Box::new(CpuTables {
+        gdt,
+        code,
+        data,
+        tss: tss_selector,
+    }));
+
+    tables.gdt.load();
+    // SAFETY: the selectors index the GDT just loaded, whose descriptors are a flat 64-bit
+    // code segment, a flat data segment and an available TSS that lives forever (leaked).
+    unsafe {
+        CS::set_reg(tables.code);
+        SS::set_reg(tables.data);
+        DS::set_reg(tables.data);
+        ES::set_reg(tables.data);
+        load_tss(tables.tss);
+    }
+    IDT.load();
+}
+
+static IDT: spin::Lazy<InterruptDescriptorTable> = spin::Lazy::new(|| {
+    let mut idt = InterruptDescriptorTable::new();
+    idt.divide_error.set_handler_fn(divide_error);
+    idt.debug.set_handler_fn(debug);
+    idt.breakpoint.set_handler_fn(breakpoint);
+    idt.overflow.set_handler_fn(overflow);
+    idt.bound_range_exceeded.set_handler_fn(bound_range);
+    idt.invalid_opcode.set_handler_fn(invalid_opcode);
+    idt.device_not_available
+        .set_handler_fn(device_not_available);
+    idt.invalid_tss.set_handler_fn(invalid_tss);
+    idt.segment_not_present.set_handler_fn(segment_not_present);
+    idt.stack_segment_fault.set_handler_fn(stack_segment_fault);
+    idt.general_protection_fault
+        .set_handler_fn(general_protection);
+    idt.page_fault.set_handler_fn(page_fault);
+    idt.x87_floating_point.set_handler_fn(x87_floating_point);
+    idt.alignment_check.set_handler_fn(alignment_check);
+    idt.simd_floating_point.set_handler_fn(simd_floating_point);
+    // SAFETY: the IST indices name stacks that init_this_cpu puts in every CPU's TSS before
+    // this IDT is loaded on that CPU.
+    unsafe {
+        idt.double_fault
+            .set_handler_fn(double_fault)
+            .set_stack_index(DOUBLE_FAULT_IST);
+        idt.non_maskable_interrupt
+            .set_handler_fn(non_maskable)
+            .set_stack_index(NMI_IST);
+        idt.machine_check
+            .set_handler_fn(machine_check)
+            .set_stack_index(MACHINE_CHECK_IST);
+    }
+    idt
+});
+
+/// How many words of the interrupted stack the report shows.
+const STACK_WORDS: usize = 8;
+
+/// Prints everything known about a fatal exception and powers off with the exception status.
+fn report_and_power_off(
+    vector: u8,
+    name: &str,
+    error_code: Option<u64>,
+    frame: &InterruptStackFrame,
+) -> ! {
+    console::break_lock_for_fatal_path();
+    let rip = frame.instruction_pointer.as_u64();
+    let rsp = frame.stack_pointer.as_u64();
+    let cr2 = Cr2::read_raw();
+    match error_code {
+        Some(code) => log::error!(
+            "CPU exception {vector} ({name}) error_code={code:#x} rip={rip:#018x} cr2={cr2:#018x} rsp={rsp:#018x}"
+        ),
+        None => log::error!("CPU exception {vector} ({name}) rip={rip:#018x} cr2={cr2:#018x} rsp={rsp:#018x}"),
+    }
+    log::error!(
+        "  cs={:#x} ss={:#x} rflags={:#x}",
+        frame.code_segment.0,
+        frame.stack_segment.0,
+        frame.cpu_flags.bits()
+    );
+    for index in 0..STACK_WORDS {
+        let address = rsp.wrapping_add((index * 8) as u64);
+        match memory::read_kernel_word(address) {
+            Some(word) => log::error!("  stack[rsp+{:#04x}] = {word:#018x}", index * 8),
+            None => {
+                log::error!("  stack[rsp+{:#04x}] not mapped", index * 8);
+                break;
+            }
+        }
+    }
+    power::power_off(power::ExitStatus::HypervisorException)
+}
+
+macro_rules! fatal_handler {
+    ($name:ident, $vector:expr, $text:expr) => {
+        extern "x86-interrupt" fn $name(frame: InterruptStackFrame) {
+            report_and_power_off($vector, $text, None, &frame)
+        }
+    };
+    ($name:ident, $vector:expr, $text:expr, error_code) => {
+        extern "x86-interrupt" fn $name(frame: InterruptStackFrame, error_code: u64) {
+            report_and_power_off($vector, $text, Some(error_code), &frame)
+        }
+    };
+}
+
+fatal_handler!(divide_error, 0, "#DE divide error");
+fatal_handler!(debug, 1, "#DB debug");
+fatal_handler!(breakpoint, 3, "#BP breakpoint");
+fatal_handler!(overflow, 4, "#OF overflow");
+fatal_handler!(bound_range, 5, "#BR bound range exceeded");
+fatal_handler!(invalid_opcode, 6, "#UD invalid opcode");
+fatal_handler!(device_not_available, 7, "#NM device not available");
+fatal_handler!(invalid_tss, 10, "#TS invalid TSS", error_code);
+fatal_handler!(
+    segment_not_present,
+    11,
+    "#NP segment not present",
+    error_code
+);
+fatal_handler!(
+    stack_segment_fault,
+    12,
+    "#SS stack-segment fault",
+    error_code
+);
+fatal_handler!(general_protection, 13, "#GP general protection", error_code);
+fatal_handler!(x87_floating_point, 16, "#MF x87 floating point");
+fatal_handler!(alignment_check, 17, "#AC alignment check", error_code);
+fatal_handler!(simd_floating_point, 19, "#XM SIMD floating point");
+fatal_handler!(non_maskable, 2, "NMI");
+
+extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, error_code: PageFaultErrorCode) {
+    report_and_power_off(14, "#PF page fault", Some(error_code.bits()), &frame)
+}
+
+extern "x86-interrupt" fn double_fault(frame: InterruptStackFrame, error_code: u64) -> ! {
+    report_and_power_off(8, "#DF double fault", Some(error_code), &frame)
+}
+
+extern "x86-interrupt" fn machine_check(frame: InterruptStackFrame) -> ! {
+    report_and_power_off(18, "#MC machine check", None, &frame)
+}

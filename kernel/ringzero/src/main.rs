@@ -1,0 +1,145 @@
+//! ringzero: a type-1 hypervisor. This is the kernel's entry point and composition root.
+//!
+//! The boot flow (each step logs what it found):
+//! 1. serial console and logging;
+//! 2. host memory: physical window, heap, frame allocator (from the bootloader's map);
+//! 3. this CPU's GDT/TSS and the IDT (exceptions report and power off);
+//! 4. host ACPI tables: CPU count, power-off registers;
+//! 5. the boot manifest from the ramdisk (packed by `boot/`);
+//! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off;
+//! 7. power off with a status (see `power`).
+#![no_std]
+#![no_main]
+#![feature(abi_x86_interrupt)]
+
+extern crate alloc;
+
+mod console;
+mod cpu;
+mod memory;
+mod platform;
+mod power;
+mod virt;
+
+use bootloader_api::config::Mapping;
+use bootloader_api::{entry_point, BootInfo, BootloaderConfig};
+use power::ExitStatus;
+use ringzero_loader::manifest::{Manifest, TestHook};
+
+/// What the hypervisor asks of the bootloader: all of physical memory mapped (the "physical
+/// window") and a generous boot stack.
+pub static BOOTLOADER_CONFIG: BootloaderConfig = {
+    let mut config = BootloaderConfig::new_default();
+    config.mappings.physical_memory = Some(Mapping::Dynamic);
+    config.kernel_stack_size = 256 * 1024;
+    config
+};
+
+entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
+
+fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
+    // Step 1.
+    console::init();
+    log::info!("ringzero {} starting", env!("CARGO_PKG_VERSION"));
+
+    // Step 2.
+    let Some(physical_memory_offset) = boot_info.physical_memory_offset.into_option() else {
+        log::error!("the bootloader did not map physical memory");
+        power::power_off(ExitStatus::PlatformSetupFailed);
+    };
+    let Some(summary) = memory::init(physical_memory_offset, &boot_info.memory_regions) else {
+        log::error!("no usable memory region is large enough for the kernel heap");
+        power::power_off(ExitStatus::PlatformSetupFailed);
+    };
+    log::info!(
+        "memory: {} MiB usable, heap {} MiB at {:#x}, {} free frames",
+        summary.usable_bytes >> 20,
+        summary.heap_size >> 20,
+        summary.heap_start.0,
+        summary.free_frames
+    );
+
+    // Step 3.
+    cpu::init_this_cpu();
+    log::info!("cpu: GDT, TSS (IST stacks for #DF, NMI, #MC) and IDT loaded");
+
+    // Step 4.
+    let host = platform::discover(boot_info.rsdp_addr.into_option());
+    match host.power_off {
+        Some(power_off) => {
+            log::info!(
+                "acpi: {} CPU(s); S5 via PM1a_CNT port {:#x} SLP_TYP {}",
+                host.cpu_count,
+                power_off.pm1a_control_port,
+                power_off.sleep_type.a
+            );
+            power::set_acpi_power_off(power_off);
+        }
+        None => log::info!("acpi: {} CPU(s); no ACPI power-off", host.cpu_count),
+    }
+
+    // Step 5.
+    let manifest = match load_manifest(boot_info) {
+        Ok(manifest) => manifest,
+        Err(message) => {
+            log::error!("boot manifest: {message}");
+            power::power_off(ExitStatus::BadManifest);
+        }
+    };
+    if manifest.test_hook == TestHook::PageFault {
+        trigger_page_fault();
+    }
+
+    // Step 6.
+    let extension = match virt::detect(host.cpu_count) {
+        Ok(extension) => extension,
+        Err(refusal) => {
+            log::error!("{refusal}");
+            crate::console::print_line(format_args!("ringzero: cannot virtualize: {refusal}"));
+            power::power_off(ExitStatus::CannotVirtualize);
+        }
+    };
+    if let Err(error) = virt::smoke_test(&extension) {
+        log::error!("virtualization smoke test failed: {error}");
+        power::power_off(ExitStatus::CannotVirtualize);
+    }
+
+    // Step 7.
+    log::info!("no guests configured yet; powering off");
+    power::power_off(ExitStatus::Clean)
+}
+
+fn load_manifest(boot_info: &BootInfo) -> Result<Manifest, alloc::string::String> {
+    let Some(address) = boot_info.ramdisk_addr.into_option() else {
+        return Err(
+            "no ramdisk: boot/ always packs one; was the image built by scripts/run-qemu.sh?"
+                .into(),
+        );
+    };
+    // SAFETY: the bootloader loaded the ramdisk at this address, mapped it, and reports its
+    // length; nothing else writes it.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(address as *const u8, boot_info.ramdisk_len as usize)
+    };
+    Manifest::decode(bytes).map_err(|error| alloc::format!("{error}"))
+}
+
+/// Test hook: read an address that is never mapped (non-canonical addresses give #GP, so
+/// use a canonical one in the unused lower half).
+fn trigger_page_fault() {
+    const UNMAPPED: u64 = 0x0000_7ead_beef_0000;
+    log::warn!(
+        "test hook: reading unmapped address {UNMAPPED:#x} to exercise the page-fault report"
+    );
+    // SAFETY: deliberately invalid: the read faults and the #PF handler powers off; it never
+    // returns a value. This runs only when the manifest asks for the page-fault test.
+    let value = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    log::error!("test hook: the read returned {value:#x} instead of faulting");
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::break_lock_for_fatal_path();
+    log::error!("PANIC: {info}");
+    power::power_off(ExitStatus::Panic)
+}

@@ -1,0 +1,194 @@
+//! Host physical memory: a frame allocator fed by the bootloader's memory map, the kernel
+//! heap, and the physical-memory window the bootloader maps at a fixed offset.
+//!
+//! The allocator hands out 4 KiB frames from the usable regions in order (a bump pointer per
+//! region) and keeps freed frames on a list threaded through the frames themselves. The heap
+//! is one contiguous block carved from the largest usable region before anything else.
+
+use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+use linked_list_allocator::LockedHeap;
+use spin::Mutex;
+use x86_64::structures::paging::{OffsetPageTable, PageTable, Translate};
+use x86_64::VirtAddr;
+
+/// A host-physical address (the hypervisor's own machine address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostPhysAddr(pub u64);
+
+pub const FRAME_SIZE: u64 = 4096;
+/// Size of the kernel heap.
+const HEAP_SIZE: u64 = 16 * 1024 * 1024;
+/// At most this many usable regions are tracked (firmware maps rarely have more than ~40).
+const MAX_REGIONS: usize = 128;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+static PHYSICAL_MEMORY_OFFSET: spin::Once<u64> = spin::Once::new();
+static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::empty());
+
+struct FrameAllocator {
+    /// Usable regions as (first frame, end) host-physical addresses, page-aligned.
+    regions: [(u64, u64); MAX_REGIONS],
+    region_count: usize,
+    current_region: usize,
+    next_frame: u64,
+    /// Head of the list of freed frames (0 = empty); each holds the address of the next.
+    free_list: u64,
+    total_frames: u64,
+    allocated_frames: u64,
+}
+
+impl FrameAllocator {
+    const fn empty() -> Self {
+        FrameAllocator {
+            regions: [(0, 0); MAX_REGIONS],
+            region_count: 0,
+            current_region: 0,
+            next_frame: 0,
+            free_list: 0,
+            total_frames: 0,
+            allocated_frames: 0,
+        }
+    }
+
+    fn allocate(&mut self) -> Option<HostPhysAddr> {
+        if self.free_list != 0 {
+            let frame = self.free_list;
+            self.free_list = read_phys_u64(HostPhysAddr(frame));
+            self.allocated_frames += 1;
+            return Some(HostPhysAddr(frame));
+        }
+        while self.current_region < self.region_count {
+            let (_, end) = self.regions[self.current_region];
+            if self.next_frame + FRAME_SIZE <= end {
+                let frame = self.next_frame;
+                self.next_frame += FRAME_SIZE;
+                self.allocated_frames += 1;
+                return Some(HostPhysAddr(frame));
+            }
+            self.current_region += 1;
+            if self.current_region < self.region_count {
+                self.next_frame = self.regions[self.current_region].0;
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, frame: HostPhysAddr) {
+        write_phys_u64(frame, self.free_list);
+        self.free_list = frame.0;
+        self.allocated_frames -= 1;
+    }
+}
+
+/// What [`init`] found, for the boot log.
+pub struct MemorySummary {
+    pub usable_bytes: u64,
+    pub heap_start: HostPhysAddr,
+    pub heap_size: u64,
+    pub free_frames: u64,
+}
+
+/// Sets up the physical window, the heap and the frame allocator from the bootloader's map.
+/// Returns `None` when there is no usable region large enough for the heap.
+pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<MemorySummary> {
+    PHYSICAL_MEMORY_OFFSET.call_once(|| physical_memory_offset);
+    let usable = || {
+        regions
+            .iter()
+            .filter(|region| region.kind == MemoryRegionKind::Usable)
+            .map(|region| {
+                let start = region.start.next_multiple_of(FRAME_SIZE);
+                let end = region.end & !(FRAME_SIZE - 1);
+                (start, end.max(start))
+            })
+    };
+    // Never hand out frame 0: a zero address doubles as "none" in the free list.
+    let usable_bytes: u64 = usable().map(|(start, end)| end - start).sum();
+    let (heap_region_start, _) = usable()
+        .filter(|(start, end)| end - start >= HEAP_SIZE)
+        .max_by_key(|(start, end)| end - start)?;
+
+    let heap_virtual = physical_memory_offset + heap_region_start;
+    // SAFETY: [heap_region_start, +HEAP_SIZE) is usable RAM that the bootloader maps at
+    // physical_memory_offset; it is removed from the frame allocator below, so the heap owns it.
+    unsafe {
+        HEAP.lock()
+            .init(heap_virtual as *mut u8, HEAP_SIZE as usize)
+    };
+
+    let mut frames = FRAMES.lock();
+    for (start, end) in usable() {
+        let start = if start == heap_region_start {
+            start + HEAP_SIZE
+        } else {
+            start
+        };
+        let start = start.max(FRAME_SIZE);
+        if end > start && frames.region_count < MAX_REGIONS {
+            let index = frames.region_count;
+            frames.regions[index] = (start, end);
+            frames.region_count += 1;
+            frames.total_frames += (end - start) / FRAME_SIZE;
+        }
+    }
+    frames.next_frame = frames.regions[0].0;
+    Some(MemorySummary {
+        usable_bytes,
+        heap_start: HostPhysAddr(heap_region_start),
+        heap_size: HEAP_SIZE,
+        free_frames: frames.total_frames,
+    })
+}
+
+/// Allocates one zeroed 4 KiB frame.
+pub fn allocate_frame() -> Option<HostPhysAddr> {
+    let frame = FRAMES.lock().allocate()?;
+    let window = physical_window(frame);
+    // SAFETY: the frame was just taken from the allocator, so nothing else refers to it, and
+    // the physical window maps all of RAM writable.
+    unsafe { core::ptr::write_bytes(window, 0, FRAME_SIZE as usize) };
+    Some(frame)
+}
+
+/// Returns a frame to the allocator.
+pub fn free_frame(frame: HostPhysAddr) {
+    FRAMES.lock().free(frame);
+}
+
+/// The hypervisor's virtual address of a host-physical address (through the physical window).
+pub fn physical_window(address: HostPhysAddr) -> *mut u8 {
+    let offset = *PHYSICAL_MEMORY_OFFSET
+        .get()
+        .expect("memory::init runs first");
+    (offset + address.0) as *mut u8
+}
+
+fn read_phys_u64(address: HostPhysAddr) -> u64 {
+    // SAFETY: callers pass frames owned by the allocator, mapped by the physical window.
+    unsafe { physical_window(address).cast::<u64>().read() }
+}
+
+fn write_phys_u64(address: HostPhysAddr, value: u64) {
+    // SAFETY: callers pass frames owned by the allocator, mapped by the physical window.
+    unsafe { physical_window(address).cast::<u64>().write(value) }
+}
+
+/// Reads a word of the hypervisor's own address space if it is mapped (for exception reports,
+/// which must not fault again while printing a stack).
+pub fn read_kernel_word(address: u64) -> Option<u64> {
+    let offset = *PHYSICAL_MEMORY_OFFSET.get()?;
+    let virtual_address = VirtAddr::try_new(address).ok()?;
+    if address % 8 != 0 {
+        return None;
+    }
+    let (level_4_frame, _) = x86_64::registers::control::Cr3::read();
+    let level_4 = (offset + level_4_frame.start_address().as_u64()) as *mut PageTable;
+    // SAFETY: CR3 names the active level-4 table, which the physical window maps; the mapper is
+    // only used to translate (read-only walk) and dropped before returning.
+    let mapper = unsafe { OffsetPageTable::new(&mut *level_4, VirtAddr::new(offset)) };
+    mapper.translate_addr(virtual_address)?;
+    // SAFETY: the page holding this aligned word is mapped (translated just above).
+    Some(unsafe { (address as *const u64).read_volatile() })
+}

@@ -1,0 +1,82 @@
+# Shared by scripts/run-qemu.sh and scripts/test.sh: installing what is missing, building.
+# Sourced, not run. Every function prints what it does on stderr, prefixed with $RZ_PROG.
+
+RZ_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RZ_PROG=${RZ_PROG:-ringzero}
+RZ_IMAGES=$RZ_ROOT/target/ringzero/images
+RZ_KERNEL=$RZ_ROOT/target/x86_64-unknown-none/release/ringzero
+RZ_BOOT_TOOL=$RZ_ROOT/target/release/ringzero-boot
+
+rz_say() { echo "$RZ_PROG: $*" >&2; }
+rz_die() { echo "$RZ_PROG: error: $*" >&2; exit "${RZ_DIE_STATUS:-120}"; }
+
+# Installs the Debian packages given that are not installed yet, saying which.
+rz_ensure_packages() {
+    local missing=() package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    rz_say "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq >&2 || rz_die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+        || rz_die "apt-get install ${missing[*]} failed"
+}
+
+# Installs the toolchain rust-toolchain.toml pins (rustup does not do it by itself here).
+rz_ensure_toolchain() {
+    if ! command -v rustup >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/rustup" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v rustup >/dev/null 2>&1; then
+        rz_say "installing rustup"
+        rz_ensure_packages curl ca-certificates
+        curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none >&2 \
+            || rz_die "cannot install rustup"
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    local toolchain
+    toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$RZ_ROOT/rust-toolchain.toml")
+    if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
+        rz_say "installing Rust toolchain $toolchain"
+    fi
+    # Idempotent and quick when everything is there; also adds components and targets that
+    # were added to rust-toolchain.toml after the toolchain was installed.
+    (cd "$RZ_ROOT" && rustup toolchain install "$toolchain" --profile minimal \
+        -c rust-src -c llvm-tools-preview -c rustfmt -c clippy -t x86_64-unknown-none >/dev/null 2>&1) \
+        || rz_die "cannot install the Rust toolchain $toolchain"
+    (cd "$RZ_ROOT" && rustup component add --toolchain "$toolchain" rust-src llvm-tools-preview rustfmt clippy >/dev/null 2>&1 \
+        && rustup target add --toolchain "$toolchain" x86_64-unknown-none >/dev/null 2>&1) \
+        || rz_die "cannot add the components/targets of $toolchain"
+}
+
+# What running under QEMU needs.
+rz_ensure_qemu() { rz_ensure_packages qemu-system-x86 ovmf; }
+# What running under Bochs needs.
+rz_ensure_bochs() { rz_ensure_packages bochs bochsbios vgabios bochs-sdl; }
+
+rz_ovmf_code() {
+    local candidate
+    for candidate in /usr/share/OVMF/OVMF_CODE.fd /usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/ovmf/OVMF.fd /usr/share/qemu/OVMF.fd; do
+        [ -f "$candidate" ] && { echo "$candidate"; return 0; }
+    done
+    rz_die "no OVMF firmware found (package ovmf)"
+}
+
+# Builds the kernel and the host tool (cargo caches both).
+rz_build_binaries() {
+    rz_say "building the hypervisor kernel and the image tool"
+    (cd "$RZ_ROOT" && cargo build --quiet --release -p ringzero --target x86_64-unknown-none) \
+        || rz_die "kernel build failed"
+    (cd "$RZ_ROOT" && cargo build --quiet --release -p ringzero-boot) || rz_die "ringzero-boot build failed"
+}
+
+# rz_build_images VARIANT [ringzero-boot args...]: writes $RZ_IMAGES/VARIANT/{uefi,bios}.img.
+rz_build_images() {
+    local variant=$1
+    shift
+    "$RZ_BOOT_TOOL" --kernel "$RZ_KERNEL" --out-dir "$RZ_IMAGES/$variant" "$@" >&2 \
+        || rz_die "building the $variant images failed"
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Builds ringzero and boots it in an emulator: QEMU (AMD SVM, the default) or Bochs (Intel VMX).
+# Serial output goes to stdout. On first use it installs what is missing (Debian packages, the
+# pinned Rust toolchain) and says so.
+#
+# Exit status: the hypervisor's own power-off status (0 clean, 1 panic, 2 CPU exception in the
+# hypervisor, 3 this machine cannot virtualize, 4 bad boot manifest, 5 platform setup failed),
+# or 120 build/set-up failed, 124 timeout, 125 the emulator failed or the hypervisor stopped
+# without printing its power-off line. See README.md.
+set -uo pipefail
+
+RZ_PROG=run-qemu
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+usage() {
+    cat <<'USAGE'
+usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
+  --bios            boot the BIOS image (default: UEFI through OVMF)
+  --cpu MODEL       QEMU CPU model (default: EPYC; qemu64 has SVM but no NPT, qemu64,-svm has no SVM)
+  --bochs           run under Bochs with an Intel VMX CPU (corei7_skylake_x), BIOS image
+  --smp N           number of CPUs of the emulated machine (default 1)
+  --memory MIB      memory of the emulated machine in MiB (default 256)
+  --config FILE     guest configuration (TOML); not supported yet
+  --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
+  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault)
+  --no-build        use the images already built (the test harness builds once)
+  --build-only      build the images and stop
+  -h, --help        this text
+USAGE
+}
+
+firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="" timeout=600 hook=none
+build=1 build_only=0 extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bios) firmware=bios ;;
+        --cpu) cpu=${2:?--cpu needs a model}; shift ;;
+        --bochs) emulator=bochs firmware=bios ;;
+        --smp) smp=${2:?--smp needs a number}; shift ;;
+        --memory) memory=${2:?--memory needs MiB}; shift ;;
+        --config) config=${2:?--config needs a file}; shift ;;
+        --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
+        --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
+        --no-build) build=0 ;;
+        --build-only) build_only=1 ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; extra=("$@"); break ;;
+        *) usage >&2; rz_die "unknown option '$1'" ;;
+    esac
+    shift
+done
+[[ $smp =~ ^[1-9][0-9]*$ ]] || rz_die "--smp wants a positive number, got '$smp'"
+[[ $memory =~ ^[1-9][0-9]*$ ]] || rz_die "--memory wants MiB as a positive number, got '$memory'"
+[[ $timeout =~ ^[0-9]+$ ]] || rz_die "--timeout wants seconds, got '$timeout'"
+[ "$emulator" = bochs ] && [ ${#extra[@]} -gt 0 ] && rz_die "arguments after -- are for QEMU; not used with --bochs"
+
+variant=default
+[ "$hook" != none ] && variant="hook-$hook"
+hook_args=()
+[ "$hook" != none ] && hook_args=(--test-hook "$hook")
+config_args=()
+if [ -n "$config" ]; then
+    [ -f "$config" ] || rz_die "config file '$config' not found"
+    config_args=(--config "$config")
+fi
+
+if [ "$build" = 1 ]; then
+    rz_ensure_packages build-essential
+    rz_ensure_toolchain
+    rz_build_binaries
+    rz_build_images "$variant" "${hook_args[@]}" "${config_args[@]}"
+fi
+[ "$build_only" = 1 ] && exit 0
+image_dir=$RZ_IMAGES/$variant
+[ -f "$image_dir/$firmware.img" ] || rz_die "no image at $image_dir/$firmware.img (run without --no-build)"
+
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ringzero-run.XXXXXX")
+trap 'rm -rf "$run_dir"' EXIT
+serial_log=$run_dir/serial.txt
+timeout_args=()
+[ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")
+
+if [ "$emulator" = qemu ]; then
+    rz_ensure_qemu
+    qemu=(qemu-system-x86_64 -machine pc -cpu "$cpu" -smp "$smp" -m "$memory"
+        -display none -no-reboot
+        -chardev "stdio,id=console,logfile=$serial_log,signal=on" -serial chardev:console
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04
+        -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
+    [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
+    rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
+    # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
+    "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+    emulator_status=$?
+else
+    rz_ensure_bochs
+    source "$RZ_ROOT/scripts/lib/bochs.sh"
+    rz_say "booting the BIOS image in Bochs (corei7_skylake_x, $smp CPU(s), $memory MiB)"
+    rz_run_bochs "$image_dir/bios.img" "$run_dir" "$smp" "$memory" "$serial_log" "${timeout_args[@]}"
+    emulator_status=$?
+fi
+
+if [ "${#timeout_args[@]}" -gt 0 ] && { [ "$emulator_status" = 124 ] || [ "$emulator_status" = 137 ]; }; then
+    rz_say "timeout: the emulator ran for ${timeout}s without the hypervisor powering off"
+    exit 124
+fi
+line=$(grep -a -o 'ringzero: poweroff status=[0-9]*' "$serial_log" 2>/dev/null | tail -n 1)
+if [ -z "$line" ]; then
+    rz_say "the emulator ended (status $emulator_status) but the hypervisor printed no power-off line"
+    exit 125
+fi
+status=${line##*=}
+if [ "$emulator" = qemu ]; then
+    # ACPI S5 ends QEMU with 0; isa-debug-exit with (status << 1) | 1.
+    if ! { [ "$emulator_status" = 0 ] && [ "$status" = 0 ]; } && [ "$emulator_status" != $(( (status << 1) | 1 )) ]; then
+        rz_say "QEMU's exit status $emulator_status does not match the hypervisor's power-off status $status"
+        exit 125
+    fi
+fi
+rz_say "hypervisor powered off with status $status"
+exit "$status"
