@@ -75,7 +75,12 @@ image_dir=$RZ_IMAGES/$variant
 [ -f "$image_dir/$firmware.img" ] || rz_die "no image at $image_dir/$firmware.img (run without --no-build)"
 
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ringzero-run.XXXXXX")
-trap 'rm -rf "$run_dir"' EXIT
+# RINGZERO_KEEP_RUN=1 keeps the serial log (and Bochs' files) for a look afterwards.
+if [ "${RINGZERO_KEEP_RUN:-0}" = 1 ]; then
+    trap 'rz_say "run files kept in $run_dir"' EXIT
+else
+    trap 'rm -rf "$run_dir"' EXIT
+fi
 serial_log=$run_dir/serial.txt
 timeout_args=()
 [ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")

@@ -1,1 +1,91 @@
-//! Integration tests live in tests/tests.
+//! The emulator test harness: boots ringzero's images through `scripts/run-qemu.sh` and
+//! captures what the hypervisor printed and how it ended. The test table is in
+//! `tests/emulators.rs`; `scripts/test.sh` builds the images once and then runs it.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How one boot ended.
+pub struct Run {
+    /// The command line, for the failure report.
+    pub command: String,
+    /// Exit status of `scripts/run-qemu.sh` (the hypervisor's power-off status, or 12x).
+    pub status: i32,
+    /// The serial console (the script's stdout).
+    pub serial: String,
+    /// The script's and the emulator's messages (stderr).
+    pub messages: String,
+    pub wall_time: Duration,
+}
+
+impl Run {
+    /// A readable dump of everything the run printed, for assertion messages.
+    pub fn report(&self) -> String {
+        format!(
+            "command: {}\nstatus: {} after {:.1}s\n--- serial ---\n{}\n--- messages ---\n{}",
+            self.command,
+            self.status,
+            self.wall_time.as_secs_f64(),
+            self.serial,
+            self.messages
+        )
+    }
+
+    /// Asserts the exit status, showing the whole run when it differs.
+    pub fn assert_status(&self, expected: i32) {
+        assert_eq!(
+            self.status,
+            expected,
+            "unexpected exit status\n{}",
+            self.report()
+        );
+    }
+
+    /// Asserts that the serial output contains `needle`, showing the whole run when not.
+    pub fn assert_serial_contains(&self, needle: &str) {
+        assert!(
+            self.serial.contains(needle),
+            "serial output lacks {needle:?}\n{}",
+            self.report()
+        );
+    }
+
+    /// Asserts that the serial output does not contain `needle`.
+    pub fn assert_serial_lacks(&self, needle: &str) {
+        assert!(
+            !self.serial.contains(needle),
+            "serial output has {needle:?}\n{}",
+            self.report()
+        );
+    }
+}
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repository_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Boots the prebuilt images with `scripts/run-qemu.sh --no-build ARGS`.
+pub fn boot(args: &[&str]) -> Run {
+    let script = repository_root().join("scripts/run-qemu.sh");
+    let started = Instant::now();
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg("--no-build")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", script.display()));
+    Run {
+        command: format!("scripts/run-qemu.sh --no-build {}", args.join(" ")),
+        status: output.status.code().unwrap_or(-1),
+        serial: String::from_utf8_lossy(&output.stdout).into_owned(),
+        messages: String::from_utf8_lossy(&output.stderr).into_owned(),
+        wall_time: started.elapsed(),
+    }
+}

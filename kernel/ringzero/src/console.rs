@@ -40,6 +40,20 @@ pub fn print_line(args: fmt::Arguments<'_>) {
     }
 }
 
+/// Waits until the UART has shifted out every byte (LSR.TEMT), so nothing written before a
+/// power-off is lost (Bochs drops what is still in the shift register when it exits).
+pub fn drain() {
+    const LINE_STATUS: u16 = COM1 + 5;
+    const TRANSMITTER_EMPTY: u8 = 1 << 6;
+    for _ in 0..1_000_000 {
+        // SAFETY: reading COM1's line status register has no side effect on transmission.
+        if unsafe { hw::inb(LINE_STATUS) } & TRANSMITTER_EMPTY != 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Makes the console usable from a fatal path (exception or panic) that may have interrupted
 /// a holder of the lock. The interrupted code never runs again, so breaking its lock is safe.
 pub fn break_lock_for_fatal_path() {

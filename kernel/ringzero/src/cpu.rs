@@ -8,7 +8,7 @@ use crate::{console, memory, power};
 use alloc::boxed::Box;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
-use x86_64::registers::control::Cr2;
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr2};
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 use x86_64::structures::tss::TaskStateSegment;
@@ -67,6 +67,27 @@ pub fn init_this_cpu() {
         load_tss(tables.tss);
     }
     IDT.load();
+    normalize_cr0();
+}
+
+/// Firmware may leave the caches off (CR0.CD/NW, seen with the Bochs BIOS) and x87 errors in
+/// the legacy PC style (CR0.NE = 0). Turn the caches on and use native x87 error reporting,
+/// which VMX also requires (IA32_VMX_CR0_FIXED0 has NE). See: SDM Vol 3A 2.5 "Control
+/// registers", 12.5.3 "Preventing caching"; Vol 3D A.7.
+fn normalize_cr0() {
+    let cr0 = Cr0::read();
+    let wanted =
+        (cr0 | Cr0Flags::NUMERIC_ERROR) - Cr0Flags::CACHE_DISABLE - Cr0Flags::NOT_WRITE_THROUGH;
+    if wanted != cr0 {
+        // SAFETY: only CD, NW and NE change; paging, protection and write-protect stay as the
+        // bootloader set them. Enabling caches on coherent RAM needs no flush.
+        unsafe { Cr0::write(wanted) };
+        log::info!(
+            "cpu: CR0 {:#x} -> {:#x} (caches on, native x87 errors)",
+            cr0.bits(),
+            wanted.bits()
+        );
+    }
 }
 
 static IDT: spin::Lazy<InterruptDescriptorTable> = spin::Lazy::new(|| {

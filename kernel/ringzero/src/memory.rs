@@ -180,7 +180,7 @@ fn write_phys_u64(address: HostPhysAddr, value: u64) {
 pub fn read_kernel_word(address: u64) -> Option<u64> {
     let offset = *PHYSICAL_MEMORY_OFFSET.get()?;
     let virtual_address = VirtAddr::try_new(address).ok()?;
-    if address % 8 != 0 {
+    if !address.is_multiple_of(8) {
         return None;
     }
     let (level_4_frame, _) = x86_64::registers::control::Cr3::read();

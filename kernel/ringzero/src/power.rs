@@ -47,6 +47,7 @@ pub fn power_off(status: ExitStatus) -> ! {
     crate::console::print_line(format_args!(
         "ringzero: poweroff status={code} ({status:?})"
     ));
+    crate::console::drain();
     if status == ExitStatus::Clean {
         enter_acpi_s5();
     }

@@ -20,10 +20,14 @@ pub enum Extension {
 
 /// Reads the VMX capability MSRs, never touching one the CPU does not have.
 fn read_vmx_msrs() -> VmxMsrs {
-    // SAFETY (all reads below): CPUID.1:ECX.VMX = 1, so IA32_FEATURE_CONTROL and the
-    // IA32_VMX_BASIC..CR4_FIXED1 range exist (SDM Vol 3D A.1); the optional MSRs are read only
-    // when the capability bit that announces them is set (SDM Vol 3D A.3.3, A.3.1, A.10).
-    let read = |msr| unsafe { hw::read_msr(msr) };
+    // Every read below is of an MSR that exists: CPUID.1:ECX.VMX = 1, so IA32_FEATURE_CONTROL
+    // and the IA32_VMX_BASIC..CR4_FIXED1 range exist (SDM Vol 3D A.1); the optional MSRs are
+    // read only when the capability bit that announces them is set (SDM Vol 3D A.3.3, A.3.1,
+    // A.10).
+    let read = |msr| {
+        // SAFETY: see above: callers pass only MSRs that exist on this VMX CPU.
+        unsafe { hw::read_msr(msr) }
+    };
     let basic = read(vmx::IA32_VMX_BASIC);
     let procbased_ctls = read(vmx::IA32_VMX_PROCBASED_CTLS);
     let procbased_ctls2 = vmx::procbased_allows_secondary(procbased_ctls)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every ringzero test: formatting and lints, the host unit tests, then the emulator test
+# table (QEMU for AMD SVM, Bochs for Intel VMX) against freshly built images. On first use it
+# installs what is missing (Debian packages, the pinned Rust toolchain) and says so.
+# Exits non-zero when anything fails.
+set -euo pipefail
+
+RZ_PROG=test
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+cd "$RZ_ROOT"
+
+started=$(date +%s)
+step() { rz_say "[$(( $(date +%s) - started ))s] $*"; }
+
+step "set-up: packages and toolchain"
+rz_ensure_packages build-essential
+rz_ensure_toolchain
+rz_ensure_qemu
+rz_ensure_bochs
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all --check
+
+step "lints (cargo clippy, host crates and the kernel)"
+cargo clippy --quiet --workspace --exclude ringzero --all-targets -- -D warnings
+cargo clippy --quiet -p ringzero --target x86_64-unknown-none -- -D warnings
+
+step "host unit tests (cargo test)"
+cargo test --quiet
+
+step "building the images (default and test-hook variants)"
+rz_build_binaries
+rz_build_images default
+rz_build_images hook-page-fault --test-hook page-fault
+
+step "emulator tests (QEMU SVM, Bochs VMX)"
+cargo test --quiet -p ringzero-tests -- --test-threads=2
+
+step "all tests passed"

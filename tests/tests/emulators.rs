@@ -1,0 +1,81 @@
+//! The emulator test table: each test boots a real image under QEMU (AMD SVM) or Bochs
+//! (Intel VMX) and checks what the hypervisor printed and its power-off status.
+//! Run by `scripts/test.sh`, which builds the images first.
+
+use ringzero_tests::boot;
+
+const CLEAN: i32 = 0;
+const HYPERVISOR_EXCEPTION: i32 = 2;
+const CANNOT_VIRTUALIZE: i32 = 3;
+
+#[test]
+fn qemu_uefi_epyc_detects_svm_with_nested_paging() {
+    let run = boot(&["--timeout", "120"]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(
+        "ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1 unrestricted=0 vpid=0 asids=16 cpus=1",
+    );
+    run.assert_serial_contains("svm:   nested paging: yes");
+    run.assert_serial_contains("SVM works on this CPU");
+    run.assert_serial_contains("ringzero: poweroff status=0");
+}
+
+#[test]
+fn qemu_bios_epyc_detects_svm_with_nested_paging() {
+    let run = boot(&["--bios", "--timeout", "120"]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1");
+    run.assert_serial_contains("SVM works on this CPU");
+}
+
+#[test]
+fn qemu_smp_counts_cpus_from_the_madt() {
+    let run = boot(&["--bios", "--smp", "2", "--timeout", "120"]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(
+        "ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1 unrestricted=0 vpid=0 asids=16 cpus=2",
+    );
+}
+
+#[test]
+fn qemu64_without_svm_is_refused() {
+    let run = boot(&["--bios", "--cpu", "qemu64,-svm", "--timeout", "60"]);
+    run.assert_status(CANNOT_VIRTUALIZE);
+    run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=0");
+    run.assert_serial_contains("CPUID.80000001h:ECX.SVM[bit 2] is 0");
+    run.assert_serial_contains("-cpu EPYC or -cpu max");
+    run.assert_serial_lacks("SVM works on this CPU");
+}
+
+#[test]
+fn qemu64_without_nested_paging_is_refused() {
+    // QEMU 7.2's qemu64 model has SVM but no NPT.
+    let run = boot(&["--cpu", "qemu64", "--timeout", "60"]);
+    run.assert_status(CANNOT_VIRTUALIZE);
+    run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=0");
+    run.assert_serial_contains("CPUID.8000000Ah:EDX.NP[bit 0] is 0");
+    run.assert_serial_contains("ringzero: poweroff status=3");
+}
+
+#[test]
+fn page_fault_in_the_hypervisor_is_reported_and_powers_off() {
+    let run = boot(&["--bios", "--test-hook", "page-fault", "--timeout", "60"]);
+    run.assert_status(HYPERVISOR_EXCEPTION);
+    run.assert_serial_contains("CPU exception 14 (#PF page fault) error_code=0x0");
+    run.assert_serial_contains("cr2=0x00007eadbeef0000");
+    run.assert_serial_contains("stack[rsp+0x00] = ");
+    run.assert_serial_contains("ringzero: poweroff status=2");
+    run.assert_serial_lacks("ringzero: virt");
+}
+
+#[test]
+fn bochs_corei7_skylake_x_detects_vmx_with_ept() {
+    let run = boot(&["--bochs", "--timeout", "300"]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(
+        "ringzero: virt vendor=intel vmx=1 svm=0 ept=1 npt=0 unrestricted=1 vpid=1",
+    );
+    run.assert_serial_contains("vmx: VMXON succeeded");
+    run.assert_serial_contains("VT-x works on this CPU");
+    run.assert_serial_contains("ringzero: poweroff status=0");
+}
