@@ -11,6 +11,26 @@ cd "$RZ_ROOT"
 
 started=$(date +%s)
 step() { rz_say "[$(( $(date +%s) - started ))s] $*"; }
+passed=0 failed=0
+# Runs `cargo test ARGS`, showing its output, and adds its counts to the totals.
+cargo_test() {
+    local log
+    log=$(mktemp)
+    set +e
+    cargo test "$@" 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]}
+    set -e
+    local counts
+    counts=$(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$log")
+    rm -f "$log"
+    while read -r ok bad; do
+        [ -n "$ok" ] && passed=$((passed + ok)) && failed=$((failed + bad))
+    done <<< "$counts"
+    if [ "$status" != 0 ]; then
+        echo "tests: $passed passed, $((failed > 0 ? failed : 1)) failed"
+        exit "$status"
+    fi
+}
 
 step "set-up: packages and toolchain"
 rz_ensure_packages build-essential
@@ -26,7 +46,7 @@ cargo clippy --quiet --workspace --exclude ringzero --all-targets -- -D warnings
 cargo clippy --quiet -p ringzero --target x86_64-unknown-none -- -D warnings
 
 step "host unit tests (cargo test)"
-cargo test --quiet
+cargo_test --quiet
 
 step "building the images (default and test-hook variants)"
 rz_build_binaries
@@ -34,6 +54,7 @@ rz_build_images default
 rz_build_images hook-page-fault --test-hook page-fault
 
 step "emulator tests (QEMU SVM, Bochs VMX)"
-cargo test --quiet -p ringzero-tests -- --test-threads=2
+cargo_test --quiet -p ringzero-tests -- --test-threads=2
 
 step "all tests passed"
+echo "tests: $passed passed, $failed failed"
