@@ -4,9 +4,10 @@
 # pinned Rust toolchain) and says so.
 #
 # Exit status: the hypervisor's own power-off status (0 clean, 1 panic, 2 CPU exception in the
-# hypervisor, 3 this machine cannot virtualize, 4 bad boot manifest, 5 platform setup failed),
-# or 120 build/set-up failed, 124 timeout, 125 the emulator failed or the hypervisor stopped
-# without printing its power-off line. See README.md.
+# hypervisor, 3 this machine cannot virtualize, 4 bad boot manifest, 5 platform setup failed,
+# 6 a guest failed), or 120 build/set-up failed, 121 the guest configuration was refused,
+# 124 timeout, 125 the emulator failed or the hypervisor stopped without printing its power-off
+# line. See README.md.
 set -uo pipefail
 
 RZ_PROG=run-qemu
@@ -20,16 +21,17 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --bochs           run under Bochs with an Intel VMX CPU (corei7_skylake_x), BIOS image
   --smp N           number of CPUs of the emulated machine (default 1)
   --memory MIB      memory of the emulated machine in MiB (default 256)
-  --config FILE     guest configuration (TOML); not supported yet
+  --config FILE     guest configuration (TOML; default config/default.toml)
+  --no-guests       boot without guests (detection and smoke test only)
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault)
-  --no-build        use the images already built (the test harness builds once)
-  --build-only      build the images and stop
+  --no-build        do not compile (the test harness compiles once); images are still packed
+  --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text
 USAGE
 }
 
-firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="" timeout=600 hook=none
+firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="$RZ_ROOT/config/default.toml" timeout=600 hook=none
 build=1 build_only=0 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
         --smp) smp=${2:?--smp needs a number}; shift ;;
         --memory) memory=${2:?--memory needs MiB}; shift ;;
         --config) config=${2:?--config needs a file}; shift ;;
+        --no-guests) config="" ;;
         --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
         --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
         --no-build) build=0 ;;
@@ -54,13 +57,10 @@ done
 [[ $timeout =~ ^[0-9]+$ ]] || rz_die "--timeout wants seconds, got '$timeout'"
 [ "$emulator" = bochs ] && [ ${#extra[@]} -gt 0 ] && rz_die "arguments after -- are for QEMU; not used with --bochs"
 
-variant=default
-[ "$hook" != none ] && variant="hook-$hook"
 hook_args=()
 [ "$hook" != none ] && hook_args=(--test-hook "$hook")
 config_args=()
 if [ -n "$config" ]; then
-    [ -f "$config" ] || rz_die "config file '$config' not found"
     config_args=(--config "$config")
 fi
 
@@ -68,11 +68,12 @@ if [ "$build" = 1 ]; then
     rz_ensure_packages build-essential
     rz_ensure_toolchain
     rz_build_binaries
-    rz_build_images "$variant" "${hook_args[@]}" "${config_args[@]}"
+    rz_build_guests
 fi
-[ "$build_only" = 1 ] && exit 0
-image_dir=$RZ_IMAGES/$variant
-[ -f "$image_dir/$firmware.img" ] || rz_die "no image at $image_dir/$firmware.img (run without --no-build)"
+if [ "$build_only" = 1 ]; then
+    rz_pack_images "$RZ_IMAGES" "${hook_args[@]}" "${config_args[@]}"
+    exit 0
+fi
 
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/ringzero-run.XXXXXX")
 # RINGZERO_KEEP_RUN=1 keeps the serial log (and Bochs' files) for a look afterwards.
@@ -82,6 +83,9 @@ else
     trap 'rm -rf "$run_dir"' EXIT
 fi
 serial_log=$run_dir/serial.txt
+# Each run packs its own images (a second or two), so parallel runs never share a file.
+image_dir=$run_dir/images
+rz_pack_images "$image_dir" "${hook_args[@]}" "${config_args[@]}"
 timeout_args=()
 [ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")
 

@@ -40,20 +40,21 @@ rz_ensure_bochs
 
 step "formatting (cargo fmt --check)"
 cargo fmt --all --check
+(cd tests/guests && cargo fmt --all --check)
 
-step "lints (cargo clippy, host crates and the kernel)"
+step "lints (cargo clippy: host crates, the kernel, the guest payloads)"
 cargo clippy --quiet --workspace --exclude ringzero --all-targets -- -D warnings
 cargo clippy --quiet -p ringzero --target x86_64-unknown-none -- -D warnings
+(cd tests/guests && cargo clippy --quiet --release -- -D warnings)
 
 step "host unit tests (cargo test)"
 cargo_test --quiet
 
-step "building the images (default and test-hook variants)"
+step "building the kernel, the image tool and the guest payloads"
 rz_build_binaries
-rz_build_images default
-rz_build_images hook-page-fault --test-hook page-fault
+rz_build_guests
 
-step "emulator tests (QEMU SVM, Bochs VMX)"
+step "emulator tests (QEMU SVM, Bochs VMX; each run packs its own images)"
 cargo_test --quiet -p ringzero-tests -- --test-threads=2
 
 step "all tests passed"

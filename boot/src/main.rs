@@ -3,13 +3,33 @@
 //! manifest into the bootloader's ramdisk.
 //!
 //! Usage: `ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook NAME] [--config FILE]`
-//! writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`.
+//! writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`. The ramdisk is the manifest,
+//! with every guest's image and modules inside; without `--config` it lists no VMs.
+//!
+//! Exit status: 0 on success, 2 when the guest configuration has errors (every error is
+//! printed, one line each, naming the file, the VM and the key), 1 on any other failure.
+
+mod config;
 
 use bootloader::{BiosBoot, BootConfig, UefiBoot};
 use bootloader_boot_config::LevelFilter;
 use ringzero_loader::manifest::{Manifest, TestHook};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// Why the tool stopped.
+enum Failure {
+    /// The guest configuration has errors (exit status 2).
+    Config(Vec<config::ConfigError>),
+    /// Anything else (exit status 1).
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Other(message)
+    }
+}
 
 struct Options {
     kernel: PathBuf,
@@ -49,28 +69,38 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
     })
 }
 
-fn build(options: &Options) -> Result<(), String> {
-    if let Some(config) = &options.config {
-        return Err(format!(
-            "{}: guest configurations are not supported yet (they arrive with the guest support); run without --config",
-            config.display()
-        ));
-    }
+fn build(options: &Options) -> Result<(), Failure> {
+    let guests = match &options.config {
+        Some(path) => config::load(path).map_err(Failure::Config)?,
+        None => config::Config { vms: Vec::new() },
+    };
     if !options.kernel.is_file() {
-        return Err(format!(
+        return Err(Failure::Other(format!(
             "kernel '{}' not found: build it first (scripts/run-qemu.sh does)",
             options.kernel.display()
-        ));
+        )));
     }
     std::fs::create_dir_all(&options.out_dir)
         .map_err(|error| format!("cannot create {}: {error}", options.out_dir.display()))?;
 
     let manifest_path = options.out_dir.join("manifest.bin");
-    let manifest = Manifest {
-        test_hook: options.test_hook,
-    };
+    let manifest: Manifest<'_> = guests.manifest(options.test_hook);
     std::fs::write(&manifest_path, manifest.encode())
         .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
+    for vm in &guests.vms {
+        println!(
+            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s), {} vCPU, paging {}{}",
+            vm.name,
+            vm.format.name(),
+            vm.memory_mib,
+            vm.kernel.len(),
+            vm.kernel_path.display(),
+            vm.modules.len(),
+            vm.cpus,
+            vm.paging.name(),
+            if vm.trace { ", trace" } else { "" }
+        );
+    }
 
     // The bootloader's own log goes to serial only (drawing text into the framebuffer is
     // slow under emulation, Bochs above all) and only for warnings.
@@ -101,19 +131,32 @@ fn build(options: &Options) -> Result<(), String> {
             )
         })?;
     println!(
-        "ringzero-boot: wrote {} and {} (test hook: {})",
+        "ringzero-boot: wrote {} and {} ({} VM(s), test hook: {})",
         uefi_path.display(),
         bios_path.display(),
+        guests.vms.len(),
         options.test_hook.name()
     );
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let result = parse_options(std::env::args().skip(1)).and_then(|options| build(&options));
+    let result = parse_options(std::env::args().skip(1))
+        .map_err(Failure::Other)
+        .and_then(|options| build(&options));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Config(errors)) => {
+            for error in &errors {
+                eprintln!("ringzero-boot: error: {error}");
+            }
+            eprintln!(
+                "ringzero-boot: the guest configuration has {} error(s); nothing was written",
+                errors.len()
+            );
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(message)) => {
             eprintln!("ringzero-boot: error: {message}");
             ExitCode::FAILURE
         }

@@ -73,10 +73,23 @@ rz_build_binaries() {
     (cd "$RZ_ROOT" && cargo build --quiet --release -p ringzero-boot) || rz_die "ringzero-boot build failed"
 }
 
-# rz_build_images VARIANT [ringzero-boot args...]: writes $RZ_IMAGES/VARIANT/{uefi,bios}.img.
-rz_build_images() {
-    local variant=$1
+# Builds the test guest payloads (tests/guests) into target/guests/.
+rz_build_guests() {
+    rz_say "building the guest payloads"
+    bash "$RZ_ROOT/tests/guests/build.sh" >/dev/null || rz_die "building the guests failed"
+}
+
+# rz_pack_images DIR [ringzero-boot args...]: writes DIR/{uefi,bios}.img with the manifest
+# (and the guests of --config) in the ramdisk. A refused configuration exits with 121.
+rz_pack_images() {
+    local out_dir=$1
     shift
-    "$RZ_BOOT_TOOL" --kernel "$RZ_KERNEL" --out-dir "$RZ_IMAGES/$variant" "$@" >&2 \
-        || rz_die "building the $variant images failed"
+    [ -x "$RZ_BOOT_TOOL" ] || rz_die "the image tool is not built (run without --no-build first)"
+    "$RZ_BOOT_TOOL" --kernel "$RZ_KERNEL" --out-dir "$out_dir" "$@" >&2
+    local status=$?
+    if [ "$status" = 2 ]; then
+        RZ_DIE_STATUS=121 rz_die "the guest configuration was refused (see above)"
+    elif [ "$status" != 0 ]; then
+        rz_die "packing the images failed"
+    fi
 }

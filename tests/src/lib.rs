@@ -62,6 +62,46 @@ impl Run {
     }
 }
 
+/// The number in `key=N` on the first serial line that contains `prefix`.
+pub fn field_after(line: &str, key: &str) -> Option<u64> {
+    let start = line.find(key)? + key.len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+impl Run {
+    /// The first serial line containing `needle`.
+    pub fn line_with(&self, needle: &str) -> &str {
+        self.serial
+            .lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no serial line contains {needle:?}\n{}", self.report()))
+    }
+
+    /// The count column of the exit-statistics row for `reason` (first table in the run).
+    pub fn exit_count(&self, reason: &str) -> u64 {
+        let row = self
+            .serial
+            .lines()
+            .find(|line| {
+                line.split(']')
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    == Some(reason)
+            })
+            .unwrap_or_else(|| panic!("no statistics row for {reason:?}\n{}", self.report()));
+        let after = row.split(']').nth(1).expect("row has a prefix");
+        after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|count| count.parse().ok())
+            .expect("count column")
+    }
+}
+
 /// The repository root (this crate lives in `tests/`).
 pub fn repository_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -78,6 +118,7 @@ pub fn boot(args: &[&str]) -> Run {
         .arg(&script)
         .arg("--no-build")
         .args(args)
+        .current_dir(repository_root())
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap_or_else(|error| panic!("cannot run {}: {error}", script.display()));

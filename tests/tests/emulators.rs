@@ -70,7 +70,7 @@ fn page_fault_in_the_hypervisor_is_reported_and_powers_off() {
 
 #[test]
 fn bochs_corei7_skylake_x_detects_vmx_with_ept() {
-    let run = boot(&["--bochs", "--timeout", "300"]);
+    let run = boot(&["--bochs", "--no-guests", "--timeout", "300"]);
     run.assert_status(CLEAN);
     run.assert_serial_contains(
         "ringzero: virt vendor=intel vmx=1 svm=0 ept=1 npt=0 unrestricted=1 vpid=1",

@@ -1,17 +1,46 @@
-//! The boot manifest: a compact, versioned record that `boot/` writes at the start of the
-//! bootloader's ramdisk and the hypervisor checks before using anything in it.
+//! The boot manifest: a compact, versioned record that `boot/` writes as the bootloader's
+//! ramdisk and the hypervisor checks before using anything in it. It carries every guest (its
+//! settings, kernel image and modules); the decoded [`Manifest`] borrows the images from the
+//! ramdisk bytes, nothing is copied.
 //!
-//! Layout, version 1 (all integers little-endian):
+//! Layout, version 2 (all integers little-endian; every offset counts from the manifest's
+//! first byte):
+//!
+//! Header (32 bytes):
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 8 | magic `RZMANIF1` |
-//! | 8 | 4 | format version (1) |
-//! | 12 | 4 | total length in bytes, header included |
-//! | 16 | 4 | test hook ([`TestHook`]), 0 in normal builds |
-//! | 20 | 4 | reserved, 0 |
+//! | 0 | 8 | magic `RZMANIF1` (unchanged since version 1) |
+//! | 8 | 4 | format version (2); at the same place as in version 1 |
+//! | 12 | 4 | test hook ([`TestHook`]), 0 in normal builds |
+//! | 16 | 8 | total length in bytes, header included |
+//! | 24 | 4 | number of VMs (at most [`MAX_VMS`]) |
+//! | 28 | 4 | reserved, 0 |
+//!
+//! VM table: at offset 32, one 96-byte record per VM, in run order. A *span* is a u64 offset
+//! and a u64 length of bytes in the blob area.
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | format: 1 = flat64, 2 = multiboot ([`GuestFormat`]) |
+//! | 4 | 4 | paging: 0 = nested, 1 = shadow ([`Paging`]) |
+//! | 8 | 4 | vCPU count (1..=[`MAX_CPUS`]) |
+//! | 12 | 4 | flags: bit 0 = trace every exit; other bits 0 |
+//! | 16 | 8 | guest memory in bytes (non-zero) |
+//! | 24 | 16 | span: name (UTF-8, 1..=[`MAX_NAME_LEN`] bytes of `[A-Za-z0-9_-]`) |
+//! | 40 | 16 | span: command line (UTF-8, at most [`MAX_CMDLINE_LEN`] bytes, no NUL) |
+//! | 56 | 16 | span: kernel image |
+//! | 72 | 8 | offset of this VM's module table |
+//! | 80 | 4 | number of modules (at most [`MAX_MODULES`]) |
+//! | 84 | 12 | reserved, 0 |
+//!
+//! Module tables: one 32-byte record per module: span of the name (UTF-8, at most
+//! [`MAX_MODULE_NAME_LEN`] bytes, no NUL), span of the module's bytes.
+//!
+//! Blob area: names, command lines, images and modules, each starting 8-byte aligned (the
+//! encoder's choice; the decoder only needs every span to lie inside the total length).
 //!
 //! A ramdisk that does not start with the magic, names a version this hypervisor does not
-//! know, or is shorter than it claims is refused with a [`ManifestError`].
+//! know, is shorter than it claims, or has any out-of-range offset, count, enum value or
+//! string is refused with a [`ManifestError`]. Decoding never panics, whatever the bytes.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -19,9 +48,27 @@ use core::fmt;
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"RZMANIF1";
 /// The format version this code reads and writes.
-pub const VERSION: u32 = 1;
-/// The size of the version-1 header.
-pub const HEADER_LEN: usize = 24;
+pub const VERSION: u32 = 2;
+/// The size of the version-2 header.
+pub const HEADER_LEN: usize = 32;
+/// The size of one VM record in the VM table.
+pub const VM_RECORD_LEN: usize = 96;
+/// The size of one module record in a module table.
+pub const MODULE_RECORD_LEN: usize = 32;
+/// At most this many VMs in one manifest.
+pub const MAX_VMS: usize = 64;
+/// At most this many modules per VM.
+pub const MAX_MODULES: usize = 64;
+/// At most this many vCPUs per VM (the manifest's limit; the hypervisor may accept fewer).
+pub const MAX_CPUS: u32 = 256;
+/// Longest VM name, in bytes.
+pub const MAX_NAME_LEN: usize = 32;
+/// Longest command line, in bytes (the boot protocols' limit, see docs/specs/guest-boot.md).
+pub const MAX_CMDLINE_LEN: usize = 3072;
+/// Longest module name, in bytes.
+pub const MAX_MODULE_NAME_LEN: usize = 255;
+
+const FLAG_TRACE: u32 = 1;
 
 /// A test-only behaviour the hypervisor performs at boot, so the harness can prove a path
 /// (e.g. the exception report) without a special kernel build.
@@ -67,13 +114,144 @@ impl TestHook {
     }
 }
 
-/// Everything the hypervisor learns from the host at boot.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Manifest {
-    pub test_hook: TestHook,
+/// How a guest image is booted (docs/specs/guest-boot.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestFormat {
+    /// A raw binary at 1 MiB, entered in 64-bit long mode.
+    Flat64,
+    /// A Multiboot (version 1) kernel, entered in 32-bit protected mode.
+    Multiboot,
 }
 
-/// Why a ramdisk was not accepted as a manifest.
+impl GuestFormat {
+    fn code(self) -> u32 {
+        match self {
+            GuestFormat::Flat64 => 1,
+            GuestFormat::Multiboot => 2,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(GuestFormat::Flat64),
+            2 => Some(GuestFormat::Multiboot),
+            _ => None,
+        }
+    }
+
+    /// The name used in the guest configuration (`format = "..."`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestFormat::Flat64 => "flat64",
+            GuestFormat::Multiboot => "multiboot",
+        }
+    }
+
+    /// Parses a configuration name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [GuestFormat::Flat64, GuestFormat::Multiboot]
+            .into_iter()
+            .find(|format| format.name() == name)
+    }
+}
+
+/// How guest-physical memory is virtualized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Paging {
+    /// The hardware's second-level translation (EPT / NPT).
+    #[default]
+    Nested,
+    /// Shadow page tables maintained by the hypervisor.
+    Shadow,
+}
+
+impl Paging {
+    fn code(self) -> u32 {
+        match self {
+            Paging::Nested => 0,
+            Paging::Shadow => 1,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(Paging::Nested),
+            1 => Some(Paging::Shadow),
+            _ => None,
+        }
+    }
+
+    /// The name used in the guest configuration (`paging = "..."`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Paging::Nested => "nested",
+            Paging::Shadow => "shadow",
+        }
+    }
+
+    /// Parses a configuration name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Paging::Nested, Paging::Shadow]
+            .into_iter()
+            .find(|paging| paging.name() == name)
+    }
+}
+
+/// One VM as the hypervisor receives it. Borrowed from the ramdisk bytes (no copies of images).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmManifest<'a> {
+    pub name: &'a str,
+    pub format: GuestFormat,
+    pub memory_bytes: u64,
+    pub cmdline: &'a str,
+    pub cpus: u32,
+    pub paging: Paging,
+    pub trace: bool,
+    pub kernel: &'a [u8],
+    pub modules: Vec<Module<'a>>,
+}
+
+/// One Multiboot module: its name (given to the guest) and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Module<'a> {
+    pub name: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// Everything the hypervisor learns from the host at boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest<'a> {
+    pub test_hook: TestHook,
+    pub vms: Vec<VmManifest<'a>>,
+}
+
+/// Which string or byte range of a VM record a [`ManifestError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    VmTable,
+    Name,
+    Cmdline,
+    Kernel,
+    ModuleTable,
+    ModuleName(u32),
+    ModuleBytes(u32),
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::VmTable => write!(formatter, "VM table"),
+            Field::Name => write!(formatter, "name"),
+            Field::Cmdline => write!(formatter, "command line"),
+            Field::Kernel => write!(formatter, "kernel image"),
+            Field::ModuleTable => write!(formatter, "module table"),
+            Field::ModuleName(index) => write!(formatter, "module #{index} name"),
+            Field::ModuleBytes(index) => write!(formatter, "module #{index} bytes"),
+        }
+    }
+}
+
+/// Why a ramdisk was not accepted as a manifest. `vm` numbers count from 0 in table order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManifestError {
     /// Fewer bytes than the header needs.
@@ -82,10 +260,38 @@ pub enum ManifestError {
     BadMagic,
     /// A version this hypervisor does not read.
     UnsupportedVersion(u32),
-    /// The header claims more bytes than the ramdisk holds.
-    LengthMismatch { claimed: u32, available: usize },
+    /// The header claims more bytes than the ramdisk holds (or fewer than the header).
+    LengthMismatch { claimed: u64, available: usize },
     /// A test hook number this hypervisor does not know.
     UnknownTestHook(u32),
+    /// A reserved field is not zero (at this byte offset of the manifest).
+    ReservedNotZero { offset: u64 },
+    /// More VMs than [`MAX_VMS`].
+    TooManyVms { count: u32 },
+    /// A table or span reaches outside the manifest's total length.
+    OutOfBounds {
+        vm: u32,
+        field: Field,
+        offset: u64,
+        length: u64,
+        total: u64,
+    },
+    /// A format code that is not a [`GuestFormat`].
+    UnknownFormat { vm: u32, code: u32 },
+    /// A paging code that is not a [`Paging`].
+    UnknownPaging { vm: u32, code: u32 },
+    /// Flag bits this hypervisor does not know.
+    UnknownFlags { vm: u32, flags: u32 },
+    /// A vCPU count of 0 or above [`MAX_CPUS`].
+    BadCpuCount { vm: u32, cpus: u32 },
+    /// A guest memory size of 0.
+    ZeroMemory { vm: u32 },
+    /// More modules than [`MAX_MODULES`].
+    TooManyModules { vm: u32, count: u32 },
+    /// A string that is not UTF-8.
+    BadUtf8 { vm: u32, field: Field },
+    /// A string that is too long, empty where it must not be, or has forbidden characters.
+    BadString { vm: u32, field: Field },
 }
 
 impl fmt::Display for ManifestError {
@@ -100,33 +306,154 @@ impl fmt::Display for ManifestError {
                 "manifest version {version} is not supported (this hypervisor reads version {VERSION}); rebuild the images with the same ringzero"
             ),
             ManifestError::LengthMismatch { claimed, available } => {
-                write!(formatter, "manifest claims {claimed} bytes but the ramdisk holds {available}")
+                write!(formatter, "manifest claims {claimed} bytes but the ramdisk holds {available} (and the header needs {HEADER_LEN})")
             }
             ManifestError::UnknownTestHook(code) => write!(formatter, "unknown test hook {code}"),
+            ManifestError::ReservedNotZero { offset } => {
+                write!(formatter, "manifest reserved field at offset {offset:#x} is not zero")
+            }
+            ManifestError::TooManyVms { count } => {
+                write!(formatter, "manifest lists {count} VMs, at most {MAX_VMS} are allowed")
+            }
+            ManifestError::OutOfBounds { vm, field, offset, length, total } => write!(
+                formatter,
+                "manifest vm #{vm}: {field} at offset {offset:#x} length {length:#x} lies outside the manifest's {total:#x} bytes"
+            ),
+            ManifestError::UnknownFormat { vm, code } => {
+                write!(formatter, "manifest vm #{vm}: unknown guest format code {code}")
+            }
+            ManifestError::UnknownPaging { vm, code } => {
+                write!(formatter, "manifest vm #{vm}: unknown paging code {code}")
+            }
+            ManifestError::UnknownFlags { vm, flags } => {
+                write!(formatter, "manifest vm #{vm}: unknown flag bits {flags:#x}")
+            }
+            ManifestError::BadCpuCount { vm, cpus } => {
+                write!(formatter, "manifest vm #{vm}: {cpus} vCPUs is not in 1..={MAX_CPUS}")
+            }
+            ManifestError::ZeroMemory { vm } => write!(formatter, "manifest vm #{vm}: guest memory size is 0"),
+            ManifestError::TooManyModules { vm, count } => {
+                write!(formatter, "manifest vm #{vm}: {count} modules, at most {MAX_MODULES} are allowed")
+            }
+            ManifestError::BadUtf8 { vm, field } => write!(formatter, "manifest vm #{vm}: {field} is not UTF-8"),
+            ManifestError::BadString { vm, field } => write!(
+                formatter,
+                "manifest vm #{vm}: {field} is empty, too long or has forbidden characters"
+            ),
         }
     }
 }
 
-fn read_u32(bytes: &[u8], offset: usize) -> u32 {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[offset..offset + 4]);
-    u32::from_le_bytes(word)
+/// True for a VM name the configuration and the manifest accept: 1..=[`MAX_NAME_LEN`] bytes
+/// of `[A-Za-z0-9_-]`.
+pub fn is_valid_vm_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
 }
 
-impl Manifest {
-    /// Serializes the manifest (done on the host by `boot/`).
+/// Bounds-checked little-endian reads over the manifest's first `total` bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn slice(&self, offset: u64, length: u64) -> Option<&'a [u8]> {
+        let start = usize::try_from(offset).ok()?;
+        let length = usize::try_from(length).ok()?;
+        let end = start.checked_add(length)?;
+        self.bytes.get(start..end)
+    }
+
+    fn u32_at(&self, offset: u64) -> Option<u32> {
+        let bytes = self.slice(offset, 4)?;
+        Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    fn u64_at(&self, offset: u64) -> Option<u64> {
+        let bytes = self.slice(offset, 8)?;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(bytes);
+        Some(u64::from_le_bytes(word))
+    }
+}
+
+impl<'a> Manifest<'a> {
+    /// Serializes the manifest (done on the host by `boot/`). The host validates the VMs
+    /// first (`boot/src/config.rs`); a manifest built from unchecked values may be refused
+    /// by [`Manifest::decode`].
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(HEADER_LEN);
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        bytes.extend_from_slice(&self.test_hook.code().to_le_bytes());
-        bytes.extend_from_slice(&0u32.to_le_bytes());
+        fn align8(bytes: &mut Vec<u8>) {
+            while !bytes.len().is_multiple_of(8) {
+                bytes.push(0);
+            }
+        }
+        fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
+            bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        fn put_u64(bytes: &mut [u8], offset: usize, value: u64) {
+            bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        /// Appends `data` to the blob area and returns its span.
+        fn blob(bytes: &mut Vec<u8>, data: &[u8]) -> (u64, u64) {
+            align8(bytes);
+            let offset = bytes.len() as u64;
+            bytes.extend_from_slice(data);
+            (offset, data.len() as u64)
+        }
+
+        let vm_table = HEADER_LEN;
+        let module_tables = vm_table + self.vms.len() * VM_RECORD_LEN;
+        let module_count: usize = self.vms.iter().map(|vm| vm.modules.len()).sum();
+        let mut bytes = alloc::vec![0u8; module_tables + module_count * MODULE_RECORD_LEN];
+
+        bytes[..8].copy_from_slice(&MAGIC);
+        put_u32(&mut bytes, 8, VERSION);
+        put_u32(&mut bytes, 12, self.test_hook.code());
+        put_u32(&mut bytes, 24, self.vms.len() as u32);
+
+        let mut next_module_record = module_tables;
+        for (index, vm) in self.vms.iter().enumerate() {
+            let record = vm_table + index * VM_RECORD_LEN;
+            put_u32(&mut bytes, record, vm.format.code());
+            put_u32(&mut bytes, record + 4, vm.paging.code());
+            put_u32(&mut bytes, record + 8, vm.cpus);
+            put_u32(
+                &mut bytes,
+                record + 12,
+                if vm.trace { FLAG_TRACE } else { 0 },
+            );
+            put_u64(&mut bytes, record + 16, vm.memory_bytes);
+            for (field_offset, data) in [
+                (24, vm.name.as_bytes()),
+                (40, vm.cmdline.as_bytes()),
+                (56, vm.kernel),
+            ] {
+                let (offset, length) = blob(&mut bytes, data);
+                put_u64(&mut bytes, record + field_offset, offset);
+                put_u64(&mut bytes, record + field_offset + 8, length);
+            }
+            put_u64(&mut bytes, record + 72, next_module_record as u64);
+            put_u32(&mut bytes, record + 80, vm.modules.len() as u32);
+            for module in &vm.modules {
+                for (field_offset, data) in [(0, module.name.as_bytes()), (16, module.bytes)] {
+                    let (offset, length) = blob(&mut bytes, data);
+                    put_u64(&mut bytes, next_module_record + field_offset, offset);
+                    put_u64(&mut bytes, next_module_record + field_offset + 8, length);
+                }
+                next_module_record += MODULE_RECORD_LEN;
+            }
+        }
+        align8(&mut bytes);
+        let total = bytes.len() as u64;
+        put_u64(&mut bytes, 16, total);
         bytes
     }
 
-    /// Checks and parses a manifest (done by the hypervisor on the ramdisk's bytes).
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    /// Checks and parses a manifest (done by the hypervisor on the ramdisk's bytes). Bytes
+    /// past the claimed total length (ramdisk padding) are ignored.
+    pub fn decode(bytes: &'a [u8]) -> Result<Manifest<'a>, ManifestError> {
         if bytes.len() < HEADER_LEN {
             return Err(ManifestError::TooShort {
                 length: bytes.len(),
@@ -135,38 +462,256 @@ impl Manifest {
         if bytes[..8] != MAGIC {
             return Err(ManifestError::BadMagic);
         }
-        let version = read_u32(bytes, 8);
+        let header = Reader { bytes };
+        let version = header.u32_at(8).ok_or(ManifestError::BadMagic)?;
         if version != VERSION {
             return Err(ManifestError::UnsupportedVersion(version));
         }
-        let claimed = read_u32(bytes, 12);
-        if (claimed as usize) < HEADER_LEN || claimed as usize > bytes.len() {
-            return Err(ManifestError::LengthMismatch {
-                claimed,
-                available: bytes.len(),
+        let claimed = header.u64_at(16).unwrap_or(0);
+        let total = match usize::try_from(claimed) {
+            Ok(total) if (HEADER_LEN..=bytes.len()).contains(&total) => total,
+            _ => {
+                return Err(ManifestError::LengthMismatch {
+                    claimed,
+                    available: bytes.len(),
+                })
+            }
+        };
+        let reader = Reader {
+            bytes: &bytes[..total],
+        };
+        let test_hook = TestHook::from_code(reader.u32_at(12).unwrap_or(u32::MAX))?;
+        let vm_count = reader.u32_at(24).unwrap_or(u32::MAX);
+        if reader.u32_at(28) != Some(0) {
+            return Err(ManifestError::ReservedNotZero { offset: 28 });
+        }
+        if vm_count as usize > MAX_VMS {
+            return Err(ManifestError::TooManyVms { count: vm_count });
+        }
+        let table_length = u64::from(vm_count) * VM_RECORD_LEN as u64;
+        if reader.slice(HEADER_LEN as u64, table_length).is_none() {
+            return Err(ManifestError::OutOfBounds {
+                vm: 0,
+                field: Field::VmTable,
+                offset: HEADER_LEN as u64,
+                length: table_length,
+                total: claimed,
             });
         }
-        let test_hook = TestHook::from_code(read_u32(bytes, 16))?;
-        Ok(Manifest { test_hook })
+        let mut vms = Vec::with_capacity(vm_count as usize);
+        for vm in 0..vm_count {
+            let record = HEADER_LEN as u64 + u64::from(vm) * VM_RECORD_LEN as u64;
+            vms.push(decode_vm(&reader, vm, record, claimed)?);
+        }
+        Ok(Manifest { test_hook, vms })
     }
+}
+
+/// Decodes the VM record at `record` (already known to lie inside the manifest).
+fn decode_vm<'a>(
+    reader: &Reader<'a>,
+    vm: u32,
+    record: u64,
+    total: u64,
+) -> Result<VmManifest<'a>, ManifestError> {
+    // The record is in bounds, so these reads succeed; a failure would still be an error.
+    let word = |offset: u64| {
+        reader
+            .u32_at(record + offset)
+            .ok_or(ManifestError::OutOfBounds {
+                vm,
+                field: Field::VmTable,
+                offset: record + offset,
+                length: 4,
+                total,
+            })
+    };
+    let quad = |offset: u64| {
+        reader
+            .u64_at(record + offset)
+            .ok_or(ManifestError::OutOfBounds {
+                vm,
+                field: Field::VmTable,
+                offset: record + offset,
+                length: 8,
+                total,
+            })
+    };
+    let span = |field: Field, at: u64| -> Result<&'a [u8], ManifestError> {
+        let offset = reader.u64_at(at).unwrap_or(u64::MAX);
+        let length = reader.u64_at(at + 8).unwrap_or(u64::MAX);
+        reader
+            .slice(offset, length)
+            .ok_or(ManifestError::OutOfBounds {
+                vm,
+                field,
+                offset,
+                length,
+                total,
+            })
+    };
+    let text = |field: Field, at: u64, max: usize| -> Result<&'a str, ManifestError> {
+        let bytes = span(field, at)?;
+        let text = core::str::from_utf8(bytes).map_err(|_| ManifestError::BadUtf8 { vm, field })?;
+        if text.len() > max || text.contains('\0') {
+            return Err(ManifestError::BadString { vm, field });
+        }
+        Ok(text)
+    };
+
+    let format_code = word(0)?;
+    let format = GuestFormat::from_code(format_code).ok_or(ManifestError::UnknownFormat {
+        vm,
+        code: format_code,
+    })?;
+    let paging_code = word(4)?;
+    let paging = Paging::from_code(paging_code).ok_or(ManifestError::UnknownPaging {
+        vm,
+        code: paging_code,
+    })?;
+    let cpus = word(8)?;
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(ManifestError::BadCpuCount { vm, cpus });
+    }
+    let flags = word(12)?;
+    if flags & !FLAG_TRACE != 0 {
+        return Err(ManifestError::UnknownFlags { vm, flags });
+    }
+    let memory_bytes = quad(16)?;
+    if memory_bytes == 0 {
+        return Err(ManifestError::ZeroMemory { vm });
+    }
+    let name = text(Field::Name, record + 24, MAX_NAME_LEN)?;
+    if !is_valid_vm_name(name) {
+        return Err(ManifestError::BadString {
+            vm,
+            field: Field::Name,
+        });
+    }
+    let cmdline = text(Field::Cmdline, record + 40, MAX_CMDLINE_LEN)?;
+    let kernel = span(Field::Kernel, record + 56)?;
+    let module_table = quad(72)?;
+    let module_count = word(80)?;
+    for reserved in [84u64, 88, 92] {
+        if word(reserved)? != 0 {
+            return Err(ManifestError::ReservedNotZero {
+                offset: record + reserved,
+            });
+        }
+    }
+    if module_count as usize > MAX_MODULES {
+        return Err(ManifestError::TooManyModules {
+            vm,
+            count: module_count,
+        });
+    }
+    let module_table_length = u64::from(module_count) * MODULE_RECORD_LEN as u64;
+    if reader.slice(module_table, module_table_length).is_none() {
+        return Err(ManifestError::OutOfBounds {
+            vm,
+            field: Field::ModuleTable,
+            offset: module_table,
+            length: module_table_length,
+            total,
+        });
+    }
+    let mut modules = Vec::with_capacity(module_count as usize);
+    for index in 0..module_count {
+        let module_record = module_table + u64::from(index) * MODULE_RECORD_LEN as u64;
+        let name = text(Field::ModuleName(index), module_record, MAX_MODULE_NAME_LEN)?;
+        let bytes = span(Field::ModuleBytes(index), module_record + 16)?;
+        modules.push(Module { name, bytes });
+    }
+    Ok(VmManifest {
+        name,
+        format,
+        memory_bytes,
+        cmdline,
+        cpus,
+        paging,
+        trace: flags & FLAG_TRACE != 0,
+        kernel,
+        modules,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip() {
-        for hook in [TestHook::None, TestHook::PageFault] {
-            let manifest = Manifest { test_hook: hook };
-            assert_eq!(Manifest::decode(&manifest.encode()), Ok(manifest));
+    fn sample() -> Manifest<'static> {
+        Manifest {
+            test_hook: TestHook::PageFault,
+            vms: alloc::vec![
+                VmManifest {
+                    name: "basic",
+                    format: GuestFormat::Flat64,
+                    memory_bytes: 16 << 20,
+                    cmdline: "",
+                    cpus: 1,
+                    paging: Paging::Nested,
+                    trace: false,
+                    kernel: b"\xf4\xeb\xfe",
+                    modules: Vec::new(),
+                },
+                VmManifest {
+                    name: "mb-guest_2",
+                    format: GuestFormat::Multiboot,
+                    memory_bytes: 64 << 20,
+                    cmdline: "console=ttyS0 quiet",
+                    cpus: 2,
+                    paging: Paging::Shadow,
+                    trace: true,
+                    kernel: b"ELF image bytes",
+                    modules: alloc::vec![
+                        Module {
+                            name: "initrd.img",
+                            bytes: b"module one",
+                        },
+                        Module {
+                            name: "empty",
+                            bytes: b"",
+                        },
+                    ],
+                },
+            ],
         }
     }
 
     #[test]
-    fn refuses_bad_input() {
+    fn round_trip() {
+        for hook in [TestHook::None, TestHook::PageFault] {
+            let manifest = Manifest {
+                test_hook: hook,
+                vms: Vec::new(),
+            };
+            let bytes = manifest.encode();
+            assert_eq!(bytes.len(), HEADER_LEN);
+            assert_eq!(Manifest::decode(&bytes), Ok(manifest));
+        }
+        let manifest = sample();
+        let bytes = manifest.encode();
+        assert_eq!(Manifest::decode(&bytes), Ok(manifest.clone()));
+        // Ramdisk padding after the claimed length is ignored.
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(&[0xAA; 4096]);
+        assert_eq!(Manifest::decode(&padded), Ok(manifest));
+    }
+
+    #[test]
+    fn images_are_borrowed_from_the_ramdisk() {
+        let bytes = sample().encode();
+        let decoded = Manifest::decode(&bytes).unwrap();
+        let range = bytes.as_ptr_range();
+        assert!(range.contains(&decoded.vms[1].kernel.as_ptr()));
+        assert!(range.contains(&decoded.vms[1].modules[0].bytes.as_ptr()));
+    }
+
+    #[test]
+    fn refuses_bad_header() {
         let good = Manifest {
             test_hook: TestHook::PageFault,
+            vms: Vec::new(),
         }
         .encode();
         assert_eq!(
@@ -182,8 +727,14 @@ mod tests {
             Manifest::decode(&bad_version),
             Err(ManifestError::UnsupportedVersion(9))
         );
+        let mut old_version = good.clone();
+        old_version[8] = 1;
+        assert_eq!(
+            Manifest::decode(&old_version),
+            Err(ManifestError::UnsupportedVersion(1))
+        );
         let mut bad_length = good.clone();
-        bad_length[12] = 200;
+        bad_length[16] = 200;
         assert_eq!(
             Manifest::decode(&bad_length),
             Err(ManifestError::LengthMismatch {
@@ -191,18 +742,222 @@ mod tests {
                 available: HEADER_LEN
             })
         );
-        let mut bad_hook = good;
-        bad_hook[16] = 7;
+        let mut short_length = good.clone();
+        short_length[16] = 8;
+        assert!(matches!(
+            Manifest::decode(&short_length),
+            Err(ManifestError::LengthMismatch { claimed: 8, .. })
+        ));
+        let mut bad_hook = good.clone();
+        bad_hook[12] = 7;
         assert_eq!(
             Manifest::decode(&bad_hook),
             Err(ManifestError::UnknownTestHook(7))
         );
+        let mut reserved = good.clone();
+        reserved[29] = 1;
+        assert_eq!(
+            Manifest::decode(&reserved),
+            Err(ManifestError::ReservedNotZero { offset: 28 })
+        );
+        let mut too_many = good.clone();
+        too_many[24] = 65;
+        assert_eq!(
+            Manifest::decode(&too_many),
+            Err(ManifestError::TooManyVms { count: 65 })
+        );
+        let mut table_outside = good;
+        table_outside[24] = 1;
+        assert!(matches!(
+            Manifest::decode(&table_outside),
+            Err(ManifestError::OutOfBounds {
+                field: Field::VmTable,
+                ..
+            })
+        ));
+    }
+
+    fn patch_u32(bytes: &mut [u8], offset: usize, value: u32) {
+        bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn patch_u64(bytes: &mut [u8], offset: usize, value: u64) {
+        bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
     }
 
     #[test]
-    fn hook_names() {
+    fn refuses_bad_vm_records() {
+        let good = sample().encode();
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        let check = |offset: usize, value: u32, expected: ManifestError| {
+            let mut bytes = good.clone();
+            patch_u32(&mut bytes, offset, value);
+            assert_eq!(Manifest::decode(&bytes), Err(expected));
+        };
+        check(vm1, 3, ManifestError::UnknownFormat { vm: 1, code: 3 });
+        check(vm1 + 4, 2, ManifestError::UnknownPaging { vm: 1, code: 2 });
+        check(vm1 + 8, 0, ManifestError::BadCpuCount { vm: 1, cpus: 0 });
+        check(
+            vm1 + 8,
+            MAX_CPUS + 1,
+            ManifestError::BadCpuCount {
+                vm: 1,
+                cpus: MAX_CPUS + 1,
+            },
+        );
+        check(vm1 + 12, 3, ManifestError::UnknownFlags { vm: 1, flags: 3 });
+        check(
+            vm1 + 80,
+            65,
+            ManifestError::TooManyModules { vm: 1, count: 65 },
+        );
+        check(
+            vm1 + 88,
+            1,
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 88,
+            },
+        );
+        let mut zero_memory = good.clone();
+        patch_u64(&mut zero_memory, vm1 + 16, 0);
+        assert_eq!(
+            Manifest::decode(&zero_memory),
+            Err(ManifestError::ZeroMemory { vm: 1 })
+        );
+        let mut kernel_outside = good.clone();
+        patch_u64(&mut kernel_outside, vm1 + 56, u64::MAX - 2);
+        assert!(matches!(
+            Manifest::decode(&kernel_outside),
+            Err(ManifestError::OutOfBounds {
+                vm: 1,
+                field: Field::Kernel,
+                ..
+            })
+        ));
+        let mut huge_length = good.clone();
+        patch_u64(&mut huge_length, vm1 + 64, u64::MAX);
+        assert!(matches!(
+            Manifest::decode(&huge_length),
+            Err(ManifestError::OutOfBounds {
+                field: Field::Kernel,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_strings() {
+        let good = sample().encode();
+        let decoded = Manifest::decode(&good).unwrap();
+        let name_offset = decoded.vms[1].name.as_ptr() as usize - good.as_ptr() as usize;
+        let mut bad_utf8 = good.clone();
+        bad_utf8[name_offset] = 0xFF;
+        assert_eq!(
+            Manifest::decode(&bad_utf8),
+            Err(ManifestError::BadUtf8 {
+                vm: 1,
+                field: Field::Name
+            })
+        );
+        let mut bad_name = good.clone();
+        bad_name[name_offset] = b' ';
+        assert_eq!(
+            Manifest::decode(&bad_name),
+            Err(ManifestError::BadString {
+                vm: 1,
+                field: Field::Name
+            })
+        );
+        let cmdline_offset = decoded.vms[1].cmdline.as_ptr() as usize - good.as_ptr() as usize;
+        let mut nul = good.clone();
+        nul[cmdline_offset] = 0;
+        assert_eq!(
+            Manifest::decode(&nul),
+            Err(ManifestError::BadString {
+                vm: 1,
+                field: Field::Cmdline
+            })
+        );
+        let module_name = decoded.vms[1].modules[0].name.as_ptr() as usize - good.as_ptr() as usize;
+        let mut bad_module = good.clone();
+        bad_module[module_name] = 0xC0;
+        assert_eq!(
+            Manifest::decode(&bad_module),
+            Err(ManifestError::BadUtf8 {
+                vm: 1,
+                field: Field::ModuleName(0)
+            })
+        );
+    }
+
+    #[test]
+    fn errors_display() {
+        let error = ManifestError::OutOfBounds {
+            vm: 2,
+            field: Field::ModuleBytes(1),
+            offset: 0x40,
+            length: 0x10,
+            total: 0x20,
+        };
+        assert_eq!(
+            alloc::format!("{error}"),
+            "manifest vm #2: module #1 bytes at offset 0x40 length 0x10 lies outside the manifest's 0x20 bytes"
+        );
+    }
+
+    #[test]
+    fn truncations_and_flips_never_panic() {
+        let good = sample().encode();
+        for length in 0..good.len() {
+            // Every truncation is refused (the claimed length no longer fits).
+            assert!(
+                Manifest::decode(&good[..length]).is_err(),
+                "length {length}"
+            );
+        }
+        // A small deterministic generator (xorshift) for byte flips.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut bytes = good.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let position = (next() % bytes.len() as u64) as usize;
+                bytes[position] = next() as u8;
+            }
+            let _ = Manifest::decode(&bytes);
+        }
+        // Every single-byte change in the header and tables, to a few interesting values.
+        let tables_end = HEADER_LEN + 2 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN;
+        for position in 0..tables_end {
+            for value in [0x00, 0x01, 0x7F, 0x80, 0xFF] {
+                let mut bytes = good.clone();
+                bytes[position] = value;
+                let _ = Manifest::decode(&bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn names() {
         assert_eq!(TestHook::from_name("page-fault"), Some(TestHook::PageFault));
         assert_eq!(TestHook::from_name("none"), Some(TestHook::None));
         assert_eq!(TestHook::from_name("nope"), None);
+        assert_eq!(
+            GuestFormat::from_name("multiboot"),
+            Some(GuestFormat::Multiboot)
+        );
+        assert_eq!(GuestFormat::from_name("flat64"), Some(GuestFormat::Flat64));
+        assert_eq!(GuestFormat::from_name("elf"), None);
+        assert_eq!(Paging::from_name("shadow"), Some(Paging::Shadow));
+        assert_eq!(Paging::default(), Paging::Nested);
+        assert!(is_valid_vm_name("a-b_C9"));
+        assert!(!is_valid_vm_name(""));
+        assert!(!is_valid_vm_name("has space"));
+        assert!(!is_valid_vm_name(&"x".repeat(33)));
     }
 }

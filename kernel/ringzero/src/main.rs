@@ -7,7 +7,8 @@
 //! 4. host ACPI tables: CPU count, power-off registers;
 //! 5. the boot manifest from the ramdisk (packed by `boot/`);
 //! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off;
-//! 7. power off with a status (see `power`).
+//! 7. run the manifest's VMs one after another (`guests`);
+//! 8. power off with a status (see `power`).
 #![no_std]
 #![no_main]
 #![feature(abi_x86_interrupt)]
@@ -16,6 +17,7 @@ extern crate alloc;
 
 mod console;
 mod cpu;
+mod guests;
 mod memory;
 mod platform;
 mod power;
@@ -105,11 +107,25 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
 
     // Step 7.
-    log::info!("no guests configured yet; powering off");
-    power::power_off(ExitStatus::Clean)
+    let own = guests::HypervisorMemory {
+        kernel_start: boot_info.kernel_addr,
+        kernel_length: boot_info.kernel_len,
+        heap_start: summary.heap_start,
+        heap_size: summary.heap_size,
+    };
+    let all_passed = guests::run_all(&manifest, &extension, &own);
+
+    // Step 8.
+    if all_passed {
+        log::info!("all guests finished; powering off");
+        power::power_off(ExitStatus::Clean)
+    } else {
+        log::warn!("at least one guest failed (see the ringzero: vm lines); powering off");
+        power::power_off(ExitStatus::GuestFailed)
+    }
 }
 
-fn load_manifest(boot_info: &BootInfo) -> Result<Manifest, alloc::string::String> {
+fn load_manifest(boot_info: &BootInfo) -> Result<Manifest<'static>, alloc::string::String> {
     let Some(address) = boot_info.ramdisk_addr.into_option() else {
         return Err(
             "no ramdisk: boot/ always packs one; was the image built by scripts/run-qemu.sh?"

@@ -11,9 +11,7 @@ use spin::Mutex;
 use x86_64::structures::paging::{OffsetPageTable, PageTable, Translate};
 use x86_64::VirtAddr;
 
-/// A host-physical address (the hypervisor's own machine address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostPhysAddr(pub u64);
+pub use ringzero_memory::HostPhysAddr;
 
 pub const FRAME_SIZE: u64 = 4096;
 /// Size of the kernel heap.
@@ -66,6 +64,25 @@ impl FrameAllocator {
                 self.next_frame += FRAME_SIZE;
                 self.allocated_frames += 1;
                 return Some(HostPhysAddr(frame));
+            }
+            self.current_region += 1;
+            if self.current_region < self.region_count {
+                self.next_frame = self.regions[self.current_region].0;
+            }
+        }
+        None
+    }
+
+    /// `count` physically contiguous frames from the bump regions (the free list holds single
+    /// frames only). Skips to the next region when this one has too little left.
+    fn allocate_contiguous(&mut self, count: u64) -> Option<HostPhysAddr> {
+        while self.current_region < self.region_count {
+            let (_, end) = self.regions[self.current_region];
+            if self.next_frame + count * FRAME_SIZE <= end {
+                let first = self.next_frame;
+                self.next_frame += count * FRAME_SIZE;
+                self.allocated_frames += count;
+                return Some(HostPhysAddr(first));
             }
             self.current_region += 1;
             if self.current_region < self.region_count {
@@ -150,6 +167,19 @@ pub fn allocate_frame() -> Option<HostPhysAddr> {
     // the physical window maps all of RAM writable.
     unsafe { core::ptr::write_bytes(window, 0, FRAME_SIZE as usize) };
     Some(frame)
+}
+
+/// Allocates `count` zeroed, physically contiguous frames (for the SVM permission maps).
+pub fn allocate_contiguous(count: u64) -> Option<HostPhysAddr> {
+    let first = FRAMES.lock().allocate_contiguous(count)?;
+    // SAFETY: the frames were just taken from the allocator and the window maps them.
+    unsafe { core::ptr::write_bytes(physical_window(first), 0, (count * FRAME_SIZE) as usize) };
+    Some(first)
+}
+
+/// Frames currently handed out (for the memory statistics).
+pub fn allocated_frames() -> u64 {
+    FRAMES.lock().allocated_frames
 }
 
 /// Returns a frame to the allocator.

@@ -29,6 +29,8 @@ pub enum ExitStatus {
     BadManifest = 4,
     /// The platform could not be set up (e.g. no memory for the heap).
     PlatformSetupFailed = 5,
+    /// At least one VM did not end with exit-port status 0 (see its `ringzero: vm` line).
+    GuestFailed = 6,
 }
 
 static ACPI_POWER_OFF: spin::Once<AcpiPowerOff> = spin::Once::new();

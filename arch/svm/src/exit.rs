@@ -1,0 +1,172 @@
+//! #VMEXIT decoding: EXITCODE and EXITINFO1/2 into vendor-neutral [`VmExit`]s.
+//! See: APM Vol 2 Appendix C "SVM Intercept Exit Codes", 15.10.2 (IOIO EXITINFO1),
+//! 15.25.6 (nested page fault EXITINFO1/2).
+
+use ringzero_memory::GuestPhysAddr;
+use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+
+/// Exit codes ringzero handles. See: APM Vol 2 Table C-1.
+pub mod code {
+    pub const INTR: u64 = 0x60;
+    pub const NMI: u64 = 0x61;
+    pub const CPUID: u64 = 0x72;
+    pub const HLT: u64 = 0x78;
+    pub const INVLPGA: u64 = 0x7A;
+    pub const IOIO: u64 = 0x7B;
+    pub const MSR: u64 = 0x7C;
+    pub const SHUTDOWN: u64 = 0x7F;
+    pub const VMRUN: u64 = 0x80;
+    pub const VMMCALL: u64 = 0x81;
+    pub const VMLOAD: u64 = 0x82;
+    pub const VMSAVE: u64 = 0x83;
+    pub const STGI: u64 = 0x84;
+    pub const CLGI: u64 = 0x85;
+    pub const SKINIT: u64 = 0x86;
+    pub const NPF: u64 = 0x400;
+    /// VMEXIT_INVALID: VMRUN's consistency checks failed.
+    pub const INVALID: u64 = u64::MAX;
+}
+
+/// A decoded exit and, when the exit itself says, the next instruction's RIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedExit {
+    pub exit: VmExit,
+    pub next_rip: Option<u64>,
+}
+
+/// Decodes one #VMEXIT from the VMCB's EXITCODE, EXITINFO1 and EXITINFO2.
+pub fn decode(exit_code: u64, info1: u64, info2: u64) -> DecodedExit {
+    let plain = |exit| DecodedExit {
+        exit,
+        next_rip: None,
+    };
+    match exit_code {
+        code::CPUID => plain(VmExit::Cpuid),
+        code::HLT => plain(VmExit::Halt),
+        code::VMMCALL => plain(VmExit::Hypercall),
+        code::SHUTDOWN => plain(VmExit::TripleFault),
+        code::INTR | code::NMI => plain(VmExit::ExternalInterrupt),
+        code::MSR => plain(if info1 & 1 == 0 { VmExit::MsrRead } else { VmExit::MsrWrite }),
+        code::IOIO => {
+            // EXITINFO1: bit 0 TYPE (1 = IN), 2 STR, 3 REP, 4/5/6 SZ8/SZ16/SZ32, 31:16 port.
+            // EXITINFO2: the RIP of the next instruction. See: APM Vol 2 15.10.2, Figure 15-2.
+            let size = if info1 & (1 << 4) != 0 {
+                1
+            } else if info1 & (1 << 5) != 0 {
+                2
+            } else {
+                4
+            };
+            let io = IoExit {
+                port: (info1 >> 16) as u16,
+                size,
+                direction: if info1 & 1 != 0 { IoDirection::In } else { IoDirection::Out },
+                string: info1 & (1 << 2) != 0,
+                repeat: info1 & (1 << 3) != 0,
+            };
+            DecodedExit { exit: VmExit::Io(io), next_rip: Some(info2) }
+        }
+        code::NPF => {
+            // EXITINFO1: #PF-style error code (bit 0 P, 1 RW, 4 ID); EXITINFO2: the guest-physical
+            // address. See: APM Vol 2 15.25.6.
+            let access = MemoryAccess { present: info1 & 1 != 0, write: info1 & (1 << 1) != 0, execute: info1 & (1 << 4) != 0 };
+            plain(VmExit::NestedPageFault { guest_physical: GuestPhysAddr(info2), access })
+        }
+        code::VMRUN => plain(VmExit::VirtualizationInstruction { mnemonic: "vmrun" }),
+        code::VMLOAD => plain(VmExit::VirtualizationInstruction { mnemonic: "vmload" }),
+        code::VMSAVE => plain(VmExit::VirtualizationInstruction { mnemonic: "vmsave" }),
+        code::STGI => plain(VmExit::VirtualizationInstruction { mnemonic: "stgi" }),
+        code::CLGI => plain(VmExit::VirtualizationInstruction { mnemonic: "clgi" }),
+        code::SKINIT => plain(VmExit::VirtualizationInstruction { mnemonic: "skinit" }),
+        code::INVLPGA => plain(VmExit::VirtualizationInstruction { mnemonic: "invlpga" }),
+        code::INVALID => plain(VmExit::EntryFailed {
+            reason: "VMRUN refused the guest state (VMEXIT_INVALID: a consistency check of APM Vol 2 15.5.1 failed)",
+            detail: exit_code,
+        }),
+        other => plain(VmExit::Unhandled { code: other, info1, info2 }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_exits() {
+        // OUT DX, AL to 0x3F8: TYPE=0, SZ8, port 0x3F8; next RIP in EXITINFO2.
+        let decoded = decode(code::IOIO, (0x3F8 << 16) | (1 << 4), 0x10_0042);
+        assert_eq!(
+            decoded.exit,
+            VmExit::Io(IoExit {
+                port: 0x3F8,
+                size: 1,
+                direction: IoDirection::Out,
+                string: false,
+                repeat: false
+            })
+        );
+        assert_eq!(decoded.next_rip, Some(0x10_0042));
+        // IN EAX, DX from 0xCFC.
+        let decoded = decode(code::IOIO, (0xCFC << 16) | (1 << 6) | 1, 0);
+        assert_eq!(
+            decoded.exit,
+            VmExit::Io(IoExit {
+                port: 0xCFC,
+                size: 4,
+                direction: IoDirection::In,
+                string: false,
+                repeat: false
+            })
+        );
+        // REP OUTSW.
+        let decoded = decode(
+            code::IOIO,
+            (0x1F0 << 16) | (1 << 5) | (1 << 3) | (1 << 2),
+            0,
+        );
+        assert!(matches!(
+            decoded.exit,
+            VmExit::Io(IoExit {
+                size: 2,
+                string: true,
+                repeat: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn msr_npf_and_the_rest() {
+        assert_eq!(decode(code::MSR, 0, 0).exit, VmExit::MsrRead);
+        assert_eq!(decode(code::MSR, 1, 0).exit, VmExit::MsrWrite);
+        let npf = decode(code::NPF, 0b110, 0x200_0000).exit;
+        assert_eq!(
+            npf,
+            VmExit::NestedPageFault {
+                guest_physical: GuestPhysAddr(0x200_0000),
+                access: MemoryAccess {
+                    present: false,
+                    write: true,
+                    execute: false
+                }
+            }
+        );
+        assert_eq!(decode(code::SHUTDOWN, 0, 0).exit, VmExit::TripleFault);
+        assert_eq!(
+            decode(code::VMRUN, 0, 0).exit,
+            VmExit::VirtualizationInstruction { mnemonic: "vmrun" }
+        );
+        assert!(matches!(
+            decode(code::INVALID, 0, 0).exit,
+            VmExit::EntryFailed { .. }
+        ));
+        assert_eq!(
+            decode(0x7E, 1, 2).exit,
+            VmExit::Unhandled {
+                code: 0x7E,
+                info1: 1,
+                info2: 2
+            }
+        );
+    }
+}

@@ -1,0 +1,547 @@
+//! The guest configuration: a TOML file with one `[[vm]]` table per guest, checked here on
+//! the host so the hypervisor only ever receives a valid manifest.
+//!
+//! ```toml
+//! [[vm]]
+//! name = "basic"            # required; 1-32 chars of [A-Za-z0-9_-]; unique
+//! kernel = "path/to/image"  # required; relative to the config file's directory
+//! format = "flat64"         # required: "flat64" | "multiboot"
+//! memory = 16               # MiB, required; 2..=4096
+//! cmdline = "..."           # optional, default ""; at most 3072 bytes
+//! modules = ["a", "b"]      # optional list of paths (relative to the config file), multiboot only
+//! cpus = 1                  # optional, default 1; only 1 is accepted for now
+//! paging = "nested"         # optional: "nested" (default) | "shadow" (not built yet)
+//! trace = false             # optional: log every exit
+//! ```
+//!
+//! Validation is by hand over `toml::Table` (not serde) so that every error names the file, the
+//! VM (`vm "NAME"`, or `[[vm]] #N` when it has no usable name) and the key, in one line:
+//! `tests/configs/bad.toml: vm "basic": key "memory": 0 MiB is not a valid size (2..=4096)`.
+//! All errors are collected, not just the first. Each VM that passes the key checks is also
+//! planned with [`ringzero_loader::boot_plan::plan`], so an image that does not fit its
+//! memory is refused here, at build time.
+
+use ringzero_loader::boot_plan::{self, LoadError};
+use ringzero_loader::manifest::{
+    is_valid_vm_name, GuestFormat, Manifest, Module, Paging, TestHook, VmManifest, MAX_CMDLINE_LEN,
+    MAX_MODULES,
+};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// Smallest accepted `memory`, in MiB.
+pub const MIN_MEMORY_MIB: i64 = 2;
+/// Largest accepted `memory`, in MiB (4 GiB: the boot protocols' address limit).
+pub const MAX_MEMORY_MIB: i64 = 4096;
+/// The keys a `[[vm]]` table may have.
+pub const VM_KEYS: [&str; 9] = [
+    "name", "kernel", "format", "memory", "cmdline", "modules", "cpus", "paging", "trace",
+];
+
+/// One checked guest, with its image and modules read into memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub name: String,
+    pub format: GuestFormat,
+    pub memory_mib: u64,
+    pub cmdline: String,
+    pub cpus: u32,
+    pub paging: Paging,
+    pub trace: bool,
+    pub kernel_path: PathBuf,
+    pub kernel: Vec<u8>,
+    pub modules: Vec<ModuleFile>,
+}
+
+/// A Multiboot module file; `name` (the file name) is what the guest sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+/// A checked configuration: the VMs in run order (at least one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub vms: Vec<VmConfig>,
+}
+
+impl VmConfig {
+    /// The VM as the manifest carries it (borrowing the image and modules).
+    pub fn manifest(&self) -> VmManifest<'_> {
+        VmManifest {
+            name: &self.name,
+            format: self.format,
+            memory_bytes: self.memory_mib << 20,
+            cmdline: &self.cmdline,
+            cpus: self.cpus,
+            paging: self.paging,
+            trace: self.trace,
+            kernel: &self.kernel,
+            modules: self
+                .modules
+                .iter()
+                .map(|module| Module {
+                    name: &module.name,
+                    bytes: &module.bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Config {
+    /// The manifest for these VMs.
+    pub fn manifest(&self, test_hook: TestHook) -> Manifest<'_> {
+        Manifest {
+            test_hook,
+            vms: self.vms.iter().map(VmConfig::manifest).collect(),
+        }
+    }
+}
+
+/// One problem in a configuration file, displayed as one line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file as given on the command line.
+    pub file: String,
+    /// `vm "NAME"` or `[[vm]] #N`, when the error is about one VM.
+    pub vm: Option<String>,
+    /// The key the error is about.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: ", self.file)?;
+        if let Some(vm) = &self.vm {
+            write!(formatter, "{vm}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(formatter, "key \"{key}\": ")?;
+        }
+        write!(formatter, "{}", self.message)
+    }
+}
+
+/// Reads and checks the configuration at `path` (relative paths inside it are resolved
+/// against its directory). Returns every error found.
+pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        vec![ConfigError {
+            file: file.clone(),
+            vm: None,
+            key: None,
+            message: format!("cannot read the configuration: {error}"),
+        }]
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&file, &text, base)
+}
+
+/// Checks configuration `text` (named `file` in errors), reading images relative to `base`.
+pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, Vec<ConfigError>> {
+    let mut errors = Errors {
+        file,
+        list: Vec::new(),
+    };
+    let table: Table = match text.parse() {
+        Ok(table) => table,
+        Err(error) => {
+            let error: toml::de::Error = error;
+            let location = match error.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+                    format!("line {line}, column {column}: ")
+                }
+                None => String::new(),
+            };
+            let message = error.message().trim().replace('\n', " ");
+            errors.push(
+                None,
+                None,
+                format!("{location}TOML syntax error: {message}"),
+            );
+            return Err(errors.list);
+        }
+    };
+
+    for key in table.keys().filter(|key| *key != "vm") {
+        errors.push(
+            None,
+            Some(key),
+            "unknown top-level key (only [[vm]] tables are allowed)".into(),
+        );
+    }
+    let vm_tables: Vec<&Value> = match table.get("vm") {
+        None => Vec::new(),
+        Some(Value::Array(array)) => array.iter().collect(),
+        Some(other) => {
+            errors.push(
+                None,
+                Some("vm"),
+                format!(
+                    "expected [[vm]] tables, found {}",
+                    with_article(other.type_str())
+                ),
+            );
+            return Err(errors.list);
+        }
+    };
+    if vm_tables.is_empty() {
+        errors.push(
+            None,
+            None,
+            "no [[vm]] table: at least one VM is required".into(),
+        );
+    }
+
+    let mut vms = Vec::new();
+    let mut names: Vec<(String, usize)> = Vec::new();
+    for (index, value) in vm_tables.into_iter().enumerate() {
+        let number = index + 1;
+        let Value::Table(vm_table) = value else {
+            errors.push(
+                Some(format!("[[vm]] #{number}")),
+                None,
+                format!("expected a table, found {}", with_article(value.type_str())),
+            );
+            continue;
+        };
+        // Duplicate names are reported with both table numbers, so the later VM is named by
+        // its number (its name alone would be ambiguous).
+        if let Some(Value::String(name)) = vm_table.get("name") {
+            if is_valid_vm_name(name) {
+                if let Some((_, first)) = names.iter().find(|(seen, _)| seen == name) {
+                    errors.push(
+                        Some(format!("[[vm]] #{number}")),
+                        Some("name"),
+                        format!("\"{name}\" is already the name of [[vm]] #{first}"),
+                    );
+                } else {
+                    names.push((name.clone(), number));
+                }
+            }
+        }
+        if let Some(vm) = check_vm(&mut errors, vm_table, number, base) {
+            vms.push(vm);
+        }
+    }
+    if errors.list.is_empty() {
+        Ok(Config { vms })
+    } else {
+        Err(errors.list)
+    }
+}
+
+struct Errors<'a> {
+    file: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, vm: Option<String>, key: Option<&str>, message: String) {
+        self.list.push(ConfigError {
+            file: self.file.to_string(),
+            vm,
+            key: key.map(str::to_string),
+            message,
+        });
+    }
+}
+
+fn with_article(type_name: &str) -> String {
+    let article = if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {type_name}")
+}
+
+/// The checks of one `[[vm]]` table; errors go to `errors` under `label`.
+struct VmChecker<'a, 'e> {
+    errors: &'e mut Errors<'a>,
+    table: &'e Table,
+    label: String,
+    failed: bool,
+}
+
+impl VmChecker<'_, '_> {
+    fn error(&mut self, key: &str, message: String) {
+        self.failed = true;
+        self.errors
+            .push(Some(self.label.clone()), Some(key), message);
+    }
+
+    fn wrong_type(&mut self, key: &str, expected: &str, found: &Value) {
+        let message = format!(
+            "expected {expected}, found {}",
+            with_article(found.type_str())
+        );
+        self.error(key, message);
+    }
+
+    /// The string at `key`; `None` (with an error when `required` or of the wrong type) if
+    /// absent or not a string.
+    fn string(&mut self, key: &str, required: bool) -> Option<String> {
+        match self.table.get(key) {
+            Some(Value::String(text)) => Some(text.clone()),
+            Some(other) => {
+                self.wrong_type(key, "a string", other);
+                None
+            }
+            None => {
+                if required {
+                    self.error(key, "missing (every [[vm]] needs it)".into());
+                }
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, key: &str, required: bool) -> Option<i64> {
+        match self.table.get(key) {
+            Some(Value::Integer(number)) => Some(*number),
+            Some(other) => {
+                self.wrong_type(key, "an integer", other);
+                None
+            }
+            None => {
+                if required {
+                    self.error(key, "missing (every [[vm]] needs it)".into());
+                }
+                None
+            }
+        }
+    }
+}
+
+fn read_file(base: &Path, relative: &str) -> Result<(PathBuf, Vec<u8>), String> {
+    if relative.is_empty() {
+        return Err("the path is empty".into());
+    }
+    let path = base.join(relative);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok((path, bytes)),
+        Err(error) => Err(format!("cannot read \"{}\": {error}", path.display())),
+    }
+}
+
+/// Checks one `[[vm]]` table (number `number`, counting from 1); returns the VM when it has no
+/// error.
+fn check_vm(
+    errors: &mut Errors<'_>,
+    table: &Table,
+    number: usize,
+    base: &Path,
+) -> Option<VmConfig> {
+    let label = match table.get("name") {
+        Some(Value::String(name)) if is_valid_vm_name(name) => format!("vm \"{name}\""),
+        _ => format!("[[vm]] #{number}"),
+    };
+    let mut check = VmChecker {
+        errors,
+        table,
+        label,
+        failed: false,
+    };
+
+    for key in table.keys() {
+        if !VM_KEYS.contains(&key.as_str()) {
+            check.error(key, format!("unknown key (known: {})", VM_KEYS.join(", ")));
+        }
+    }
+
+    let name = check.string("name", true);
+    if let Some(name) = &name {
+        if !is_valid_vm_name(name) {
+            check.error(
+                "name",
+                format!("\"{name}\" is not a valid name (1-32 characters of A-Z a-z 0-9 _ -)"),
+            );
+        }
+    }
+
+    let format = check.string("format", true).and_then(|text| {
+        let format = GuestFormat::from_name(&text);
+        if format.is_none() {
+            check.error(
+                "format",
+                format!("unknown format \"{text}\" (known: flat64, multiboot)"),
+            );
+        }
+        format
+    });
+
+    let memory_mib = check.integer("memory", true).and_then(|mib| {
+        if (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+            Some(mib as u64)
+        } else {
+            check.error(
+                "memory",
+                format!("{mib} MiB is not a valid size ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB})"),
+            );
+            None
+        }
+    });
+
+    let kernel = check
+        .string("kernel", true)
+        .and_then(|path| match read_file(base, &path) {
+            Ok(file) => Some(file),
+            Err(message) => {
+                check.error("kernel", message);
+                None
+            }
+        });
+
+    let cmdline = check.string("cmdline", false).unwrap_or_default();
+    if cmdline.len() > MAX_CMDLINE_LEN {
+        check.error(
+            "cmdline",
+            format!(
+                "{} bytes is too long (at most {MAX_CMDLINE_LEN})",
+                cmdline.len()
+            ),
+        );
+    } else if cmdline.contains('\0') {
+        check.error("cmdline", "must not contain a NUL character".into());
+    }
+
+    let mut modules = Vec::new();
+    match table.get("modules") {
+        None => {}
+        Some(Value::Array(paths)) => {
+            if format == Some(GuestFormat::Flat64) && !paths.is_empty() {
+                check.error(
+                    "modules",
+                    "modules are only for format = \"multiboot\" (a flat64 guest cannot receive them)"
+                        .into(),
+                );
+            } else if paths.len() > MAX_MODULES {
+                check.error(
+                    "modules",
+                    format!("{} modules, at most {MAX_MODULES} are allowed", paths.len()),
+                );
+            } else {
+                for (index, path) in paths.iter().enumerate() {
+                    let Value::String(relative) = path else {
+                        let message = format!(
+                            "entry {}: expected a string (a path), found {}",
+                            index + 1,
+                            with_article(path.type_str())
+                        );
+                        check.error("modules", message);
+                        continue;
+                    };
+                    match read_file(base, relative) {
+                        Ok((path, bytes)) => {
+                            let name = path
+                                .file_name()
+                                .map(|name| name.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| relative.clone());
+                            modules.push(ModuleFile { name, path, bytes });
+                        }
+                        Err(message) => check.error("modules", message),
+                    }
+                }
+            }
+        }
+        Some(other) => check.wrong_type("modules", "an array of paths", other),
+    }
+
+    let cpus = match check.integer("cpus", false) {
+        None | Some(1) => 1,
+        Some(count) if count < 1 => {
+            check.error("cpus", format!("{count} is not a valid vCPU count"));
+            1
+        }
+        Some(count) => {
+            check.error(
+                "cpus",
+                format!("cpus = {count}: only 1 is accepted for now (several vCPUs arrive with the multi-core issue)"),
+            );
+            1
+        }
+    };
+
+    let paging = match check.string("paging", false).as_deref() {
+        None | Some("nested") => Paging::Nested,
+        Some("shadow") => {
+            check.error(
+                "paging",
+                "paging = \"shadow\" is not built yet; use \"nested\"".into(),
+            );
+            Paging::Shadow
+        }
+        Some(other) => {
+            check.error(
+                "paging",
+                format!("unknown paging \"{other}\" (known: nested, shadow)"),
+            );
+            Paging::Nested
+        }
+    };
+
+    let trace = match table.get("trace") {
+        None => false,
+        Some(Value::Boolean(trace)) => *trace,
+        Some(other) => {
+            check.wrong_type("trace", "a boolean (true or false)", other);
+            false
+        }
+    };
+
+    if check.failed {
+        return None;
+    }
+    let (Some(name), Some(format), Some(memory_mib), Some((kernel_path, kernel))) =
+        (name, format, memory_mib, kernel)
+    else {
+        return None;
+    };
+    let vm = VmConfig {
+        name,
+        format,
+        memory_mib,
+        cmdline,
+        cpus,
+        paging,
+        trace,
+        kernel_path,
+        kernel,
+        modules,
+    };
+    // The hypervisor will plan exactly this; refuse here what it would refuse there.
+    if let Err(error) = boot_plan::plan(&vm.manifest()) {
+        let key = load_error_key(&error, format);
+        check.error(key, error.to_string());
+        return None;
+    }
+    Some(vm)
+}
+
+/// The configuration key a planning error is about.
+fn load_error_key(error: &LoadError, format: GuestFormat) -> &'static str {
+    match error {
+        LoadError::MemoryTooSmall { .. } | LoadError::MemoryTooLarge { .. } => "memory",
+        LoadError::CommandLineTooLong { .. } | LoadError::CommandLineHasNul => "cmdline",
+        LoadError::TooManyModules { .. }
+        | LoadError::ModulesNotSupported { .. }
+        | LoadError::BootInfoTooLarge { .. } => "modules",
+        // Multiboot images that run past memory are refused as segments; what is left over
+        // is the modules.
+        LoadError::ImageTooLarge { .. } if format == GuestFormat::Multiboot => "modules",
+        _ => "kernel",
+    }
+}
+
+#[cfg(test)]
+mod tests;

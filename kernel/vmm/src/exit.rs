@@ -1,0 +1,153 @@
+//! Why a guest stopped running, in vendor-free words. The backends decode their exit codes
+//! (VMCB EXITCODE, VMCS exit reason) into [`VmExit`].
+
+use ringzero_memory::GuestPhysAddr;
+
+/// Direction of a port access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDirection {
+    In,
+    Out,
+}
+
+/// An intercepted IN/OUT (or INS/OUTS) instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoExit {
+    pub port: u16,
+    /// 1, 2 or 4 bytes.
+    pub size: u8,
+    pub direction: IoDirection,
+    /// INS/OUTS.
+    pub string: bool,
+    /// REP prefix.
+    pub repeat: bool,
+}
+
+/// How the guest touched memory when a nested page fault happened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryAccess {
+    pub write: bool,
+    pub execute: bool,
+    /// The translation existed but did not allow the access.
+    pub present: bool,
+}
+
+impl MemoryAccess {
+    /// "read", "write" or "execute".
+    pub fn kind(&self) -> &'static str {
+        if self.execute {
+            "execute"
+        } else if self.write {
+            "write"
+        } else {
+            "read"
+        }
+    }
+}
+
+/// One exit from the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// CPUID; leaf in EAX, subleaf in ECX.
+    Cpuid,
+    /// Port I/O.
+    Io(IoExit),
+    /// RDMSR; MSR number in ECX.
+    MsrRead,
+    /// WRMSR; MSR number in ECX, value in EDX:EAX.
+    MsrWrite,
+    /// HLT.
+    Halt,
+    /// VMMCALL / VMCALL.
+    Hypercall,
+    /// A guest-physical access the nested page tables do not allow.
+    NestedPageFault {
+        guest_physical: GuestPhysAddr,
+        access: MemoryAccess,
+    },
+    /// The guest triple-faulted (SVM: SHUTDOWN intercept; VMX: triple-fault exit).
+    TripleFault,
+    /// The guest executed a virtualization instruction (VMRUN, VMLAUNCH, ...): it gets #UD.
+    VirtualizationInstruction { mnemonic: &'static str },
+    /// A physical interrupt or NMI arrived while the guest ran (nothing to do for the guest).
+    ExternalInterrupt,
+    /// The hardware refused to enter the guest; `reason` says why in the vendor's words.
+    EntryFailed { reason: &'static str, detail: u64 },
+    /// An exit this hypervisor does not handle.
+    Unhandled { code: u64, info1: u64, info2: u64 },
+}
+
+impl VmExit {
+    /// The statistics/trace name of this exit's reason.
+    pub fn reason(&self) -> Reason {
+        match self {
+            VmExit::Cpuid => Reason::Cpuid,
+            VmExit::Io(_) => Reason::Io,
+            VmExit::MsrRead => Reason::MsrRead,
+            VmExit::MsrWrite => Reason::MsrWrite,
+            VmExit::Halt => Reason::Halt,
+            VmExit::Hypercall => Reason::Hypercall,
+            VmExit::NestedPageFault { .. } => Reason::NestedPageFault,
+            VmExit::TripleFault => Reason::TripleFault,
+            VmExit::VirtualizationInstruction { .. } => Reason::VirtualizationInstruction,
+            VmExit::ExternalInterrupt => Reason::ExternalInterrupt,
+            VmExit::EntryFailed { .. } => Reason::EntryFailed,
+            VmExit::Unhandled { .. } => Reason::Unhandled,
+        }
+    }
+}
+
+/// Exit reasons as counted in the statistics, in table order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Cpuid,
+    Io,
+    MsrRead,
+    MsrWrite,
+    Halt,
+    Hypercall,
+    NestedPageFault,
+    TripleFault,
+    VirtualizationInstruction,
+    ExternalInterrupt,
+    EntryFailed,
+    Unhandled,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 12] = [
+        Reason::Cpuid,
+        Reason::Io,
+        Reason::MsrRead,
+        Reason::MsrWrite,
+        Reason::Halt,
+        Reason::Hypercall,
+        Reason::NestedPageFault,
+        Reason::TripleFault,
+        Reason::VirtualizationInstruction,
+        Reason::ExternalInterrupt,
+        Reason::EntryFailed,
+        Reason::Unhandled,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Cpuid => "cpuid",
+            Reason::Io => "io",
+            Reason::MsrRead => "msr-read",
+            Reason::MsrWrite => "msr-write",
+            Reason::Halt => "hlt",
+            Reason::Hypercall => "hypercall",
+            Reason::NestedPageFault => "nested-page-fault",
+            Reason::TripleFault => "triple-fault",
+            Reason::VirtualizationInstruction => "virt-instruction",
+            Reason::ExternalInterrupt => "interrupt",
+            Reason::EntryFailed => "entry-failed",
+            Reason::Unhandled => "unhandled",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}

@@ -1,0 +1,26 @@
+//! The vendor-neutral heart of ringzero: what a vCPU is ([`vcpu::Vcpu`]), what an exit means
+//! ([`exit::VmExit`]), and what the hypervisor does about each one ([`vm::run`]). The VMX and
+//! SVM backends translate their hardware into these words; everything here is host-tested with
+//! fake vCPUs and fake memory.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod cpuid;
+pub mod decode;
+pub mod exit;
+pub mod msr;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;
+
+/// What the core needs from the machine it runs on, as a trait so tests can fake it.
+pub trait Platform {
+    /// The host CPU's CPUID answer (EAX, EBX, ECX, EDX).
+    fn host_cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// A monotonic cycle counter (the TSC on hardware).
+    fn timestamp(&self) -> u64;
+    /// One complete line a VM wrote to its console, to be shown with the VM's name.
+    fn console_line(&mut self, vm_name: &str, line: &str);
+}

@@ -1,0 +1,99 @@
+//! Per-VM exit statistics: how many exits of each reason and how many TSC cycles the
+//! hypervisor spent handling them (from the exit to the next entry).
+
+use crate::exit::Reason;
+use alloc::string::String;
+use core::fmt::Write;
+
+/// Count and handling cycles of one reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReasonStats {
+    pub count: u64,
+    pub cycles: u64,
+}
+
+/// The statistics of one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    reasons: [ReasonStats; Reason::ALL.len()],
+    /// Cycles spent in the guest (entry to exit).
+    pub guest_cycles: u64,
+    /// Accesses to ports no device owns.
+    pub unowned_port_accesses: u64,
+}
+
+impl ExitStats {
+    pub fn record(&mut self, reason: Reason, handling_cycles: u64) {
+        let entry = &mut self.reasons[reason.index()];
+        entry.count += 1;
+        entry.cycles += handling_cycles;
+    }
+
+    pub fn get(&self, reason: Reason) -> ReasonStats {
+        self.reasons[reason.index()]
+    }
+
+    pub fn total_exits(&self) -> u64 {
+        self.reasons.iter().map(|entry| entry.count).sum()
+    }
+
+    /// The table printed when a VM ends, one line per reason that occurred:
+    /// `  reason             count   cycles   avg`.
+    pub fn table(&self) -> String {
+        let mut table = String::new();
+        let _ = writeln!(
+            table,
+            "  {:<18} {:>10} {:>14} {:>10}",
+            "exit reason", "count", "cycles", "avg"
+        );
+        for reason in Reason::ALL {
+            let entry = self.get(reason);
+            if entry.count == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                table,
+                "  {:<18} {:>10} {:>14} {:>10}",
+                reason.name(),
+                entry.count,
+                entry.cycles,
+                entry.cycles / entry.count
+            );
+        }
+        let _ = write!(
+            table,
+            "  {:<18} {:>10} {:>14}\n  guest cycles {}, unowned port accesses {}",
+            "total",
+            self.total_exits(),
+            self.reasons.iter().map(|entry| entry.cycles).sum::<u64>(),
+            self.guest_cycles,
+            self.unowned_port_accesses
+        );
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_table() {
+        let mut stats = ExitStats::default();
+        stats.record(Reason::Cpuid, 100);
+        stats.record(Reason::Cpuid, 300);
+        stats.record(Reason::Io, 50);
+        assert_eq!(
+            stats.get(Reason::Cpuid),
+            ReasonStats {
+                count: 2,
+                cycles: 400
+            }
+        );
+        assert_eq!(stats.total_exits(), 3);
+        let table = stats.table();
+        assert!(table.contains("cpuid"), "{table}");
+        assert!(table.contains("200"), "{table}");
+        assert!(!table.contains("msr-read"), "{table}");
+    }
+}

@@ -1,0 +1,84 @@
+//! The vCPU as the core sees it: one trait, implemented by `arch/svm` (VMCB) and `arch/vmx`
+//! (VMCS) with the same method names.
+
+use crate::exit::VmExit;
+
+/// General-purpose and control registers the core reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Register {
+    Rax,
+    Rbx,
+    Rcx,
+    Rdx,
+    Rsi,
+    Rdi,
+    Rbp,
+    Rsp,
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+    Rip,
+    Rflags,
+}
+
+/// The guest state the core needs to understand an exit (decode, trace, policy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestSnapshot {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs_base: u64,
+    /// CS.L with EFER.LMA: 64-bit code.
+    pub cs_long_mode: bool,
+    /// CS.D: 32-bit default operand size (outside 64-bit mode).
+    pub cs_default_32: bool,
+    /// Current privilege level (0 = guest kernel, 3 = guest user).
+    pub cpl: u8,
+}
+
+impl GuestSnapshot {
+    /// RFLAGS.IF.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.rflags & (1 << 9) != 0
+    }
+
+    /// 16, 32 or 64: how the instruction at RIP is decoded.
+    pub fn code_bitness(&self) -> u32 {
+        if self.cs_long_mode {
+            64
+        } else if self.cs_default_32 {
+            32
+        } else {
+            16
+        }
+    }
+}
+
+/// One virtual CPU on one vendor's hardware.
+pub trait Vcpu {
+    /// Enters the guest and returns at the next exit.
+    fn run(&mut self) -> VmExit;
+    fn register(&self, register: Register) -> u64;
+    fn set_register(&mut self, register: Register, value: u64);
+    fn snapshot(&self) -> GuestSnapshot;
+    /// The address of the instruction after the one that exited, when the hardware told
+    /// (SVM NRIP save or an I/O exit's own field; VMX's exit instruction length). `None`
+    /// means the core must decode the instruction to skip it.
+    fn next_rip(&self) -> Option<u64>;
+    /// Injects an exception into the guest at the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Guest MSRs the hardware keeps in its own state area (EFER, PAT, STAR, ...): their value,
+    /// or `None` when this MSR is not one of them.
+    fn hardware_msr(&self, msr: u32) -> Option<u64>;
+    /// Writes such an MSR; false when it is not one of them.
+    fn set_hardware_msr(&mut self, msr: u32, value: u64) -> bool;
+}

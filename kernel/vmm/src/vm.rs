@@ -1,0 +1,415 @@
+//! A VM and its run loop: enter the guest, take the exit, handle it, go again, until the
+//! guest ends or misbehaves. Each handler says in a comment what the hardware did and what
+//! the hypervisor does about it.
+
+use crate::cpuid::guest_cpuid;
+use crate::decode;
+use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+use crate::msr::{self, MsrRead, MsrWrite};
+use crate::stats::ExitStats;
+use crate::vcpu::{Register, Vcpu};
+use crate::Platform;
+use alloc::boxed::Box;
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use ringzero_devices::{DeviceEvent, ExitPort, PortBus, Uart16550};
+use ringzero_memory::{GuestPhysAddr, GuestRam, HostMemory};
+
+/// The status reported for a VM the hypervisor stopped (triple fault, bad access, ...).
+pub const STATUS_STOPPED: u32 = 255;
+/// Exception vectors injected into guests.
+const VECTOR_INVALID_OPCODE: u8 = 6;
+const VECTOR_GENERAL_PROTECTION: u8 = 13;
+/// Console lines longer than this are split.
+const MAX_CONSOLE_LINE: usize = 1024;
+
+/// One virtual machine: its RAM, its devices and its statistics.
+pub struct Vm {
+    pub name: String,
+    pub ram: GuestRam,
+    pub bus: PortBus,
+    pub stats: ExitStats,
+    /// Log every exit (the trap trace).
+    pub trace: bool,
+    console_line: Vec<u8>,
+    msrs_reported: BTreeSet<u32>,
+}
+
+impl Vm {
+    /// A VM with the standard devices: a 16550 UART at COM1 and the test exit port.
+    pub fn new(name: &str, ram: GuestRam, trace: bool) -> Vm {
+        let mut bus = PortBus::new();
+        bus.add(Box::new(Uart16550::new(Uart16550::COM1)))
+            .expect("empty bus");
+        bus.add(Box::new(ExitPort::new()))
+            .expect("the exit port does not overlap COM1");
+        Vm {
+            name: name.to_string(),
+            ram,
+            bus,
+            stats: ExitStats::default(),
+            trace,
+            console_line: Vec::new(),
+            msrs_reported: BTreeSet::new(),
+        }
+    }
+
+    fn console_byte(&mut self, byte: u8, platform: &mut dyn Platform) {
+        match byte {
+            b'\n' => self.flush_console(platform),
+            b'\r' => {}
+            _ => {
+                self.console_line.push(byte);
+                if self.console_line.len() >= MAX_CONSOLE_LINE {
+                    self.flush_console(platform);
+                }
+            }
+        }
+    }
+
+    /// Prints what is left of the console line (at a newline, and when the VM ends).
+    pub fn flush_console(&mut self, platform: &mut dyn Platform) {
+        if !self.console_line.is_empty() {
+            let line = String::from_utf8_lossy(&self.console_line).into_owned();
+            platform.console_line(&self.name, &line);
+            self.console_line.clear();
+        }
+    }
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest wrote its status to the exit port.
+    ExitPort { status: u32 },
+    /// The guest triple-faulted.
+    TripleFault { rip: u64 },
+    /// The guest touched guest-physical memory it does not have.
+    NestedPageFault {
+        guest_physical: GuestPhysAddr,
+        access: MemoryAccess,
+        rip: u64,
+    },
+    /// HLT with interrupts off and no interrupt source: the guest could never resume.
+    HaltedForever { rip: u64 },
+    /// The hardware refused to enter the guest.
+    EntryFailed { reason: &'static str, detail: u64 },
+    /// An instruction had to be decoded and could not be.
+    Undecodable { rip: u64 },
+    /// An exit the hypervisor does not handle.
+    Unhandled {
+        code: u64,
+        info1: u64,
+        info2: u64,
+        rip: u64,
+    },
+    /// String or REP port I/O, which is not emulated yet.
+    UnsupportedIo { io: IoExit, rip: u64 },
+}
+
+impl VmEnd {
+    /// The `exit=` word of the fixed end line.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VmEnd::ExitPort { .. } => "exit-port",
+            VmEnd::TripleFault { .. } => "triple-fault",
+            VmEnd::NestedPageFault { .. } => "nested-page-fault",
+            VmEnd::HaltedForever { .. } => "halted",
+            VmEnd::EntryFailed { .. } => "entry-failed",
+            VmEnd::Undecodable { .. } => "undecodable-instruction",
+            VmEnd::Unhandled { .. } => "unhandled-exit",
+            VmEnd::UnsupportedIo { .. } => "unsupported-io",
+        }
+    }
+
+    /// The `status=` number: the guest's own for the exit port, [`STATUS_STOPPED`] otherwise.
+    pub fn status(&self) -> u32 {
+        match self {
+            VmEnd::ExitPort { status } => *status,
+            _ => STATUS_STOPPED,
+        }
+    }
+
+    /// Whether the guest ended the way a passing guest does (exit port, status 0).
+    pub fn is_success(&self) -> bool {
+        matches!(self, VmEnd::ExitPort { status: 0 })
+    }
+
+    /// One sentence for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            VmEnd::ExitPort { status } => format!("the guest wrote {status} to the exit port"),
+            VmEnd::TripleFault { rip } => {
+                format!("the guest triple-faulted at rip={rip:#x} (an exception it could not deliver); VM stopped")
+            }
+            VmEnd::NestedPageFault { guest_physical, access, rip } => format!(
+                "nested page fault: {} of guest-physical {:#x} at rip={rip:#x} is outside the VM's RAM; VM stopped",
+                access.kind(),
+                guest_physical.0
+            ),
+            VmEnd::HaltedForever { rip } => {
+                format!("HLT at rip={rip:#x} with interrupts disabled and no interrupt source: the guest can never resume; VM stopped")
+            }
+            VmEnd::EntryFailed { reason, detail } => format!("VM entry failed: {reason} ({detail:#x}); VM stopped"),
+            VmEnd::Undecodable { rip } => format!("cannot decode the instruction at rip={rip:#x}; VM stopped"),
+            VmEnd::Unhandled { code, info1, info2, rip } => {
+                format!("unhandled exit code {code:#x} (info {info1:#x}, {info2:#x}) at rip={rip:#x}; VM stopped")
+            }
+            VmEnd::UnsupportedIo { io, rip } => format!(
+                "string/REP port I/O on port {:#x} at rip={rip:#x} is not emulated; VM stopped",
+                io.port
+            ),
+        }
+    }
+}
+
+/// Runs the VM's vCPU until the VM ends. Statistics accumulate in `vm.stats`.
+pub fn run(
+    vm: &mut Vm,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+) -> VmEnd {
+    loop {
+        // Step 1: enter the guest; the backend's world switch returns at the next exit.
+        let entered = platform.timestamp();
+        let exit = vcpu.run();
+        let exited = platform.timestamp();
+        vm.stats.guest_cycles += exited.wrapping_sub(entered);
+        // Step 2: (optionally) show the trap, then handle it.
+        if vm.trace {
+            trace_exit(vm, vcpu, host, &exit);
+        }
+        let outcome = handle(vm, vcpu, platform, host, &exit);
+        // Step 3: account the time spent in the hypervisor for this exit.
+        vm.stats
+            .record(exit.reason(), platform.timestamp().wrapping_sub(exited));
+        if let Some(end) = outcome {
+            vm.flush_console(platform);
+            return end;
+        }
+    }
+}
+
+/// Logs one exit: reason, RIP, privilege ring and the instruction (the trap trace).
+fn trace_exit(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory, exit: &VmExit) {
+    let state = vcpu.snapshot();
+    let instruction = decode::disassemble(&vm.ram, host, &state);
+    let detail = match exit {
+        VmExit::Cpuid => format!(
+            " eax={:#x} ecx={:#x}",
+            vcpu.register(Register::Rax) as u32,
+            vcpu.register(Register::Rcx) as u32
+        ),
+        VmExit::Io(io) => format!(" port={:#x} size={}", io.port, io.size),
+        VmExit::MsrRead | VmExit::MsrWrite => {
+            format!(" msr={:#x}", vcpu.register(Register::Rcx) as u32)
+        }
+        VmExit::NestedPageFault {
+            guest_physical,
+            access,
+        } => format!(" gpa={:#x} {}", guest_physical.0, access.kind()),
+        _ => String::new(),
+    };
+    log::info!(
+        "trace: vm={} exit={} rip={:#x} ring={} insn=\"{}\"{}",
+        vm.name,
+        exit.reason().name(),
+        state.rip,
+        state.cpl,
+        instruction,
+        detail
+    );
+}
+
+/// Moves RIP past the instruction that exited.
+fn skip_instruction(vm: &Vm, vcpu: &mut dyn Vcpu, host: &dyn HostMemory) -> Result<(), VmEnd> {
+    let next = match vcpu.next_rip() {
+        Some(next) => next,
+        None => {
+            // No hardware help (e.g. SVM without NRIP save): decode the instruction.
+            let state = vcpu.snapshot();
+            let length = decode::instruction_length(&vm.ram, host, &state)
+                .map_err(|_| VmEnd::Undecodable { rip: state.rip })?;
+            state.rip.wrapping_add(length)
+        }
+    };
+    vcpu.set_register(Register::Rip, next);
+    Ok(())
+}
+
+fn handle(
+    vm: &mut Vm,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+    exit: &VmExit,
+) -> Option<VmEnd> {
+    let rip = vcpu.register(Register::Rip);
+    match exit {
+        // CPUID: answer from the host's CPUID through the guest policy.
+        VmExit::Cpuid => {
+            let leaf = vcpu.register(Register::Rax) as u32;
+            let subleaf = vcpu.register(Register::Rcx) as u32;
+            let host_cpuid = |leaf, subleaf| platform.host_cpuid(leaf, subleaf);
+            let [eax, ebx, ecx, edx] = guest_cpuid(&host_cpuid, leaf, subleaf);
+            vcpu.set_register(Register::Rax, u64::from(eax));
+            vcpu.set_register(Register::Rbx, u64::from(ebx));
+            vcpu.set_register(Register::Rcx, u64::from(ecx));
+            vcpu.set_register(Register::Rdx, u64::from(edx));
+            skip_instruction(vm, vcpu, host).err()
+        }
+        // IN/OUT: route to the VM's port bus.
+        VmExit::Io(io) => handle_io(vm, vcpu, platform, host, io, rip),
+        // RDMSR/WRMSR: the few emulated MSRs, the backend's state-area MSRs, else #GP.
+        VmExit::MsrRead => {
+            let msr_number = vcpu.register(Register::Rcx) as u32;
+            let value = match msr::read(msr_number, platform.timestamp()) {
+                MsrRead::Value(value) => Some(value),
+                MsrRead::Hardware => vcpu.hardware_msr(msr_number),
+            };
+            match value {
+                Some(value) => {
+                    vcpu.set_register(Register::Rax, value & 0xFFFF_FFFF);
+                    vcpu.set_register(Register::Rdx, value >> 32);
+                    skip_instruction(vm, vcpu, host).err()
+                }
+                None => {
+                    refuse_msr(vm, vcpu, msr_number, "read", rip);
+                    None
+                }
+            }
+        }
+        VmExit::MsrWrite => {
+            let msr_number = vcpu.register(Register::Rcx) as u32;
+            let value =
+                (vcpu.register(Register::Rdx) << 32) | (vcpu.register(Register::Rax) & 0xFFFF_FFFF);
+            let accepted = match msr::write(msr_number, value) {
+                MsrWrite::Ignore => true,
+                MsrWrite::Hardware => vcpu.set_hardware_msr(msr_number, value),
+                MsrWrite::Fault => false,
+            };
+            if accepted {
+                skip_instruction(vm, vcpu, host).err()
+            } else {
+                refuse_msr(vm, vcpu, msr_number, "write", rip);
+                None
+            }
+        }
+        // HLT: with no interrupt source yet, an HLT with interrupts enabled resumes at once (as
+        // if an event had arrived); with interrupts disabled it could never resume.
+        VmExit::Halt => {
+            if vcpu.snapshot().interrupts_enabled() {
+                skip_instruction(vm, vcpu, host).err()
+            } else {
+                Some(VmEnd::HaltedForever { rip })
+            }
+        }
+        // Hypercalls: none are defined yet; RAX = all-ones says "unknown hypercall".
+        VmExit::Hypercall => {
+            vcpu.set_register(Register::Rax, u64::MAX);
+            skip_instruction(vm, vcpu, host).err()
+        }
+        // Nested page fault: every page of RAM is mapped, so this is an access outside it.
+        VmExit::NestedPageFault {
+            guest_physical,
+            access,
+        } => Some(VmEnd::NestedPageFault {
+            guest_physical: *guest_physical,
+            access: *access,
+            rip,
+        }),
+        VmExit::TripleFault => Some(VmEnd::TripleFault { rip }),
+        // VMRUN, VMLAUNCH, ...: no nested virtualization; the guest gets #UD like on a CPU
+        // without the extension.
+        VmExit::VirtualizationInstruction { mnemonic } => {
+            log::warn!(
+                "vm {}: {mnemonic} at rip={rip:#x}: injecting #UD (no nested virtualization)",
+                vm.name
+            );
+            vcpu.inject_exception(VECTOR_INVALID_OPCODE, None);
+            None
+        }
+        VmExit::ExternalInterrupt => None,
+        VmExit::EntryFailed { reason, detail } => Some(VmEnd::EntryFailed {
+            reason,
+            detail: *detail,
+        }),
+        VmExit::Unhandled { code, info1, info2 } => Some(VmEnd::Unhandled {
+            code: *code,
+            info1: *info1,
+            info2: *info2,
+            rip,
+        }),
+    }
+}
+
+fn refuse_msr(vm: &mut Vm, vcpu: &mut dyn Vcpu, msr_number: u32, access: &str, rip: u64) {
+    if vm.msrs_reported.insert(msr_number) {
+        log::warn!("vm {}: {access} of unknown MSR {msr_number:#x} at rip={rip:#x}: injecting #GP (reported once per MSR)", vm.name);
+    }
+    vcpu.inject_exception(VECTOR_GENERAL_PROTECTION, Some(0));
+}
+
+fn handle_io(
+    vm: &mut Vm,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+    io: &IoExit,
+    rip: u64,
+) -> Option<VmEnd> {
+    if io.string || io.repeat {
+        return Some(VmEnd::UnsupportedIo { io: *io, rip });
+    }
+    let mask = match io.size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    };
+    let access = match io.direction {
+        IoDirection::In => {
+            let access = vm.bus.read(io.port, io.size);
+            let rax = vcpu.register(Register::Rax);
+            // IN AL/AX keep the rest of RAX; IN EAX zero-extends (a 32-bit register write).
+            let merged = if io.size == 4 {
+                u64::from(access.value)
+            } else {
+                (rax & !mask) | (u64::from(access.value) & mask)
+            };
+            vcpu.set_register(Register::Rax, merged);
+            access
+        }
+        IoDirection::Out => {
+            let value = (vcpu.register(Register::Rax) & mask) as u32;
+            let mut events = Vec::new();
+            let access = vm.bus.write(io.port, io.size, value, &mut events);
+            for event in events {
+                match event {
+                    DeviceEvent::ConsoleByte(byte) => vm.console_byte(byte, platform),
+                    DeviceEvent::StopVm { status } => return Some(VmEnd::ExitPort { status }),
+                }
+            }
+            access
+        }
+    };
+    if !access.owned {
+        vm.stats.unowned_port_accesses += 1;
+        if access.unowned_first_time {
+            let direction = if io.direction == IoDirection::In {
+                "read"
+            } else {
+                "write"
+            };
+            log::warn!(
+                "vm {}: {direction} of port {:#x} (size {}) that no device owns at rip={rip:#x}: reads as all-ones, writes ignored (reported once per port)",
+                vm.name,
+                io.port,
+                io.size
+            );
+        }
+    }
+    skip_instruction(vm, vcpu, host).err()
+}

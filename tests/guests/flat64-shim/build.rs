@@ -1,0 +1,7 @@
+//! Links the flat64 shim with its linker script (one PT_LOAD at 0x800000, a.out kludge
+//! symbols).
+fn main() {
+    let directory = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-link-arg-bins=-T{directory}/shim.ld");
+    println!("cargo:rerun-if-changed={directory}/shim.ld");
+}

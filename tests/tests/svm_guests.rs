@@ -1,0 +1,252 @@
+//! Guests on AMD SVM with nested paging, under QEMU `-cpu EPYC`: the test payloads of
+//! tests/guests, the configurations of tests/configs, and the refusal of every bad
+//! configuration kind in tests/configs/bad (see its README for the expected lines).
+
+use ringzero_tests::{boot, field_after};
+
+const CLEAN: i32 = 0;
+const GUEST_FAILED: i32 = 6;
+const CONFIG_REFUSED: i32 = 121;
+
+#[test]
+fn basic_guest_counts_match_the_hypervisor_statistics() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/basic.toml",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("basic | basic: hello from a flat64 guest");
+    run.assert_serial_contains("basic | basic: check cpuid-signature ok");
+    run.assert_serial_contains("basic | basic: check cpuid-hypervisor-bit ok");
+    run.assert_serial_contains("basic | basic: all checks passed");
+    run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0 exits=");
+    let report = run.line_with("basic: report ");
+    for (guest_key, reason) in [
+        ("cpuid=", "cpuid"),
+        ("io=", "io"),
+        ("msr=", "msr-read"),
+        ("hlt=", "hlt"),
+    ] {
+        let guest_count = field_after(report, guest_key).expect("report field");
+        assert_eq!(
+            guest_count,
+            run.exit_count(reason),
+            "guest and hypervisor disagree on {reason}\n{}",
+            run.report()
+        );
+    }
+    // One unowned port (0x510), reported once.
+    run.assert_serial_contains("read of port 0x510 (size 1) that no device owns");
+}
+
+#[test]
+fn several_vms_run_in_turn_with_their_output_kept_apart() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/several.toml",
+        "--timeout",
+        "180",
+    ]);
+    // The triple-fault VM fails, so the hypervisor reports a failed guest after running all.
+    run.assert_status(GUEST_FAILED);
+    let order = [
+        "ringzero: vm basic exit=exit-port status=0",
+        "ringzero: vm multiboot exit=exit-port status=0",
+        "ringzero: vm triple-fault exit=triple-fault status=255",
+        "ringzero: vm basic-2 exit=exit-port status=0",
+        "ringzero: poweroff status=6",
+    ];
+    let positions: Vec<usize> = order
+        .iter()
+        .map(|needle| {
+            run.serial
+                .find(needle)
+                .unwrap_or_else(|| panic!("missing {needle:?}\n{}", run.report()))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "VMs out of order\n{}",
+        run.report()
+    );
+    // Each VM's console lines carry its own name and no other VM's text.
+    for line in run.serial.lines().filter(|line| line.contains(" | ")) {
+        let (name, text) = line.split_once(" | ").expect("prefixed");
+        let guest = text.split(':').next().unwrap_or("");
+        let expected = if name == "basic-2" { "basic" } else { name };
+        assert_eq!(
+            guest,
+            expected,
+            "console line under the wrong VM: {line}\n{}",
+            run.report()
+        );
+    }
+}
+
+#[test]
+fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/several.toml",
+        "--timeout",
+        "180",
+    ]);
+    let announced = run.line_with("executing ud2 at 0x");
+    let rip = announced.rsplit("at ").next().expect("address").trim();
+    run.assert_serial_contains(&format!("the guest triple-faulted at rip={rip}"));
+    run.assert_serial_contains("ringzero: vm basic-2 exit=exit-port status=0");
+}
+
+#[test]
+fn guest_cannot_reach_memory_outside_its_ram() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/escape.toml",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(GUEST_FAILED);
+    run.assert_serial_contains("escape | escape: wrote the marker over 16-24 MiB (own RAM)");
+    run.assert_serial_contains("nested page fault: write of guest-physical 0x2000000 at rip=");
+    run.assert_serial_contains("is outside the VM's RAM; VM stopped");
+    run.assert_serial_contains("ringzero: vm escape exit=nested-page-fault status=255");
+    run.assert_serial_lacks("write beyond RAM was NOT stopped");
+    run.assert_serial_contains("memory check after vm escape: hypervisor memory intact");
+    // The hypervisor goes on with the next VM.
+    run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0");
+}
+
+#[test]
+fn multiboot_guest_sees_its_memory_map_command_line_and_modules() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/multiboot.toml",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(CLEAN);
+    for line in [
+        "multiboot | multiboot: magic ok",
+        "multiboot | multiboot: cmdline 'console=ttyS0 hello multiboot'",
+        "multiboot | multiboot: mmap base=0x0 length=0x9fc00 type=1",
+        "multiboot | multiboot: mmap base=0x100000 length=0xf00000 type=1",
+        "multiboot | multiboot: mem_lower=639 KiB mem_upper=15360 KiB",
+        "first-line 'first module'",
+        "first-line 'second module'",
+        "multiboot | multiboot: boot loader 'ringzero'",
+        "ringzero: vm multiboot exit=exit-port status=0",
+    ] {
+        run.assert_serial_contains(line);
+    }
+}
+
+#[test]
+fn trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction() {
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/basic-trace.toml",
+        "--timeout",
+        "180",
+    ]);
+    run.assert_status(CLEAN);
+    for needle in [
+        "exit=cpuid rip=0x",
+        "exit=io rip=0x",
+        "exit=msr-read rip=0x",
+        "exit=hlt rip=0x",
+        "ring=0 insn=\"cpuid\"",
+        "insn=\"out dx, al\"",
+        "insn=\"in al, dx\"",
+        "insn=\"rdmsr\"",
+        "insn=\"hlt\"",
+    ] {
+        run.assert_serial_contains(needle);
+    }
+    let traced = run
+        .serial
+        .lines()
+        .filter(|line| line.contains("trace: vm=basic exit="))
+        .count() as u64;
+    let exits = field_after(run.line_with("ringzero: vm basic exit="), "exits=").expect("exits");
+    assert_eq!(traced, exits, "every exit is traced\n{}", run.report());
+}
+
+/// (file, expected error substring) from tests/configs/bad/README.md.
+const BAD_CONFIGS: &[(&str, &str)] = &[
+    ("unknown-key", "vm \"basic\": key \"colour\": unknown key"),
+    (
+        "unknown-top-level-key",
+        "key \"timeout\": unknown top-level key",
+    ),
+    ("no-vms", "no [[vm]] table: at least one VM is required"),
+    (
+        "wrong-type",
+        "vm \"basic\": key \"memory\": expected an integer, found a string",
+    ),
+    ("missing-key", "vm \"basic\": key \"format\": missing"),
+    (
+        "unknown-format",
+        "vm \"basic\": key \"format\": unknown format \"elf\"",
+    ),
+    (
+        "zero-memory",
+        "vm \"basic\": key \"memory\": 0 MiB is not a valid size",
+    ),
+    (
+        "absurd-memory",
+        "vm \"basic\": key \"memory\": 1048576 MiB is not a valid size",
+    ),
+    (
+        "duplicate-names",
+        "[[vm]] #2: key \"name\": \"basic\" is already the name of [[vm]] #1",
+    ),
+    (
+        "missing-image",
+        "vm \"basic\": key \"kernel\": cannot read \"tests/configs/bad/no-such-image.bin\"",
+    ),
+    ("missing-module", "vm \"mb\": key \"modules\": cannot read"),
+    (
+        "image-too-large",
+        "vm \"big\": key \"kernel\": the image does not fit the VM's memory",
+    ),
+    (
+        "modules-on-flat64",
+        "vm \"basic\": key \"modules\": modules are only for format = \"multiboot\"",
+    ),
+    (
+        "shadow-paging",
+        "vm \"basic\": key \"paging\": paging = \"shadow\" is not built yet",
+    ),
+    (
+        "cpus",
+        "vm \"basic\": key \"cpus\": cpus = 2: only 1 is accepted for now",
+    ),
+    ("missing", "cannot read the configuration"),
+];
+
+#[test]
+fn every_bad_configuration_is_refused_before_boot_naming_file_vm_and_key() {
+    for (name, expected) in BAD_CONFIGS {
+        let path = format!("tests/configs/bad/{name}.toml");
+        let run = boot(&["--config", &path, "--timeout", "30"]);
+        run.assert_status(CONFIG_REFUSED);
+        assert!(
+            run.messages.contains(&format!("{path}: ")) && run.messages.contains(expected),
+            "{path}: expected {expected:?}\n{}",
+            run.report()
+        );
+        assert!(
+            !run.messages.contains("booting the"),
+            "{path} must not boot\n{}",
+            run.report()
+        );
+    }
+}
