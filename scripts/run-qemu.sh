@@ -24,7 +24,7 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --config FILE     guest configuration (TOML; default config/default.toml)
   --no-guests       boot without guests (detection and smoke test only)
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
-  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault)
+  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text

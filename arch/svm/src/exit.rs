@@ -23,8 +23,10 @@ pub mod code {
     pub const CLGI: u64 = 0x85;
     pub const SKINIT: u64 = 0x86;
     pub const NPF: u64 = 0x400;
-    /// VMEXIT_INVALID: VMRUN's consistency checks failed.
+    /// VMEXIT_INVALID: VMRUN's consistency checks failed (-1; QEMU's TCG stores it as a
+    /// 32-bit -1, so both forms are accepted).
     pub const INVALID: u64 = u64::MAX;
+    pub const INVALID_32: u64 = 0xFFFF_FFFF;
 }
 
 /// A decoded exit and, when the exit itself says, the next instruction's RIP.
@@ -79,7 +81,7 @@ pub fn decode(exit_code: u64, info1: u64, info2: u64) -> DecodedExit {
         code::CLGI => plain(VmExit::VirtualizationInstruction { mnemonic: "clgi" }),
         code::SKINIT => plain(VmExit::VirtualizationInstruction { mnemonic: "skinit" }),
         code::INVLPGA => plain(VmExit::VirtualizationInstruction { mnemonic: "invlpga" }),
-        code::INVALID => plain(VmExit::EntryFailed {
+        code::INVALID | code::INVALID_32 => plain(VmExit::EntryFailed {
             reason: "VMRUN refused the guest state (VMEXIT_INVALID: a consistency check of APM Vol 2 15.5.1 failed)",
             detail: exit_code,
         }),
@@ -168,5 +170,87 @@ mod tests {
                 info2: 2
             }
         );
+    }
+}
+
+/// The state VMRUN's consistency checks look at (APM Vol 2 15.5.1), for naming the offending
+/// field after VMEXIT_INVALID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmrunStateFields {
+    pub efer: u64,
+    pub cr0: u64,
+    pub cr4: u64,
+    pub cs_attributes: u16,
+    pub asid: u32,
+    pub intercept_misc2: u32,
+}
+
+/// Finds the first VMRUN consistency check the fields fail, naming the VMCB field. `None`
+/// when these checks find nothing (APM Vol 2 15.5.1 lists more).
+pub fn diagnose_vmrun_state(fields: &VmrunStateFields) -> Option<&'static str> {
+    const EFER_SVME: u64 = 1 << 12;
+    const EFER_LME: u64 = 1 << 8;
+    const CR0_PG: u64 = 1 << 31;
+    const CR0_CD: u64 = 1 << 30;
+    const CR0_NW: u64 = 1 << 29;
+    const CR4_PAE: u64 = 1 << 5;
+    if fields.efer & EFER_SVME == 0 {
+        return Some("save.efer: EFER.SVME must be 1 (APM Vol 2 15.5.1)");
+    }
+    if fields.cr0 & CR0_NW != 0 && fields.cr0 & CR0_CD == 0 {
+        return Some("save.cr0: CR0.CD = 0 with CR0.NW = 1 is illegal (APM Vol 2 15.5.1)");
+    }
+    if fields.cr0 >> 32 != 0 {
+        return Some("save.cr0: bits 63:32 must be 0 (APM Vol 2 15.5.1)");
+    }
+    if fields.efer & EFER_LME != 0 && fields.cr0 & CR0_PG != 0 && fields.cr4 & CR4_PAE == 0 {
+        return Some("save.cr4: EFER.LME and CR0.PG need CR4.PAE (APM Vol 2 15.5.1)");
+    }
+    if fields.efer & EFER_LME != 0
+        && fields.cr0 & CR0_PG != 0
+        && fields.cs_attributes & crate::vmcb::ATTRIBUTE_LONG != 0
+        && fields.cs_attributes & crate::vmcb::ATTRIBUTE_DEFAULT_32 != 0
+    {
+        return Some("save.cs: CS.L and CS.D both set in long mode (APM Vol 2 15.5.1)");
+    }
+    if fields.asid == 0 {
+        return Some("control.guest_asid: ASID 0 is the host's (APM Vol 2 15.5.1)");
+    }
+    if fields.intercept_misc2 & 1 == 0 {
+        return Some("control.intercept_misc2: the VMRUN intercept must be set (APM Vol 2 15.5.1)");
+    }
+    None
+}
+
+#[cfg(test)]
+mod diagnose_tests {
+    use super::*;
+
+    #[test]
+    fn names_the_field() {
+        let good = VmrunStateFields {
+            efer: 0x1D00,
+            cr0: 0x8005_0033,
+            cr4: 0x20,
+            cs_attributes: 0xA9B,
+            asid: 1,
+            intercept_misc2: 0x7F,
+        };
+        assert_eq!(diagnose_vmrun_state(&good), None);
+        let no_svme = VmrunStateFields {
+            efer: 0xD00,
+            ..good
+        };
+        assert!(diagnose_vmrun_state(&no_svme)
+            .unwrap()
+            .starts_with("save.efer"));
+        let no_pae = VmrunStateFields { cr4: 0, ..good };
+        assert!(diagnose_vmrun_state(&no_pae)
+            .unwrap()
+            .starts_with("save.cr4"));
+        let asid_zero = VmrunStateFields { asid: 0, ..good };
+        assert!(diagnose_vmrun_state(&asid_zero)
+            .unwrap()
+            .starts_with("control.guest_asid"));
     }
 }

@@ -172,6 +172,12 @@ impl SvmVcpu {
         vcpu
     }
 
+    /// Test hook: breaks the guest state (EFER.SVME clear, which VMRUN's consistency checks
+    /// refuse, APM Vol 2 15.5.1) so the next entry fails with VMEXIT_INVALID.
+    pub fn corrupt_guest_state_for_test(&mut self) {
+        self.vmcb_mut().save.efer &= !EFER_SVME;
+    }
+
     /// Gives the pages back (for the caller to free) when the VM is gone.
     pub fn into_frames(self) -> SvmFrames {
         self.frames
@@ -224,6 +230,20 @@ impl Vcpu for SvmVcpu {
         } else {
             0
         };
+        if let VmExit::EntryFailed { reason, .. } = decoded.exit {
+            let fields = exit::VmrunStateFields {
+                efer: vmcb.save.efer,
+                cr0: vmcb.save.cr0,
+                cr4: vmcb.save.cr4,
+                cs_attributes: vmcb.save.cs.attributes,
+                asid: vmcb.control.guest_asid,
+                intercept_misc2: vmcb.control.intercept_misc2,
+            };
+            let field = exit::diagnose_vmrun_state(&fields).unwrap_or(
+                "no field identified by ringzero's checks (APM Vol 2 15.5.1 lists them all)",
+            );
+            log::warn!("svm: {reason}; offending field: {field}");
+        }
         let hardware_next_rip = nrip_save
             .then_some(vmcb.control.next_rip)
             .filter(|rip| *rip != 0);

@@ -80,6 +80,9 @@ pub enum TestHook {
     /// Read an unmapped address after the platform is up: the page-fault report must print
     /// and the machine must power off with the exception status.
     PageFault,
+    /// Break the first VM's guest state before its first entry: the decoded entry-failure
+    /// report must print, that VM must stop, and the hypervisor must go on.
+    InvalidGuestState,
 }
 
 impl TestHook {
@@ -87,6 +90,7 @@ impl TestHook {
         match self {
             TestHook::None => 0,
             TestHook::PageFault => 1,
+            TestHook::InvalidGuestState => 2,
         }
     }
 
@@ -94,6 +98,7 @@ impl TestHook {
         match code {
             0 => Ok(TestHook::None),
             1 => Ok(TestHook::PageFault),
+            2 => Ok(TestHook::InvalidGuestState),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -103,14 +108,19 @@ impl TestHook {
         match self {
             TestHook::None => "none",
             TestHook::PageFault => "page-fault",
+            TestHook::InvalidGuestState => "invalid-guest-state",
         }
     }
 
     /// Parses a name given on the command line.
     pub fn from_name(name: &str) -> Option<Self> {
-        [TestHook::None, TestHook::PageFault]
-            .into_iter()
-            .find(|hook| hook.name() == name)
+        [
+            TestHook::None,
+            TestHook::PageFault,
+            TestHook::InvalidGuestState,
+        ]
+        .into_iter()
+        .find(|hook| hook.name() == name)
     }
 }
 

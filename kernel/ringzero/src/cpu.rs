@@ -70,6 +70,19 @@ pub fn init_this_cpu() {
     normalize_cr0();
 }
 
+/// Masks every line of the legacy 8259 PICs. The firmware leaves the PIT's IRQ 0 unmasked;
+/// the hypervisor takes no interrupts through the PIC, and a request left pending there would
+/// make every guest with interrupts enabled exit over and over (external-interrupt exiting).
+/// See: Intel 8259A datasheet, OCW1 (interrupt mask register at ports 0x21 / 0xA1).
+pub fn mask_legacy_pic() {
+    // SAFETY: ports 0x21 and 0xA1 are the PICs' mask registers; masking all lines has no
+    // other effect, and nothing in the hypervisor uses the PIC.
+    unsafe {
+        ringzero_x86::hw::outb(0x21, 0xFF);
+        ringzero_x86::hw::outb(0xA1, 0xFF);
+    }
+}
+
 /// Firmware may leave the caches off (CR0.CD/NW, seen with the Bochs BIOS) and x87 errors in
 /// the legacy PC style (CR0.NE = 0). Turn the caches on and use native x87 error reporting,
 /// which VMX also requires (IA32_VMX_CR0_FIXED0 has NE). See: SDM Vol 3A 2.5 "Control

@@ -6,16 +6,21 @@
 use crate::console;
 use crate::memory::{self, HostPhysAddr};
 use crate::virt::Extension;
+use alloc::string::String;
 use core::ptr::NonNull;
 use ringzero_loader::boot_plan;
-use ringzero_loader::manifest::{Manifest, Paging, VmManifest};
+use ringzero_loader::manifest::{Manifest, Paging, TestHook, VmManifest};
 use ringzero_memory::{
     GuestPhysAddr, GuestRam, HostMemory, NestedFormat, NestedPageTables, OutOfHostMemory,
 };
-use ringzero_svm::vcpu::{Frame, PermissionMaps};
+use ringzero_svm::vcpu::PermissionMaps;
 use ringzero_svm::{SvmFrames, SvmVcpu};
+use ringzero_vmm::vcpu::Vcpu;
 use ringzero_vmm::vm::{self, Vm, VmEnd};
 use ringzero_vmm::Platform;
+use ringzero_vmx::vcpu::{Bitmaps, HostState};
+use ringzero_vmx::{VmxFrames, VmxVcpu};
+use ringzero_x86::caps::vmx::VmxCapabilities;
 use ringzero_x86::hw;
 
 /// Host memory for the pure crates: frames from the kernel's allocator, reached through the
@@ -73,45 +78,220 @@ impl Platform for KernelPlatform {
     }
 }
 
-fn frame(physical: HostPhysAddr) -> Frame {
+fn svm_frame(physical: HostPhysAddr) -> ringzero_svm::vcpu::Frame {
     let virtual_address =
         NonNull::new(memory::physical_window(physical)).expect("the physical window is never at 0");
-    Frame {
+    ringzero_svm::vcpu::Frame {
         physical,
         virtual_address,
     }
 }
 
-/// The SVM backend's per-CPU state: SVM on, the shared permission maps.
-struct SvmBackend {
-    maps: PermissionMaps,
-    nrip_save: bool,
-    asids: u32,
+fn vmx_frame(physical: HostPhysAddr) -> ringzero_vmx::vcpu::Frame {
+    let virtual_address =
+        NonNull::new(memory::physical_window(physical)).expect("the physical window is never at 0");
+    ringzero_vmx::vcpu::Frame {
+        physical,
+        virtual_address,
+    }
 }
 
-impl SvmBackend {
-    fn new(nrip_save: bool, asids: u32) -> Option<SvmBackend> {
-        let host_save_area = memory::allocate_frame()?;
-        let iopm = memory::allocate_contiguous(3)?;
-        let msrpm = memory::allocate_contiguous(2)?;
-        // SAFETY: the CPU has SVM and VM_CR.SVMDIS is clear (virt::detect checked both); the
-        // save area is a dedicated page kept for the hypervisor's whole life.
-        unsafe { ringzero_svm::hw::enable(host_save_area.0) };
-        // SAFETY: iopm is 3 and msrpm 2 fresh contiguous frames, mapped by the window.
-        let maps = unsafe { PermissionMaps::intercept_everything(frame(iopm), frame(msrpm)) };
-        log::info!(
-            "svm: enabled on cpu{} (host save area {:#x}, I/O map {:#x}, MSR map {:#x}); NRIP save {}",
-            console::cpu_index(),
-            host_save_area.0,
-            iopm.0,
-            msrpm.0,
-            if nrip_save { "yes" } else { "no: instruction lengths are decoded" }
-        );
-        Some(SvmBackend {
-            maps,
-            nrip_save,
-            asids,
-        })
+/// This CPU's virtualization backend, chosen once from the detected extension: the only
+/// place where the vendor matters (the run loop sees `dyn Vcpu`).
+enum Backend {
+    Svm {
+        maps: PermissionMaps,
+        nrip_save: bool,
+        asids: u32,
+    },
+    Vmx {
+        bitmaps: Bitmaps,
+        capabilities: VmxCapabilities,
+        host: HostState,
+    },
+}
+
+/// A vCPU of either vendor, with what tearing it down needs.
+enum AnyVcpu {
+    Svm(SvmVcpu),
+    Vmx(VmxVcpu),
+}
+
+impl AnyVcpu {
+    fn as_vcpu(&mut self) -> &mut dyn Vcpu {
+        match self {
+            AnyVcpu::Svm(vcpu) => vcpu,
+            AnyVcpu::Vmx(vcpu) => vcpu,
+        }
+    }
+
+    fn corrupt_guest_state_for_test(&mut self) {
+        match self {
+            AnyVcpu::Svm(vcpu) => vcpu.corrupt_guest_state_for_test(),
+            AnyVcpu::Vmx(vcpu) => vcpu.corrupt_guest_state_for_test(),
+        }
+    }
+
+    fn tear_down(self) {
+        match self {
+            AnyVcpu::Svm(vcpu) => {
+                let frames = vcpu.into_frames();
+                memory::free_frame(frames.vmcb.physical);
+                memory::free_frame(frames.host_state.physical);
+            }
+            AnyVcpu::Vmx(vcpu) => memory::free_frame(vcpu.into_frames().vmcs.physical),
+        }
+    }
+}
+
+const IA32_EFER: u32 = 0xC000_0080;
+const IA32_PAT: u32 = 0x277;
+const IA32_FS_BASE: u32 = 0xC000_0100;
+const IA32_GS_BASE: u32 = 0xC000_0101;
+
+impl Backend {
+    fn new(extension: &Extension) -> Result<Backend, String> {
+        match extension {
+            Extension::Svm(capabilities) => {
+                let no_memory =
+                    || String::from("no memory for the SVM host state and permission maps");
+                let host_save_area = memory::allocate_frame().ok_or_else(no_memory)?;
+                let iopm = memory::allocate_contiguous(3).ok_or_else(no_memory)?;
+                let msrpm = memory::allocate_contiguous(2).ok_or_else(no_memory)?;
+                // SAFETY: the CPU has SVM and VM_CR.SVMDIS is clear (virt::detect checked both);
+                // the save area is a dedicated page kept for the hypervisor's whole life.
+                unsafe { ringzero_svm::hw::enable(host_save_area.0) };
+                // SAFETY: iopm is 3 and msrpm 2 fresh contiguous frames, mapped by the window.
+                let maps = unsafe {
+                    PermissionMaps::intercept_everything(svm_frame(iopm), svm_frame(msrpm))
+                };
+                log::info!(
+                    "svm: enabled on cpu{} (host save area {:#x}, I/O map {:#x}, MSR map {:#x}); NRIP save {}",
+                    console::cpu_index(),
+                    host_save_area.0,
+                    iopm.0,
+                    msrpm.0,
+                    if capabilities.nrip_save { "yes" } else { "no: instruction lengths are decoded" }
+                );
+                Ok(Backend::Svm {
+                    maps,
+                    nrip_save: capabilities.nrip_save,
+                    asids: capabilities.asids,
+                })
+            }
+            Extension::Vmx(capabilities) => {
+                let no_memory = || String::from("no memory for the VMXON region and the bitmaps");
+                let vmxon_region = memory::allocate_frame().ok_or_else(no_memory)?;
+                let (io_a, io_b, msr) = (
+                    memory::allocate_frame().ok_or_else(no_memory)?,
+                    memory::allocate_frame().ok_or_else(no_memory)?,
+                    memory::allocate_frame().ok_or_else(no_memory)?,
+                );
+                crate::virt::enter_vmx_operation(capabilities, vmxon_region)
+                    .map_err(|error| alloc::format!("cannot enter VMX operation: {error}"))?;
+                // SAFETY: three fresh frames, mapped by the window, kept for the hypervisor's life.
+                let bitmaps = unsafe {
+                    Bitmaps::intercept_everything(vmx_frame(io_a), vmx_frame(io_b), vmx_frame(msr))
+                };
+                // SAFETY: EFER, PAT and the FS/GS base MSRs exist on every x86-64 CPU.
+                let host = unsafe {
+                    HostState {
+                        cr0: hw::read_cr0(),
+                        cr3: x86_64::registers::control::Cr3::read_raw()
+                            .0
+                            .start_address()
+                            .as_u64(),
+                        cr4: hw::read_cr4(),
+                        efer: hw::read_msr(IA32_EFER),
+                        pat: hw::read_msr(IA32_PAT),
+                        fs_base: hw::read_msr(IA32_FS_BASE),
+                        gs_base: hw::read_msr(IA32_GS_BASE),
+                    }
+                };
+                log::info!(
+                    "vmx: in VMX root operation on cpu{} (VMXON region {:#x}, I/O bitmaps {:#x}/{:#x}, MSR bitmap {:#x})",
+                    console::cpu_index(),
+                    vmxon_region.0,
+                    io_a.0,
+                    io_b.0,
+                    msr.0
+                );
+                Ok(Backend::Vmx {
+                    bitmaps,
+                    capabilities: *capabilities,
+                    host,
+                })
+            }
+        }
+    }
+
+    fn nested_format(&self) -> NestedFormat {
+        match self {
+            Backend::Svm { .. } => NestedFormat::Npt,
+            Backend::Vmx { .. } => NestedFormat::Ept,
+        }
+    }
+
+    /// Creates the vCPU of VM number `index` on tables rooted at `nested_root`.
+    fn create_vcpu(
+        &self,
+        index: usize,
+        nested_root: HostPhysAddr,
+        entry: &boot_plan::EntryState,
+    ) -> Result<AnyVcpu, String> {
+        let page = || {
+            memory::allocate_frame()
+                .ok_or_else(|| String::from("out of host memory for the vCPU's control block"))
+        };
+        match self {
+            Backend::Svm {
+                maps,
+                nrip_save,
+                asids,
+            } => {
+                // ASIDs 1.. rotate over the VMs; each vCPU flushes the TLB before its first run.
+                let asid = 1 + (index as u32 % asids.saturating_sub(1).max(1));
+                let frames = SvmFrames {
+                    vmcb: svm_frame(page()?),
+                    host_state: svm_frame(page()?),
+                };
+                // SAFETY: both frames are fresh zeroed pages owned by this vCPU until tear-down.
+                Ok(AnyVcpu::Svm(unsafe {
+                    SvmVcpu::new(frames, maps, nested_root, asid, entry, *nrip_save)
+                }))
+            }
+            Backend::Vmx {
+                bitmaps,
+                capabilities,
+                host,
+            } => {
+                // VPIDs 1.. rotate over the VMs; each vCPU flushes its VPID and EPTP first.
+                let vpid = 1 + (index % 0xFFFE) as u16;
+                let vmcs = page()?;
+                let frames = VmxFrames {
+                    vmcs: vmx_frame(vmcs),
+                };
+                // SAFETY: VMX is on (Backend::new), the VMCS page is fresh and owned by this vCPU,
+                // and the host state was read from this CPU.
+                match unsafe {
+                    VmxVcpu::new(
+                        frames,
+                        bitmaps,
+                        capabilities,
+                        host,
+                        nested_root,
+                        vpid,
+                        entry,
+                    )
+                } {
+                    Ok(vcpu) => Ok(AnyVcpu::Vmx(vcpu)),
+                    Err(error) => {
+                        memory::free_frame(vmcs);
+                        Err(alloc::format!("cannot build the VMCS: {error}"))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -207,23 +387,17 @@ pub struct HypervisorMemory {
 
 /// Runs every VM of the manifest. Returns true when every VM ended with exit-port status 0.
 pub fn run_all(manifest: &Manifest<'_>, extension: &Extension, own: &HypervisorMemory) -> bool {
+    let test_hook = manifest.test_hook;
     if manifest.vms.is_empty() {
         log::info!("no guests configured");
         return true;
     }
-    let capabilities = match extension {
-        Extension::Svm(capabilities) => capabilities,
-        Extension::Vmx(_) => {
-            log::error!(
-                "the VMX backend is not built yet: {} VM(s) not run (Intel VT-x guests arrive with the VMX backend)",
-                manifest.vms.len()
-            );
+    let backend = match Backend::new(extension) {
+        Ok(backend) => backend,
+        Err(error) => {
+            log::error!("{error}; no VM can run");
             return false;
         }
-    };
-    let Some(backend) = SvmBackend::new(capabilities.nrip_save, capabilities.asids) else {
-        log::error!("no memory for the SVM host state and permission maps");
-        return false;
     };
     let Some(check) = IntegrityCheck::new(
         own.kernel_start,
@@ -236,7 +410,8 @@ pub fn run_all(manifest: &Manifest<'_>, extension: &Extension, own: &HypervisorM
     };
     let mut all_passed = true;
     for (index, vm_manifest) in manifest.vms.iter().enumerate() {
-        let passed = run_one(vm_manifest, index, &backend);
+        let corrupt = test_hook == TestHook::InvalidGuestState && index == 0;
+        let passed = run_one(vm_manifest, index, &backend, corrupt);
         all_passed &= passed;
         match check.verify() {
             None => log::info!(
@@ -260,7 +435,12 @@ fn end_line(name: &str, reason: &str, status: u32, exits: u64) {
 }
 
 /// Builds, runs and tears down one VM. Returns whether it passed.
-fn run_one(vm_manifest: &VmManifest<'_>, index: usize, backend: &SvmBackend) -> bool {
+fn run_one(
+    vm_manifest: &VmManifest<'_>,
+    index: usize,
+    backend: &Backend,
+    corrupt_for_test: bool,
+) -> bool {
     let name = vm_manifest.name;
     let mut host = KernelHostMemory;
     log::info!(
@@ -313,51 +493,40 @@ fn run_one(vm_manifest: &VmManifest<'_>, index: usize, backend: &SvmBackend) -> 
             return false;
         }
     }
-    let nested = match NestedPageTables::build(&ram, NestedFormat::Npt, &mut host) {
+    let nested = match NestedPageTables::build(&ram, backend.nested_format(), &mut host) {
         Ok(nested) => nested,
         Err(OutOfHostMemory) => {
             ram.release(&mut host);
             return out_of_memory("its nested page tables");
         }
     };
-    let (Some(vmcb), Some(host_state)) = (memory::allocate_frame(), memory::allocate_frame())
-    else {
-        nested.release(&mut host);
-        ram.release(&mut host);
-        return out_of_memory("its VMCB");
+    let mut vcpu = match backend.create_vcpu(index, nested.root(), &plan.entry) {
+        Ok(vcpu) => vcpu,
+        Err(error) => {
+            log::error!("vm {name}: {error}; VM not started");
+            nested.release(&mut host);
+            ram.release(&mut host);
+            end_line(name, "vcpu-creation-failed", vm::STATUS_STOPPED, 0);
+            return false;
+        }
     };
-    // ASIDs 1.. rotate over the VMs; each vCPU flushes the TLB before its first run.
-    let asid = 1 + (index as u32 % backend.asids.saturating_sub(1).max(1));
     log::info!(
-        "vm {name}: {} KiB of RAM, nested page tables at {:#x} ({} table pages), ASID {asid}, entry rip={:#x}",
+        "vm {name}: {} KiB of RAM, nested page tables at {:#x} ({} table pages), entry rip={:#x}",
         ram.size() >> 10,
         nested.root().0,
         nested.table_frames(),
         plan.entry.rip
     );
-    let frames = SvmFrames {
-        vmcb: frame(vmcb),
-        host_state: frame(host_state),
-    };
-    // SAFETY: both frames are fresh zeroed pages owned by this vCPU until it is torn down.
-    let mut vcpu = unsafe {
-        SvmVcpu::new(
-            frames,
-            &backend.maps,
-            nested.root(),
-            asid,
-            &plan.entry,
-            backend.nrip_save,
-        )
-    };
+    if corrupt_for_test {
+        log::warn!("test hook: breaking vm {name}'s guest state before its first entry");
+        vcpu.corrupt_guest_state_for_test();
+    }
     let mut vm = Vm::new(name, ram, vm_manifest.trace);
-    let end = vm::run(&mut vm, &mut vcpu, &mut KernelPlatform, &mut host);
+    let end = vm::run(&mut vm, vcpu.as_vcpu(), &mut KernelPlatform, &mut host);
     report(&vm, &end);
 
     let Vm { ram, .. } = vm;
-    let frames = vcpu.into_frames();
-    memory::free_frame(frames.vmcb.physical);
-    memory::free_frame(frames.host_state.physical);
+    vcpu.tear_down();
     nested.release(&mut host);
     ram.release(&mut host);
     end.is_success()

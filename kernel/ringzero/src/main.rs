@@ -63,6 +63,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 
     // Step 3.
     cpu::init_this_cpu();
+    cpu::mask_legacy_pic();
     log::info!("cpu: GDT, TSS (IST stacks for #DF, NMI, #MC) and IDT loaded");
 
     // Step 4.

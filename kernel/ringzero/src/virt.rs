@@ -6,7 +6,7 @@
 //! See: SDM Vol 3C 24.6 "Discovering support for VMX", 24.7 "Enabling and entering VMX
 //! operation"; APM Vol 2 15.4 "Enabling SVM", 15.30.4 "VM_HSAVE_PA MSR".
 
-use crate::memory;
+use crate::memory::{self, HostPhysAddr};
 use ringzero_x86::caps::svm::{self, SvmCapabilities, SvmCpuid, SvmEnableState};
 use ringzero_x86::caps::vmx::{self, FeatureControlState, VmxCapabilities, VmxMsrs};
 use ringzero_x86::caps::{Refusal, Vendor, VirtSummary};
@@ -286,4 +286,33 @@ fn svm_on_off() -> Result<(), SmokeError> {
     }
     log::info!("svm: EFER.SVME set (EFER={enabled:#x}, host save area at {:#x}) and cleared again; SVM works on this CPU", save_area.0);
     Ok(())
+}
+
+/// Puts this CPU in VMX root operation for good (until power-off): CR4.VMXE and the other
+/// fixed CR4 bits on, VMXON with `region` (revision-tagged here). See: SDM Vol 3C 24.7, 25.11.5.
+pub fn enter_vmx_operation(
+    capabilities: &VmxCapabilities,
+    region: HostPhysAddr,
+) -> Result<(), SmokeError> {
+    let cr0 = hw::read_cr0();
+    let (fixed0, fixed1) = (capabilities.cr0_fixed0, capabilities.cr0_fixed1);
+    if cr0 & fixed0 != fixed0 || cr0 & !fixed1 != 0 {
+        return Err(SmokeError::Cr0NotVmxCompatible {
+            cr0,
+            fixed0,
+            fixed1,
+        });
+    }
+    // SAFETY: the caller gives a fresh frame that stays reserved for VMX operation.
+    unsafe {
+        memory::physical_window(region)
+            .cast::<u32>()
+            .write(capabilities.revision_id)
+    };
+    let cr4 = (hw::read_cr4() | hw::CR4_VMXE | capabilities.cr4_fixed0) & capabilities.cr4_fixed1;
+    // SAFETY: only VMXE and bits the CPU requires in VMX operation are added.
+    unsafe { hw::write_cr4(cr4) };
+    // SAFETY: feature control is locked on (virt::detect), CR0/CR4 satisfy the fixed bits, and
+    // the region is a dedicated, revision-tagged frame.
+    unsafe { hw::vmxon(region.0) }.map_err(SmokeError::Vmxon)
 }

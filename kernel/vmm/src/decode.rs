@@ -28,11 +28,12 @@ pub fn fetch(
     state: &GuestSnapshot,
 ) -> Result<([u8; MAX_INSTRUCTION_LENGTH], usize), DecodeError> {
     let mode = paging_mode(state.cr0, state.cr4, state.efer);
-    let linear = state.cs_base.wrapping_add(state.rip);
+    // In 64-bit mode the CS base is treated as 0 (SDM Vol 3A 3.4.4); elsewhere linear
+    // addresses wrap at 4 GiB.
     let linear = if state.cs_long_mode {
-        linear
+        state.rip
     } else {
-        linear & 0xFFFF_FFFF
+        state.cs_base.wrapping_add(state.rip) & 0xFFFF_FFFF
     };
     let mut bytes = [0u8; MAX_INSTRUCTION_LENGTH];
     let in_first_page = (PAGE_SIZE - (linear % PAGE_SIZE)) as usize;

@@ -65,6 +65,9 @@ pub enum VmExit {
         guest_physical: GuestPhysAddr,
         access: MemoryAccess,
     },
+    /// The nested page tables themselves are malformed (VMX: EPT misconfiguration). A
+    /// hypervisor bug, never the guest's doing.
+    NestedPagingMisconfiguration { guest_physical: GuestPhysAddr },
     /// The guest triple-faulted (SVM: SHUTDOWN intercept; VMX: triple-fault exit).
     TripleFault,
     /// The guest executed a virtualization instruction (VMRUN, VMLAUNCH, ...): it gets #UD.
@@ -87,7 +90,9 @@ impl VmExit {
             VmExit::MsrWrite => Reason::MsrWrite,
             VmExit::Halt => Reason::Halt,
             VmExit::Hypercall => Reason::Hypercall,
-            VmExit::NestedPageFault { .. } => Reason::NestedPageFault,
+            VmExit::NestedPageFault { .. } | VmExit::NestedPagingMisconfiguration { .. } => {
+                Reason::NestedPageFault
+            }
             VmExit::TripleFault => Reason::TripleFault,
             VmExit::VirtualizationInstruction { .. } => Reason::VirtualizationInstruction,
             VmExit::ExternalInterrupt => Reason::ExternalInterrupt,

@@ -92,6 +92,11 @@ pub enum VmEnd {
         access: MemoryAccess,
         rip: u64,
     },
+    /// The hypervisor's own nested page tables were malformed (a hypervisor bug).
+    NestedPagingMisconfiguration {
+        guest_physical: GuestPhysAddr,
+        rip: u64,
+    },
     /// HLT with interrupts off and no interrupt source: the guest could never resume.
     HaltedForever { rip: u64 },
     /// The hardware refused to enter the guest.
@@ -116,6 +121,7 @@ impl VmEnd {
             VmEnd::ExitPort { .. } => "exit-port",
             VmEnd::TripleFault { .. } => "triple-fault",
             VmEnd::NestedPageFault { .. } => "nested-page-fault",
+            VmEnd::NestedPagingMisconfiguration { .. } => "nested-paging-misconfiguration",
             VmEnd::HaltedForever { .. } => "halted",
             VmEnd::EntryFailed { .. } => "entry-failed",
             VmEnd::Undecodable { .. } => "undecodable-instruction",
@@ -149,10 +155,16 @@ impl VmEnd {
                 access.kind(),
                 guest_physical.0
             ),
+            VmEnd::NestedPagingMisconfiguration { guest_physical, rip } => format!(
+                "the nested page tables are malformed at guest-physical {:#x} (rip={rip:#x}): a hypervisor bug; VM stopped",
+                guest_physical.0
+            ),
             VmEnd::HaltedForever { rip } => {
                 format!("HLT at rip={rip:#x} with interrupts disabled and no interrupt source: the guest can never resume; VM stopped")
             }
-            VmEnd::EntryFailed { reason, detail } => format!("VM entry failed: {reason} ({detail:#x}); VM stopped"),
+            VmEnd::EntryFailed { reason, detail } => {
+                format!("{reason} (detail {detail:#x}); VM stopped")
+            }
             VmEnd::Undecodable { rip } => format!("cannot decode the instruction at rip={rip:#x}; VM stopped"),
             VmEnd::Unhandled { code, info1, info2, rip } => {
                 format!("unhandled exit code {code:#x} (info {info1:#x}, {info2:#x}) at rip={rip:#x}; VM stopped")
@@ -233,7 +245,13 @@ fn skip_instruction(vm: &Vm, vcpu: &mut dyn Vcpu, host: &dyn HostMemory) -> Resu
             let state = vcpu.snapshot();
             let length = decode::instruction_length(&vm.ram, host, &state)
                 .map_err(|_| VmEnd::Undecodable { rip: state.rip })?;
-            state.rip.wrapping_add(length)
+            // The instruction pointer wraps at the code size: 4 GiB in 32-bit code, 64 KiB in
+            // 16-bit code (SDM Vol 1 3.5).
+            match state.code_bitness() {
+                64 => state.rip.wrapping_add(length),
+                32 => state.rip.wrapping_add(length) & 0xFFFF_FFFF,
+                _ => state.rip.wrapping_add(length) & 0xFFFF,
+            }
         }
     };
     vcpu.set_register(Register::Rip, next);
@@ -321,6 +339,12 @@ fn handle(
             access: *access,
             rip,
         }),
+        VmExit::NestedPagingMisconfiguration { guest_physical } => {
+            Some(VmEnd::NestedPagingMisconfiguration {
+                guest_physical: *guest_physical,
+                rip,
+            })
+        }
         VmExit::TripleFault => Some(VmEnd::TripleFault { rip }),
         // VMRUN, VMLAUNCH, ...: no nested virtualization; the guest gets #UD like on a CPU
         // without the extension.

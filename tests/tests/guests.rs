@@ -1,22 +1,25 @@
-//! Guests on AMD SVM with nested paging, under QEMU `-cpu EPYC`: the test payloads of
-//! tests/guests, the configurations of tests/configs, and the refusal of every bad
-//! configuration kind in tests/configs/bad (see its README for the expected lines).
+//! The guest test table, run on both backends: AMD SVM with nested paging under QEMU
+//! (`-cpu EPYC`, BIOS image) and Intel VMX with EPT under Bochs (`corei7_skylake_x`). Each
+//! test is a function of the backend's `run-qemu.sh` arguments; `on_both_backends!` below
+//! instantiates it as `qemu_svm::NAME` and `bochs_vmx::NAME`. Plus the refusal of every bad
+//! configuration kind in tests/configs/bad (build time: vendor-neutral, run once).
 
 use ringzero_tests::{boot, field_after};
+
+/// The backend's arguments followed by the test's own.
+fn with<'a>(backend: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
+    backend.iter().chain(args).copied().collect()
+}
 
 const CLEAN: i32 = 0;
 const GUEST_FAILED: i32 = 6;
 const CONFIG_REFUSED: i32 = 121;
 
-#[test]
-fn basic_guest_counts_match_the_hypervisor_statistics() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/basic.toml",
-        "--timeout",
-        "120",
-    ]);
+fn basic_guest_counts_match_the_hypervisor_statistics(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &["--config", "tests/configs/basic.toml", "--timeout", "120"],
+    ));
     run.assert_status(CLEAN);
     run.assert_serial_contains("basic | basic: hello from a flat64 guest");
     run.assert_serial_contains("basic | basic: check cpuid-signature ok");
@@ -42,15 +45,11 @@ fn basic_guest_counts_match_the_hypervisor_statistics() {
     run.assert_serial_contains("read of port 0x510 (size 1) that no device owns");
 }
 
-#[test]
-fn several_vms_run_in_turn_with_their_output_kept_apart() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/several.toml",
-        "--timeout",
-        "180",
-    ]);
+fn several_vms_run_in_turn_with_their_output_kept_apart(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &["--config", "tests/configs/several.toml", "--timeout", "180"],
+    ));
     // The triple-fault VM fails, so the hypervisor reports a failed guest after running all.
     run.assert_status(GUEST_FAILED);
     let order = [
@@ -87,30 +86,22 @@ fn several_vms_run_in_turn_with_their_output_kept_apart() {
     }
 }
 
-#[test]
-fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/several.toml",
-        "--timeout",
-        "180",
-    ]);
+fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &["--config", "tests/configs/several.toml", "--timeout", "180"],
+    ));
     let announced = run.line_with("executing ud2 at 0x");
     let rip = announced.rsplit("at ").next().expect("address").trim();
     run.assert_serial_contains(&format!("the guest triple-faulted at rip={rip}"));
     run.assert_serial_contains("ringzero: vm basic-2 exit=exit-port status=0");
 }
 
-#[test]
-fn guest_cannot_reach_memory_outside_its_ram() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/escape.toml",
-        "--timeout",
-        "120",
-    ]);
+fn guest_cannot_reach_memory_outside_its_ram(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &["--config", "tests/configs/escape.toml", "--timeout", "120"],
+    ));
     run.assert_status(GUEST_FAILED);
     run.assert_serial_contains("escape | escape: wrote the marker over 16-24 MiB (own RAM)");
     run.assert_serial_contains("nested page fault: write of guest-physical 0x2000000 at rip=");
@@ -122,15 +113,16 @@ fn guest_cannot_reach_memory_outside_its_ram() {
     run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0");
 }
 
-#[test]
-fn multiboot_guest_sees_its_memory_map_command_line_and_modules() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/multiboot.toml",
-        "--timeout",
-        "120",
-    ]);
+fn multiboot_guest_sees_its_memory_map_command_line_and_modules(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &[
+            "--config",
+            "tests/configs/multiboot.toml",
+            "--timeout",
+            "120",
+        ],
+    ));
     run.assert_status(CLEAN);
     for line in [
         "multiboot | multiboot: magic ok",
@@ -147,15 +139,16 @@ fn multiboot_guest_sees_its_memory_map_command_line_and_modules() {
     }
 }
 
-#[test]
-fn trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction() {
-    let run = boot(&[
-        "--bios",
-        "--config",
-        "tests/configs/basic-trace.toml",
-        "--timeout",
-        "180",
-    ]);
+fn trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction(backend: &[&str]) {
+    let run = boot(&with(
+        backend,
+        &[
+            "--config",
+            "tests/configs/basic-trace.toml",
+            "--timeout",
+            "180",
+        ],
+    ));
     run.assert_status(CLEAN);
     for needle in [
         "exit=cpuid rip=0x",
@@ -177,6 +170,33 @@ fn trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction() {
         .count() as u64;
     let exits = field_after(run.line_with("ringzero: vm basic exit="), "exits=").expect("exits");
     assert_eq!(traced, exits, "every exit is traced\n{}", run.report());
+}
+
+fn entry_failure_is_decoded_and_the_hypervisor_goes_on(backend: &[&str]) {
+    // The test hook breaks the first VM's guest state before its first entry.
+    let run = boot(&with(
+        backend,
+        &[
+            "--config",
+            "config/default.toml",
+            "--test-hook",
+            "invalid-guest-state",
+            "--timeout",
+            "120",
+        ],
+    ));
+    run.assert_status(GUEST_FAILED);
+    run.assert_serial_contains("test hook: breaking vm basic's guest state before its first entry");
+    if backend.contains(&"--bochs") {
+        run.assert_serial_contains("VM entry failed: invalid guest state (exit reason 33");
+        run.assert_serial_contains("offending field: GUEST_TR_ACCESS_RIGHTS: TR must be usable");
+    } else {
+        run.assert_serial_contains("VMRUN refused the guest state (VMEXIT_INVALID");
+        run.assert_serial_contains("offending field: save.efer: EFER.SVME must be 1");
+    }
+    run.assert_serial_contains("ringzero: vm basic exit=entry-failed status=255 exits=1");
+    run.assert_serial_lacks("basic | ");
+    run.assert_serial_contains("ringzero: vm multiboot exit=exit-port status=0");
 }
 
 /// (file, expected error substring) from tests/configs/bad/README.md.
@@ -250,3 +270,26 @@ fn every_bad_configuration_is_refused_before_boot_naming_file_vm_and_key() {
         );
     }
 }
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        /// AMD SVM with nested paging: QEMU `-cpu EPYC`, BIOS image.
+        mod qemu_svm {
+            $(#[test] fn $name() { super::$name(&["--bios"]) })*
+        }
+        /// Intel VMX with EPT: Bochs `corei7_skylake_x`, BIOS image.
+        mod bochs_vmx {
+            $(#[test] fn $name() { super::$name(&["--bochs"]) })*
+        }
+    };
+}
+
+on_both_backends!(
+    basic_guest_counts_match_the_hypervisor_statistics,
+    several_vms_run_in_turn_with_their_output_kept_apart,
+    triple_fault_is_reported_with_its_rip_and_the_next_vm_runs,
+    guest_cannot_reach_memory_outside_its_ram,
+    multiboot_guest_sees_its_memory_map_command_line_and_modules,
+    trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction,
+    entry_failure_is_decoded_and_the_hypervisor_goes_on,
+);

@@ -1,0 +1,355 @@
+//! VM exits and VM-entry failures decoded into vendor-neutral words.
+//! See: SDM Vol 3D Appendix C "VMX Basic Exit Reasons", Vol 3C 28.2.1 (exit qualifications,
+//! Tables 28-5 I/O and 28-7 EPT violation), 31.4 "VM Instruction Error Numbers", 27.8
+//! "VM-entry failures during or after loading guest state".
+
+use ringzero_memory::GuestPhysAddr;
+use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+
+/// Basic exit reasons ringzero handles. See: SDM Vol 3D Table C-1.
+pub mod reason {
+    pub const EXCEPTION_OR_NMI: u32 = 0;
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const CPUID: u32 = 10;
+    pub const HLT: u32 = 12;
+    pub const VMCALL: u32 = 18;
+    pub const VMCLEAR: u32 = 19;
+    pub const VMLAUNCH: u32 = 20;
+    pub const VMPTRLD: u32 = 21;
+    pub const VMPTRST: u32 = 22;
+    pub const VMREAD: u32 = 23;
+    pub const VMRESUME: u32 = 24;
+    pub const VMWRITE: u32 = 25;
+    pub const VMXOFF: u32 = 26;
+    pub const VMXON: u32 = 27;
+    pub const IO_INSTRUCTION: u32 = 30;
+    pub const RDMSR: u32 = 31;
+    pub const WRMSR: u32 = 32;
+    pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const MSR_LOADING: u32 = 34;
+    pub const MACHINE_CHECK_DURING_ENTRY: u32 = 41;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const EPT_MISCONFIGURATION: u32 = 49;
+    pub const INVEPT: u32 = 50;
+    pub const INVVPID: u32 = 53;
+}
+
+/// Bit 31 of the exit reason: the VM entry failed. See: SDM Vol 3C 28.2.1, Table 28-1... (25.9.1).
+pub const ENTRY_FAILURE: u32 = 1 << 31;
+
+/// Decodes one exit from the exit reason, exit qualification and guest-physical address.
+pub fn decode(exit_reason: u32, qualification: u64, guest_physical: u64) -> VmExit {
+    let basic = exit_reason & 0xFFFF;
+    if exit_reason & ENTRY_FAILURE != 0 {
+        return VmExit::EntryFailed {
+            reason: entry_failure_meaning(basic),
+            detail: qualification,
+        };
+    }
+    let virtualization = |mnemonic| VmExit::VirtualizationInstruction { mnemonic };
+    match basic {
+        reason::CPUID => VmExit::Cpuid,
+        reason::HLT => VmExit::Halt,
+        reason::VMCALL => VmExit::Hypercall,
+        reason::TRIPLE_FAULT => VmExit::TripleFault,
+        reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+        reason::RDMSR => VmExit::MsrRead,
+        reason::WRMSR => VmExit::MsrWrite,
+        reason::IO_INSTRUCTION => {
+            // Qualification: bits 2:0 size - 1, bit 3 direction (1 = IN), bit 4 string, bit 5
+            // REP, bits 31:16 port. See: SDM Vol 3C Table 28-5.
+            let size = match qualification & 0x7 {
+                0 => 1,
+                1 => 2,
+                _ => 4,
+            };
+            VmExit::Io(IoExit {
+                port: (qualification >> 16) as u16,
+                size,
+                direction: if qualification & (1 << 3) != 0 {
+                    IoDirection::In
+                } else {
+                    IoDirection::Out
+                },
+                string: qualification & (1 << 4) != 0,
+                repeat: qualification & (1 << 5) != 0,
+            })
+        }
+        reason::EPT_VIOLATION => {
+            // Qualification: bit 0 read, 1 write, 2 instruction fetch; bits 5:3 whether the
+            // translation allowed read/write/execute. See: SDM Vol 3C Table 28-7.
+            let access = MemoryAccess {
+                write: qualification & (1 << 1) != 0,
+                execute: qualification & (1 << 2) != 0,
+                present: qualification & (0x7 << 3) != 0,
+            };
+            VmExit::NestedPageFault {
+                guest_physical: GuestPhysAddr(guest_physical),
+                access,
+            }
+        }
+        reason::EPT_MISCONFIGURATION => VmExit::NestedPagingMisconfiguration {
+            guest_physical: GuestPhysAddr(guest_physical),
+        },
+        reason::VMCLEAR => virtualization("vmclear"),
+        reason::VMLAUNCH => virtualization("vmlaunch"),
+        reason::VMPTRLD => virtualization("vmptrld"),
+        reason::VMPTRST => virtualization("vmptrst"),
+        reason::VMREAD => virtualization("vmread"),
+        reason::VMRESUME => virtualization("vmresume"),
+        reason::VMWRITE => virtualization("vmwrite"),
+        reason::VMXOFF => virtualization("vmxoff"),
+        reason::VMXON => virtualization("vmxon"),
+        reason::INVEPT => virtualization("invept"),
+        reason::INVVPID => virtualization("invvpid"),
+        other => VmExit::Unhandled {
+            code: u64::from(other),
+            info1: qualification,
+            info2: guest_physical,
+        },
+    }
+}
+
+/// What an entry-failure exit reason means. See: SDM Vol 3C 27.8.
+pub fn entry_failure_meaning(basic_reason: u32) -> &'static str {
+    match basic_reason {
+        reason::INVALID_GUEST_STATE => {
+            "VM entry failed: invalid guest state (exit reason 33, SDM Vol 3C 27.3.1)"
+        }
+        reason::MSR_LOADING => "VM entry failed: MSR loading (exit reason 34, SDM Vol 3C 27.4)",
+        reason::MACHINE_CHECK_DURING_ENTRY => {
+            "VM entry failed: machine-check event (exit reason 41)"
+        }
+        _ => "VM entry failed with an unexpected exit reason",
+    }
+}
+
+/// The meaning of a VM-instruction error number (VMfailValid). See: SDM Vol 3C 31.4, Table 31-1.
+pub fn instruction_error_meaning(number: u64) -> &'static str {
+    match number {
+        1 => "VMCALL executed in VMX root operation",
+        2 => "VMCLEAR with invalid physical address",
+        3 => "VMCLEAR with VMXON pointer",
+        4 => "VMLAUNCH with non-clear VMCS",
+        5 => "VMRESUME with non-launched VMCS",
+        6 => "VMRESUME after VMXOFF",
+        7 => "VM entry with invalid control field(s)",
+        8 => "VM entry with invalid host-state field(s)",
+        9 => "VMPTRLD with invalid physical address",
+        10 => "VMPTRLD with VMXON pointer",
+        11 => "VMPTRLD with incorrect VMCS revision identifier",
+        12 => "VMREAD/VMWRITE from/to unsupported VMCS component",
+        13 => "VMWRITE to read-only VMCS component",
+        15 => "VMXON executed in VMX root operation",
+        16 => "VM entry with invalid executive-VMCS pointer",
+        17 => "VM entry with non-launched executive VMCS",
+        18 => "VM entry with executive-VMCS pointer not VMXON pointer",
+        19 => "VMCALL with non-clear VMCS",
+        20 => "VMCALL with invalid VM-exit control fields",
+        22 => "VMCALL with incorrect MSEG revision identifier",
+        23 => "VMXOFF under dual-monitor treatment of SMIs and SMM",
+        24 => "VMCALL with invalid SMM-monitor features",
+        25 => "VM entry with invalid VM-execution control fields in executive VMCS",
+        26 => "VM entry with events blocked by MOV SS",
+        28 => "invalid operand to INVEPT/INVVPID",
+        _ => "unknown VM-instruction error number",
+    }
+}
+
+/// The guest state as the VMCS holds it, for the software checks below.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestStateFields {
+    pub cr0: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub rflags: u64,
+    pub cs_access_rights: u32,
+    pub tr_access_rights: u32,
+    pub ss_access_rights: u32,
+    pub ia32e_mode_guest: bool,
+    pub unrestricted_guest: bool,
+    pub cr0_fixed0: u64,
+    pub cr0_fixed1: u64,
+    pub cr4_fixed0: u64,
+    pub cr4_fixed1: u64,
+    pub activity_state: u32,
+    pub link_pointer: u64,
+}
+
+/// Finds the first guest-state rule the fields break, naming the VMCS field and the SDM
+/// section, for the entry-failure report. The hardware only says "invalid guest state";
+/// these checks name the offending field for the common mistakes. `None` when they find
+/// nothing (the failure is one this list does not cover).
+pub fn diagnose_guest_state(fields: &GuestStateFields) -> Option<&'static str> {
+    let unusable = 1 << 16;
+    let mut cr0_must_be_one = fields.cr0_fixed0;
+    if fields.unrestricted_guest {
+        // PE and PG may be 0 with unrestricted guest. See: SDM Vol 3C 27.3.1.1.
+        cr0_must_be_one &= !((1 << 0) | (1 << 31));
+    }
+    if fields.cr0 & cr0_must_be_one != cr0_must_be_one || fields.cr0 & !fields.cr0_fixed1 != 0 {
+        return Some("GUEST_CR0: violates IA32_VMX_CR0_FIXED0/FIXED1 (SDM Vol 3C 27.3.1.1)");
+    }
+    if fields.cr4 & fields.cr4_fixed0 != fields.cr4_fixed0 || fields.cr4 & !fields.cr4_fixed1 != 0 {
+        return Some("GUEST_CR4: violates IA32_VMX_CR4_FIXED0/FIXED1 (SDM Vol 3C 27.3.1.1)");
+    }
+    let efer_lma = fields.efer & (1 << 10) != 0;
+    if efer_lma != fields.ia32e_mode_guest {
+        return Some("GUEST_IA32_EFER: LMA must equal the 'IA-32e mode guest' entry control (SDM Vol 3C 27.3.1.1)");
+    }
+    if fields.rflags & (1 << 1) == 0 || fields.rflags >> 22 != 0 {
+        return Some(
+            "GUEST_RFLAGS: bit 1 must be 1 and bits 63:22 must be 0 (SDM Vol 3C 27.3.1.4)",
+        );
+    }
+    if fields.tr_access_rights & unusable != 0 {
+        return Some("GUEST_TR_ACCESS_RIGHTS: TR must be usable (SDM Vol 3C 27.3.1.2)");
+    }
+    let tr_type = fields.tr_access_rights & 0xF;
+    if tr_type != 11 && !(tr_type == 3 && !fields.ia32e_mode_guest) {
+        return Some("GUEST_TR_ACCESS_RIGHTS: TR must be a busy TSS (type 11, or 3 outside IA-32e mode) (SDM Vol 3C 27.3.1.2)");
+    }
+    if fields.cs_access_rights & unusable != 0 || fields.cs_access_rights & (1 << 7) == 0 {
+        return Some("GUEST_CS_ACCESS_RIGHTS: CS must be usable and present (SDM Vol 3C 27.3.1.2)");
+    }
+    if fields.ia32e_mode_guest
+        && fields.cs_access_rights & (1 << 13) != 0
+        && fields.cs_access_rights & (1 << 14) != 0
+    {
+        return Some("GUEST_CS_ACCESS_RIGHTS: L and D/B must not both be set in IA-32e mode (SDM Vol 3C 27.3.1.2)");
+    }
+    if fields.activity_state > 3 {
+        return Some("GUEST_ACTIVITY_STATE: not a valid activity state (SDM Vol 3C 27.3.1.5)");
+    }
+    if fields.link_pointer != u64::MAX {
+        return Some(
+            "VMCS_LINK_POINTER: must be all-ones without VMCS shadowing (SDM Vol 3C 27.3.1.5)",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_and_ept_exits() {
+        // OUT DX, AL to 0x3F8: size 1, direction out.
+        assert_eq!(
+            decode(reason::IO_INSTRUCTION, 0x3F8 << 16, 0),
+            VmExit::Io(IoExit {
+                port: 0x3F8,
+                size: 1,
+                direction: IoDirection::Out,
+                string: false,
+                repeat: false
+            })
+        );
+        // IN EAX, DX from 0xCFC.
+        assert_eq!(
+            decode(reason::IO_INSTRUCTION, (0xCFC << 16) | (1 << 3) | 3, 0),
+            VmExit::Io(IoExit {
+                port: 0xCFC,
+                size: 4,
+                direction: IoDirection::In,
+                string: false,
+                repeat: false
+            })
+        );
+        assert_eq!(
+            decode(reason::EPT_VIOLATION, 0b010, 0x200_0000),
+            VmExit::NestedPageFault {
+                guest_physical: GuestPhysAddr(0x200_0000),
+                access: MemoryAccess {
+                    write: true,
+                    execute: false,
+                    present: false
+                }
+            }
+        );
+        assert_eq!(
+            decode(reason::EPT_MISCONFIGURATION, 0, 0x1000),
+            VmExit::NestedPagingMisconfiguration {
+                guest_physical: GuestPhysAddr(0x1000)
+            }
+        );
+    }
+
+    #[test]
+    fn simple_exits_and_failures() {
+        assert_eq!(decode(reason::CPUID, 0, 0), VmExit::Cpuid);
+        assert_eq!(decode(reason::TRIPLE_FAULT, 0, 0), VmExit::TripleFault);
+        assert_eq!(
+            decode(reason::VMLAUNCH, 0, 0),
+            VmExit::VirtualizationInstruction {
+                mnemonic: "vmlaunch"
+            }
+        );
+        assert!(matches!(
+            decode(ENTRY_FAILURE | reason::INVALID_GUEST_STATE, 0, 0),
+            VmExit::EntryFailed { reason, .. } if reason.contains("invalid guest state")
+        ));
+        assert_eq!(
+            instruction_error_meaning(7),
+            "VM entry with invalid control field(s)"
+        );
+        assert_eq!(
+            instruction_error_meaning(99),
+            "unknown VM-instruction error number"
+        );
+    }
+
+    fn valid_64_bit() -> GuestStateFields {
+        GuestStateFields {
+            cr0: 0x8005_0033,
+            cr4: 0x2020,
+            efer: 0xD00,
+            rflags: 0x2,
+            cs_access_rights: 0xA09B,
+            tr_access_rights: 0x8B,
+            ss_access_rights: 0xC093,
+            ia32e_mode_guest: true,
+            unrestricted_guest: true,
+            cr0_fixed0: 0x8000_0021,
+            cr0_fixed1: 0xFFFF_FFFF,
+            cr4_fixed0: 0x2000,
+            cr4_fixed1: 0x37_27FF,
+            activity_state: 0,
+            link_pointer: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn diagnoses_name_the_field() {
+        assert_eq!(diagnose_guest_state(&valid_64_bit()), None);
+        type Breaks = fn(&mut GuestStateFields);
+        let cases: [(Breaks, &str); 6] = [
+            (
+                |fields| fields.tr_access_rights |= 1 << 16,
+                "GUEST_TR_ACCESS_RIGHTS",
+            ),
+            (|fields| fields.cr4 &= !0x2000, "GUEST_CR4"),
+            (|fields| fields.cr0 &= !0x20, "GUEST_CR0"),
+            (|fields| fields.rflags = 0, "GUEST_RFLAGS"),
+            (|fields| fields.ia32e_mode_guest = false, "GUEST_IA32_EFER"),
+            (|fields| fields.link_pointer = 0, "VMCS_LINK_POINTER"),
+        ];
+        for (breaks, field) in cases {
+            let mut fields = valid_64_bit();
+            breaks(&mut fields);
+            assert!(
+                diagnose_guest_state(&fields).unwrap().starts_with(field),
+                "{field}"
+            );
+        }
+        // Paging off is fine with unrestricted guest (Multiboot entry).
+        let mut protected = valid_64_bit();
+        protected.cr0 = 0x31;
+        protected.efer = 0;
+        protected.ia32e_mode_guest = false;
+        protected.cs_access_rights = 0xC09B;
+        assert_eq!(diagnose_guest_state(&protected), None);
+    }
+}

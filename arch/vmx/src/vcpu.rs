@@ -1,0 +1,616 @@
+//! One VMX vCPU: a VMCS and the guest registers it does not hold. Mirrors
+//! `arch/svm/src/vcpu.rs` method for method.
+//!
+//! ringzero runs one VM at a time per CPU, so the vCPU's VMCS is made current when it is
+//! created and stays current until it is torn down; every VMREAD/VMWRITE here refers to it.
+
+use crate::controls::{self, entry, Controls};
+use crate::exit::{self, GuestStateFields};
+use crate::hw::{self, EntryOutcome, GuestRegisters, VmxInstructionError};
+use crate::vmcs::{self, Field};
+use core::ptr::NonNull;
+use ringzero_loader::boot_plan::{CpuMode, EntryState};
+use ringzero_memory::HostPhysAddr;
+use ringzero_vmm::exit::VmExit;
+use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
+use ringzero_x86::caps::vmx::VmxCapabilities;
+
+/// A host page (or run of contiguous pages): where the hardware sees it and where the
+/// hypervisor does.
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    pub physical: HostPhysAddr,
+    pub virtual_address: NonNull<u8>,
+}
+
+/// The I/O bitmaps (A: ports 0-0x7FFF, B: 0x8000-0xFFFF) and the MSR bitmap, shared by every
+/// vCPU of this CPU: all ones, so every port access and every RDMSR/WRMSR exits.
+/// See: SDM Vol 3C 25.6.4, 25.6.9.
+pub struct Bitmaps {
+    io_a: HostPhysAddr,
+    io_b: HostPhysAddr,
+    msr: HostPhysAddr,
+}
+
+impl Bitmaps {
+    /// Fills the three pages with ones (intercept everything).
+    ///
+    /// # Safety
+    /// Each frame is a 4 KiB page reserved for its bitmap, mapped writable.
+    pub unsafe fn intercept_everything(io_a: Frame, io_b: Frame, msr: Frame) -> Bitmaps {
+        for frame in [io_a, io_b, msr] {
+            // SAFETY: the caller guarantees each page is ours.
+            unsafe { core::ptr::write_bytes(frame.virtual_address.as_ptr(), 0xFF, 4096) };
+        }
+        Bitmaps {
+            io_a: io_a.physical,
+            io_b: io_b.physical,
+            msr: msr.physical,
+        }
+    }
+}
+
+/// The page one vCPU owns.
+#[derive(Clone, Copy, Debug)]
+pub struct VmxFrames {
+    /// The VMCS region.
+    pub vmcs: Frame,
+}
+
+/// What the VMCS needs to know about the host (the running hypervisor).
+#[derive(Clone, Copy, Debug)]
+pub struct HostState {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub pat: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+}
+
+/// Why a vCPU could not be created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateError {
+    Controls(controls::UnsupportedControl),
+    Instruction {
+        what: &'static str,
+        error: VmxInstructionError,
+        number: u64,
+    },
+}
+
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, formatter: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CreateError::Controls(error) => write!(formatter, "{error}"),
+            CreateError::Instruction {
+                what,
+                error,
+                number,
+            } => write!(
+                formatter,
+                "{what} failed ({error:?}, VM-instruction error {number}: {})",
+                exit::instruction_error_meaning(*number)
+            ),
+        }
+    }
+}
+
+/// One vCPU on Intel VMX.
+pub struct VmxVcpu {
+    frames: VmxFrames,
+    registers: GuestRegisters,
+    launched: bool,
+    next_rip: Option<u64>,
+    controls: Controls,
+    capabilities: VmxCapabilities,
+    ept_pointer: u64,
+    vpid: u16,
+    first_run: bool,
+}
+
+/// The power-on PAT value. See: SDM Vol 3A 13.12.4.
+const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
+/// VM-entry interruption information: type 3 = hardware exception, bit 11 deliver error code,
+/// bit 31 valid. See: SDM Vol 3C 25.8.3.
+const EVENT_TYPE_HARDWARE_EXCEPTION: u64 = 3 << 8;
+const EVENT_DELIVER_ERROR_CODE: u64 = 1 << 11;
+const EVENT_VALID: u64 = 1 << 31;
+/// Access-rights bits. See: SDM Vol 3C 25.4.1, Table 25-2.
+const ACCESS_LONG: u32 = 1 << 13;
+const ACCESS_DEFAULT_32: u32 = 1 << 14;
+const ACCESS_GRANULARITY: u32 = 1 << 15;
+const ACCESS_UNUSABLE: u32 = 1 << 16;
+const CR0_NE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_LMA: u64 = 1 << 10;
+
+/// VMWRITE that turns a failure into a [`CreateError`].
+fn write(field: Field, value: u64) -> Result<(), CreateError> {
+    // SAFETY: called only while this vCPU's VMCS is current (between VMPTRLD in `new` and
+    // teardown), on fields the SDM defines.
+    unsafe { hw::vmwrite(field, value) }.map_err(|error| CreateError::Instruction {
+        what: field.name(),
+        error,
+        number: hw::vmread(vmcs::VM_INSTRUCTION_ERROR),
+    })
+}
+
+impl VmxVcpu {
+    /// Builds and loads the VMCS for a guest on the EPT tables at `ept_root`.
+    ///
+    /// # Safety
+    /// VMX is on for this CPU; the VMCS frame is a zeroed 4 KiB page owned by this vCPU alone
+    /// for its whole life; the host state describes the running hypervisor.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        frames: VmxFrames,
+        bitmaps: &Bitmaps,
+        capabilities: &VmxCapabilities,
+        host: &HostState,
+        ept_root: HostPhysAddr,
+        vpid: u16,
+        entry_state: &EntryState,
+    ) -> Result<VmxVcpu, CreateError> {
+        let mut controls = controls::compute(capabilities).map_err(CreateError::Controls)?;
+        if entry_state.mode == CpuMode::Long64 {
+            controls.entry = capabilities
+                .entry
+                .adjust(controls.entry | entry::IA32E_MODE_GUEST)
+                .map_err(|missing_bits| {
+                    CreateError::Controls(controls::UnsupportedControl {
+                        set: "VM-entry",
+                        missing_bits,
+                    })
+                })?;
+        }
+        // Step 1: the VMCS region starts with the revision identifier; VMCLEAR, then VMPTRLD
+        // makes it current. See: SDM Vol 3C 25.2, 25.11.3.
+        // SAFETY: the frame is ours (caller's guarantee).
+        unsafe {
+            frames
+                .vmcs
+                .virtual_address
+                .cast::<u32>()
+                .write(capabilities.revision_id)
+        };
+        let region = frames.vmcs.physical.0;
+        let instruction_error = |what, error| CreateError::Instruction {
+            what,
+            error,
+            number: hw::vmread(vmcs::VM_INSTRUCTION_ERROR),
+        };
+        // SAFETY: VMX is on and the region is a revision-tagged page we own.
+        unsafe { hw::vmclear(region) }.map_err(|error| instruction_error("VMCLEAR", error))?;
+        // SAFETY: as above.
+        unsafe { hw::vmptrld(region) }.map_err(|error| instruction_error("VMPTRLD", error))?;
+
+        let ept_pointer = controls::ept_pointer(ept_root.0, capabilities);
+        let vcpu = VmxVcpu {
+            frames,
+            registers: GuestRegisters {
+                rax: entry_state.rax,
+                rbx: entry_state.rbx,
+                rdi: entry_state.rdi,
+                ..GuestRegisters::default()
+            },
+            launched: false,
+            next_rip: None,
+            controls,
+            capabilities: *capabilities,
+            ept_pointer,
+            vpid,
+            first_run: true,
+        };
+        // Step 2: execution, exit and entry controls. See: SDM Vol 3C 25.6-25.8.
+        write(vmcs::PIN_BASED_CONTROLS, u64::from(controls.pin))?;
+        write(
+            vmcs::PRIMARY_PROCESSOR_BASED_CONTROLS,
+            u64::from(controls.primary),
+        )?;
+        write(
+            vmcs::SECONDARY_PROCESSOR_BASED_CONTROLS,
+            u64::from(controls.secondary),
+        )?;
+        write(vmcs::VM_EXIT_CONTROLS, u64::from(controls.exit))?;
+        write(vmcs::VM_ENTRY_CONTROLS, u64::from(controls.entry))?;
+        write(vmcs::EXCEPTION_BITMAP, 0)?;
+        write(vmcs::IO_BITMAP_A, bitmaps.io_a.0)?;
+        write(vmcs::IO_BITMAP_B, bitmaps.io_b.0)?;
+        write(vmcs::MSR_BITMAP, bitmaps.msr.0)?;
+        write(vmcs::EPT_POINTER, ept_pointer)?;
+        if controls.secondary & controls::secondary::ENABLE_VPID != 0 {
+            write(vmcs::VIRTUAL_PROCESSOR_ID, u64::from(vpid.max(1)))?;
+        }
+        write(vmcs::VMCS_LINK_POINTER, u64::MAX)?;
+
+        // Step 3: CR0/CR4 bits VMX requires but the guest did not ask for (CR0.NE, CR4.VMXE)
+        // are owned by the host: set in the real register, hidden behind the read shadow.
+        // See: SDM Vol 3C 25.6.6 "Guest/Host Masks and Read Shadows for CR0 and CR4".
+        let mut cr0_required = capabilities.cr0_fixed0 & !((1 << 0) | (1 << 31));
+        if controls.secondary & controls::secondary::UNRESTRICTED_GUEST == 0 {
+            cr0_required = capabilities.cr0_fixed0;
+        }
+        let cr0_host_owned = cr0_required & !entry_state.cr0;
+        let cr4_host_owned = capabilities.cr4_fixed0 & !entry_state.cr4;
+        write(vmcs::CR0_GUEST_HOST_MASK, cr0_host_owned | CR0_NE)?;
+        write(vmcs::CR0_READ_SHADOW, entry_state.cr0)?;
+        write(vmcs::CR4_GUEST_HOST_MASK, cr4_host_owned | CR4_VMXE)?;
+        write(vmcs::CR4_READ_SHADOW, entry_state.cr4)?;
+
+        // Step 4: host state: where an exit lands. See: SDM Vol 3C 25.5, 28.5.
+        let segments = hw::host_segments();
+        write(vmcs::HOST_CR0, host.cr0)?;
+        write(vmcs::HOST_CR3, host.cr3)?;
+        write(vmcs::HOST_CR4, host.cr4)?;
+        write(vmcs::HOST_IA32_EFER, host.efer)?;
+        write(vmcs::HOST_IA32_PAT, host.pat)?;
+        write(vmcs::HOST_CS_SELECTOR, u64::from(segments.cs & !7))?;
+        write(vmcs::HOST_SS_SELECTOR, u64::from(segments.ss & !7))?;
+        write(vmcs::HOST_DS_SELECTOR, u64::from(segments.ds & !7))?;
+        write(vmcs::HOST_ES_SELECTOR, u64::from(segments.es & !7))?;
+        write(vmcs::HOST_FS_SELECTOR, u64::from(segments.fs & !7))?;
+        write(vmcs::HOST_GS_SELECTOR, u64::from(segments.gs & !7))?;
+        write(vmcs::HOST_TR_SELECTOR, u64::from(segments.tr & !7))?;
+        write(vmcs::HOST_FS_BASE, host.fs_base)?;
+        write(vmcs::HOST_GS_BASE, host.gs_base)?;
+        write(vmcs::HOST_TR_BASE, segments.tr_base)?;
+        write(vmcs::HOST_GDTR_BASE, segments.gdtr_base)?;
+        write(vmcs::HOST_IDTR_BASE, segments.idtr_base)?;
+        write(vmcs::HOST_IA32_SYSENTER_CS, 0)?;
+        write(vmcs::HOST_IA32_SYSENTER_ESP, 0)?;
+        write(vmcs::HOST_IA32_SYSENTER_EIP, 0)?;
+
+        // Step 5: guest state from the loader's entry state. See: SDM Vol 3C 25.4, 27.3.1.
+        let code_access = 0x9B
+            | ACCESS_GRANULARITY
+            | match entry_state.mode {
+                CpuMode::Long64 => ACCESS_LONG,
+                CpuMode::Protected32 => ACCESS_DEFAULT_32,
+            };
+        let data_access = 0x93 | ACCESS_DEFAULT_32 | ACCESS_GRANULARITY;
+        let segments = [
+            (
+                vmcs::GUEST_CS_SELECTOR,
+                vmcs::GUEST_CS_BASE,
+                vmcs::GUEST_CS_LIMIT,
+                vmcs::GUEST_CS_ACCESS_RIGHTS,
+                entry_state.code_selector,
+                code_access,
+            ),
+            (
+                vmcs::GUEST_DS_SELECTOR,
+                vmcs::GUEST_DS_BASE,
+                vmcs::GUEST_DS_LIMIT,
+                vmcs::GUEST_DS_ACCESS_RIGHTS,
+                entry_state.data_selector,
+                data_access,
+            ),
+            (
+                vmcs::GUEST_ES_SELECTOR,
+                vmcs::GUEST_ES_BASE,
+                vmcs::GUEST_ES_LIMIT,
+                vmcs::GUEST_ES_ACCESS_RIGHTS,
+                entry_state.data_selector,
+                data_access,
+            ),
+            (
+                vmcs::GUEST_SS_SELECTOR,
+                vmcs::GUEST_SS_BASE,
+                vmcs::GUEST_SS_LIMIT,
+                vmcs::GUEST_SS_ACCESS_RIGHTS,
+                entry_state.data_selector,
+                data_access,
+            ),
+            (
+                vmcs::GUEST_FS_SELECTOR,
+                vmcs::GUEST_FS_BASE,
+                vmcs::GUEST_FS_LIMIT,
+                vmcs::GUEST_FS_ACCESS_RIGHTS,
+                entry_state.data_selector,
+                data_access,
+            ),
+            (
+                vmcs::GUEST_GS_SELECTOR,
+                vmcs::GUEST_GS_BASE,
+                vmcs::GUEST_GS_LIMIT,
+                vmcs::GUEST_GS_ACCESS_RIGHTS,
+                entry_state.data_selector,
+                data_access,
+            ),
+        ];
+        for (selector, base, limit, access, value, rights) in segments {
+            write(selector, u64::from(value))?;
+            write(base, 0)?;
+            write(limit, 0xFFFF_FFFF)?;
+            write(access, u64::from(rights))?;
+        }
+        // An empty busy TSS (type 11) and an unusable LDTR: enough for entry; the guest loads
+        // its own before it needs them.
+        write(vmcs::GUEST_TR_SELECTOR, 0)?;
+        write(vmcs::GUEST_TR_BASE, 0)?;
+        write(vmcs::GUEST_TR_LIMIT, 0xFFFF)?;
+        write(vmcs::GUEST_TR_ACCESS_RIGHTS, 0x8B)?;
+        write(vmcs::GUEST_LDTR_SELECTOR, 0)?;
+        write(vmcs::GUEST_LDTR_BASE, 0)?;
+        write(vmcs::GUEST_LDTR_LIMIT, 0)?;
+        write(vmcs::GUEST_LDTR_ACCESS_RIGHTS, u64::from(ACCESS_UNUSABLE))?;
+        write(vmcs::GUEST_GDTR_BASE, entry_state.gdt_base)?;
+        write(vmcs::GUEST_GDTR_LIMIT, u64::from(entry_state.gdt_limit))?;
+        write(vmcs::GUEST_IDTR_BASE, 0)?;
+        write(vmcs::GUEST_IDTR_LIMIT, 0)?;
+        write(vmcs::GUEST_CR0, entry_state.cr0 | cr0_host_owned | CR0_NE)?;
+        write(vmcs::GUEST_CR3, entry_state.cr3)?;
+        write(vmcs::GUEST_CR4, entry_state.cr4 | cr4_host_owned | CR4_VMXE)?;
+        write(vmcs::GUEST_IA32_EFER, entry_state.efer)?;
+        write(vmcs::GUEST_IA32_PAT, POWER_ON_PAT)?;
+        write(vmcs::GUEST_IA32_DEBUGCTL, 0)?;
+        write(vmcs::GUEST_DR7, 0x400)?;
+        write(vmcs::GUEST_RSP, entry_state.rsp)?;
+        write(vmcs::GUEST_RIP, entry_state.rip)?;
+        write(vmcs::GUEST_RFLAGS, entry_state.rflags)?;
+        write(vmcs::GUEST_PENDING_DEBUG_EXCEPTIONS, 0)?;
+        write(vmcs::GUEST_INTERRUPTIBILITY_STATE, 0)?;
+        write(vmcs::GUEST_ACTIVITY_STATE, 0)?;
+        write(vmcs::GUEST_IA32_SYSENTER_CS, 0)?;
+        write(vmcs::GUEST_IA32_SYSENTER_ESP, 0)?;
+        write(vmcs::GUEST_IA32_SYSENTER_EIP, 0)?;
+        Ok(vcpu)
+    }
+
+    /// Test hook: breaks the guest state (TR unusable) so the next entry fails; the entry
+    /// failure report must name the field.
+    pub fn corrupt_guest_state_for_test(&mut self) {
+        let _ = write(vmcs::GUEST_TR_ACCESS_RIGHTS, u64::from(ACCESS_UNUSABLE));
+    }
+
+    /// Clears the VMCS and gives the page back (for the caller to free).
+    pub fn into_frames(self) -> VmxFrames {
+        // SAFETY: VMX is still on and this is our VMCS; clearing it makes the region safe to
+        // reuse as ordinary memory.
+        let _ = unsafe { hw::vmclear(self.frames.vmcs.physical.0) };
+        self.frames
+    }
+
+    /// The guest-state fields the software checks look at.
+    fn guest_state_fields(&self) -> GuestStateFields {
+        GuestStateFields {
+            cr0: hw::vmread(vmcs::GUEST_CR0),
+            cr4: hw::vmread(vmcs::GUEST_CR4),
+            efer: hw::vmread(vmcs::GUEST_IA32_EFER),
+            rflags: hw::vmread(vmcs::GUEST_RFLAGS),
+            cs_access_rights: hw::vmread(vmcs::GUEST_CS_ACCESS_RIGHTS) as u32,
+            tr_access_rights: hw::vmread(vmcs::GUEST_TR_ACCESS_RIGHTS) as u32,
+            ss_access_rights: hw::vmread(vmcs::GUEST_SS_ACCESS_RIGHTS) as u32,
+            ia32e_mode_guest: hw::vmread(vmcs::VM_ENTRY_CONTROLS) as u32 & entry::IA32E_MODE_GUEST
+                != 0,
+            unrestricted_guest: self.controls.secondary & controls::secondary::UNRESTRICTED_GUEST
+                != 0,
+            cr0_fixed0: self.capabilities.cr0_fixed0,
+            cr0_fixed1: self.capabilities.cr0_fixed1,
+            cr4_fixed0: self.capabilities.cr4_fixed0,
+            cr4_fixed1: self.capabilities.cr4_fixed1,
+            activity_state: hw::vmread(vmcs::GUEST_ACTIVITY_STATE) as u32,
+            link_pointer: hw::vmread(vmcs::VMCS_LINK_POINTER),
+        }
+    }
+
+    /// Flushes translations a previous VM may have left under this EPTP / VPID.
+    /// See: SDM Vol 3C 29.4.3 "Maintaining TLB consistency".
+    fn flush_on_first_entry(&self) {
+        if self.capabilities.invept && self.capabilities.invept_all_context {
+            // SAFETY: VMX is on and the CPU supports all-context INVEPT.
+            let _ = unsafe { hw::invept(2, self.ept_pointer) };
+        } else if self.capabilities.invept && self.capabilities.invept_single_context {
+            // SAFETY: VMX is on and the CPU supports single-context INVEPT.
+            let _ = unsafe { hw::invept(1, self.ept_pointer) };
+        }
+        if self.controls.secondary & controls::secondary::ENABLE_VPID != 0
+            && self.capabilities.invvpid_single_context
+        {
+            // SAFETY: VMX is on and the CPU supports single-context INVVPID.
+            let _ = unsafe { hw::invvpid(1, self.vpid.max(1)) };
+        }
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self) -> VmExit {
+        if core::mem::replace(&mut self.first_run, false) {
+            self.flush_on_first_entry();
+        }
+        // SAFETY: VMX is on, this vCPU's VMCS is current with complete host state (`new`), and
+        // the hypervisor runs with interrupts off.
+        let outcome = unsafe { hw::world_switch(&mut self.registers, self.launched) };
+        self.next_rip = None;
+        // Nothing is left to inject unless a handler asks again.
+        let _ = write(vmcs::VM_ENTRY_INTERRUPTION_INFO, 0);
+        match outcome {
+            EntryOutcome::Failed(error) => {
+                let number = hw::vmread(vmcs::VM_INSTRUCTION_ERROR);
+                let meaning = match error {
+                    VmxInstructionError::FailInvalid => {
+                        "VMLAUNCH/VMRESUME failed: no current VMCS (VMfailInvalid)"
+                    }
+                    VmxInstructionError::FailValid => exit::instruction_error_meaning(number),
+                };
+                log::warn!("vmx: VM entry failed: {meaning} (VM-instruction error {number}, SDM Vol 3C 31.4)");
+                VmExit::EntryFailed {
+                    reason: meaning,
+                    detail: number,
+                }
+            }
+            EntryOutcome::Exited => {
+                self.launched = true;
+                let exit_reason = hw::vmread(vmcs::EXIT_REASON) as u32;
+                let qualification = hw::vmread(vmcs::EXIT_QUALIFICATION);
+                let decoded = exit::decode(
+                    exit_reason,
+                    qualification,
+                    hw::vmread(vmcs::GUEST_PHYSICAL_ADDRESS),
+                );
+                if let VmExit::EntryFailed { reason, .. } = decoded {
+                    // The hardware only says "invalid guest state": name the field if we can.
+                    let field = exit::diagnose_guest_state(&self.guest_state_fields())
+                        .unwrap_or("no field identified by ringzero's checks (SDM Vol 3C 27.3.1 lists them all)");
+                    log::warn!("vmx: {reason}; exit qualification {qualification:#x}; offending field: {field}");
+                    self.launched = false;
+                    return decoded;
+                }
+                // An event whose delivery the exit interrupted is delivered again.
+                // See: SDM Vol 3C 28.2.4 "Information for VM Exits During Event Delivery".
+                let vectoring = hw::vmread(vmcs::IDT_VECTORING_INFO);
+                if vectoring & EVENT_VALID != 0 {
+                    let _ = write(vmcs::VM_ENTRY_INTERRUPTION_INFO, vectoring & !(1 << 12));
+                    let _ = write(
+                        vmcs::VM_ENTRY_EXCEPTION_ERROR_CODE,
+                        hw::vmread(vmcs::IDT_VECTORING_ERROR_CODE),
+                    );
+                    let _ = write(
+                        vmcs::VM_ENTRY_INSTRUCTION_LENGTH,
+                        hw::vmread(vmcs::VM_EXIT_INSTRUCTION_LENGTH),
+                    );
+                }
+                // The exit instruction length is valid for instruction exits. See: SDM Vol 3C 28.2.5.
+                if matches!(
+                    decoded,
+                    VmExit::Cpuid
+                        | VmExit::Halt
+                        | VmExit::Io(_)
+                        | VmExit::MsrRead
+                        | VmExit::MsrWrite
+                        | VmExit::Hypercall
+                ) {
+                    let length = hw::vmread(vmcs::VM_EXIT_INSTRUCTION_LENGTH);
+                    self.next_rip = Some(hw::vmread(vmcs::GUEST_RIP).wrapping_add(length));
+                }
+                decoded
+            }
+        }
+    }
+
+    fn register(&self, register: Register) -> u64 {
+        let registers = &self.registers;
+        match register {
+            Register::Rsp => hw::vmread(vmcs::GUEST_RSP),
+            Register::Rip => hw::vmread(vmcs::GUEST_RIP),
+            Register::Rflags => hw::vmread(vmcs::GUEST_RFLAGS),
+            Register::Rax => registers.rax,
+            Register::Rbx => registers.rbx,
+            Register::Rcx => registers.rcx,
+            Register::Rdx => registers.rdx,
+            Register::Rsi => registers.rsi,
+            Register::Rdi => registers.rdi,
+            Register::Rbp => registers.rbp,
+            Register::R8 => registers.r8,
+            Register::R9 => registers.r9,
+            Register::R10 => registers.r10,
+            Register::R11 => registers.r11,
+            Register::R12 => registers.r12,
+            Register::R13 => registers.r13,
+            Register::R14 => registers.r14,
+            Register::R15 => registers.r15,
+        }
+    }
+
+    fn set_register(&mut self, register: Register, value: u64) {
+        let registers = &mut self.registers;
+        let slot = match register {
+            Register::Rsp | Register::Rip | Register::Rflags => {
+                let field = match register {
+                    Register::Rsp => vmcs::GUEST_RSP,
+                    Register::Rip => vmcs::GUEST_RIP,
+                    _ => vmcs::GUEST_RFLAGS,
+                };
+                let _ = write(field, value);
+                return;
+            }
+            Register::Rax => &mut registers.rax,
+            Register::Rbx => &mut registers.rbx,
+            Register::Rcx => &mut registers.rcx,
+            Register::Rdx => &mut registers.rdx,
+            Register::Rsi => &mut registers.rsi,
+            Register::Rdi => &mut registers.rdi,
+            Register::Rbp => &mut registers.rbp,
+            Register::R8 => &mut registers.r8,
+            Register::R9 => &mut registers.r9,
+            Register::R10 => &mut registers.r10,
+            Register::R11 => &mut registers.r11,
+            Register::R12 => &mut registers.r12,
+            Register::R13 => &mut registers.r13,
+            Register::R14 => &mut registers.r14,
+            Register::R15 => &mut registers.r15,
+        };
+        *slot = value;
+    }
+
+    fn snapshot(&self) -> GuestSnapshot {
+        // The guest's view of CR0/CR4: host-owned bits come from the read shadows.
+        let cr0_mask = hw::vmread(vmcs::CR0_GUEST_HOST_MASK);
+        let cr4_mask = hw::vmread(vmcs::CR4_GUEST_HOST_MASK);
+        let cr0 = (hw::vmread(vmcs::GUEST_CR0) & !cr0_mask)
+            | (hw::vmread(vmcs::CR0_READ_SHADOW) & cr0_mask);
+        let cr4 = (hw::vmread(vmcs::GUEST_CR4) & !cr4_mask)
+            | (hw::vmread(vmcs::CR4_READ_SHADOW) & cr4_mask);
+        let efer = hw::vmread(vmcs::GUEST_IA32_EFER);
+        let cs_access = hw::vmread(vmcs::GUEST_CS_ACCESS_RIGHTS) as u32;
+        GuestSnapshot {
+            rip: hw::vmread(vmcs::GUEST_RIP),
+            rsp: hw::vmread(vmcs::GUEST_RSP),
+            rflags: hw::vmread(vmcs::GUEST_RFLAGS),
+            cr0,
+            cr3: hw::vmread(vmcs::GUEST_CR3),
+            cr4,
+            efer,
+            cs_base: hw::vmread(vmcs::GUEST_CS_BASE),
+            cs_long_mode: efer & EFER_LMA != 0 && cs_access & ACCESS_LONG != 0,
+            cs_default_32: cs_access & ACCESS_DEFAULT_32 != 0,
+            // CPL = SS.DPL. See: SDM Vol 3C 25.4.1.
+            cpl: ((hw::vmread(vmcs::GUEST_SS_ACCESS_RIGHTS) >> 5) & 3) as u8,
+        }
+    }
+
+    fn next_rip(&self) -> Option<u64> {
+        self.next_rip
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        let mut information = u64::from(vector) | EVENT_TYPE_HARDWARE_EXCEPTION | EVENT_VALID;
+        if let Some(code) = error_code {
+            information |= EVENT_DELIVER_ERROR_CODE;
+            let _ = write(vmcs::VM_ENTRY_EXCEPTION_ERROR_CODE, u64::from(code));
+        }
+        let _ = write(vmcs::VM_ENTRY_INTERRUPTION_INFO, information);
+    }
+
+    fn hardware_msr(&self, msr: u32) -> Option<u64> {
+        Some(match msr {
+            0xC000_0080 => hw::vmread(vmcs::GUEST_IA32_EFER),
+            0x277 => hw::vmread(vmcs::GUEST_IA32_PAT),
+            0xC000_0100 => hw::vmread(vmcs::GUEST_FS_BASE),
+            0xC000_0101 => hw::vmread(vmcs::GUEST_GS_BASE),
+            0x174 => hw::vmread(vmcs::GUEST_IA32_SYSENTER_CS),
+            0x175 => hw::vmread(vmcs::GUEST_IA32_SYSENTER_ESP),
+            0x176 => hw::vmread(vmcs::GUEST_IA32_SYSENTER_EIP),
+            _ => return None,
+        })
+    }
+
+    fn set_hardware_msr(&mut self, msr: u32, value: u64) -> bool {
+        // EFER bits a guest may set: SCE, LME, LMA, NXE (SDM Vol 3A 2.2.1); LMA must follow the
+        // IA-32e mode entry control, so a guest switching modes is not supported yet.
+        const EFER_ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+        let field = match msr {
+            0xC000_0080 if value & !EFER_ALLOWED == 0 => vmcs::GUEST_IA32_EFER,
+            0x277 => vmcs::GUEST_IA32_PAT,
+            0xC000_0100 => vmcs::GUEST_FS_BASE,
+            0xC000_0101 => vmcs::GUEST_GS_BASE,
+            0x174 => vmcs::GUEST_IA32_SYSENTER_CS,
+            0x175 => vmcs::GUEST_IA32_SYSENTER_ESP,
+            0x176 => vmcs::GUEST_IA32_SYSENTER_EIP,
+            _ => return false,
+        };
+        write(field, value).is_ok()
+    }
+}
