@@ -201,6 +201,17 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, Vec<ConfigEr
             "no [[vm]] table: at least one VM is required".into(),
         );
     }
+    if vm_tables.len() > ringzero_loader::manifest::MAX_VMS {
+        errors.push(
+            None,
+            Some("vm"),
+            format!(
+                "{} [[vm]] tables: at most {} VMs fit the boot manifest",
+                vm_tables.len(),
+                ringzero_loader::manifest::MAX_VMS
+            ),
+        );
+    }
 
     let mut vms = Vec::new();
     let mut names: Vec<(String, usize)> = Vec::new();

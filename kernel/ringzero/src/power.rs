@@ -8,7 +8,7 @@
 //! 3. ACPI S5 for a non-zero status (Bochs, real machines; the status is on the serial line);
 //! 4. halt forever with interrupts off.
 //!
-//! The statuses are documented in README.md and docs/architecture.md.
+//! The statuses are documented in README.md and docs/guest-interface.md.
 
 use crate::platform::AcpiPowerOff;
 use ringzero_x86::hw;

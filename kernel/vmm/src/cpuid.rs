@@ -36,8 +36,8 @@ pub fn guest_cpuid(host: &dyn Fn(u32, u32) -> [u32; 4], leaf: u32, subleaf: u32)
     match leaf {
         0x1 => {
             let [eax, ebx, ecx, edx] = host(leaf, subleaf);
-            // VMX/SMX hidden (no nested virtualization); MONITOR/MWAIT hidden (intercepted to
-            // #UD); XSAVE/AVX hidden until the guest's extended state is kept apart from the
+            // VMX/SMX hidden (no nested virtualization); MONITOR/MWAIT hidden (not
+            // emulated); XSAVE/AVX hidden until the guest's extended state is kept apart from the
             // hypervisor's.
             let hidden = LEAF1_ECX_VMX
                 | LEAF1_ECX_SMX
