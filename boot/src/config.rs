@@ -10,7 +10,7 @@
 //! cmdline = "..."           # optional, default ""; at most 3072 bytes
 //! modules = ["a", "b"]      # optional list of paths (relative to the config file), multiboot only
 //! cpus = 1                  # optional, default 1; only 1 is accepted for now
-//! paging = "nested"         # optional: "nested" (default) | "shadow" (not built yet)
+//! paging = "nested"         # optional: "nested" (default) | "shadow"
 //! trace = false             # optional: log every exit
 //! ```
 //!
@@ -485,13 +485,7 @@ fn check_vm(
 
     let paging = match check.string("paging", false).as_deref() {
         None | Some("nested") => Paging::Nested,
-        Some("shadow") => {
-            check.error(
-                "paging",
-                "paging = \"shadow\" is not built yet; use \"nested\"".into(),
-            );
-            Paging::Shadow
-        }
+        Some("shadow") => Paging::Shadow,
         Some(other) => {
             check.error(
                 "paging",

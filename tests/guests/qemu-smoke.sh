@@ -4,7 +4,8 @@
 # guests boot through flat64-shim.elf, which QEMU loads with the guest as its first module.
 # What differs from a run under ringzero: basic's CPUID and unowned-port checks fail (TCG is not
 # ringzero), so it exits with status 1; escape's write beyond RAM is not stopped (status 1); the
-# triple fault resets QEMU, which -no-reboot turns into a plain exit. Usage:
+# triple fault resets QEMU, which -no-reboot turns into a plain exit; torture runs with -cpu max
+# and must pass every step. Usage:
 #   tests/guests/qemu-smoke.sh [--no-build]
 set -euo pipefail
 
@@ -76,6 +77,15 @@ run triple-fault 0 -m 16 -kernel "$images/flat64-shim.elf" -initrd "$images/trip
 expect triple-fault '^triple-fault: loading an empty IDT and executing ud2 at 0x[0-9a-f]+$' || true
 grep -q "Triple fault" "$work/triple-fault.qemu-log" || { echo "FAIL triple-fault: QEMU saw no triple fault"; failures=$((failures + 1)); }
 check $((failures - before)) triple-fault
+
+# torture needs 1 GiB pages and NX from the CPU model: -cpu max. Every step must pass.
+before=$failures
+run torture 1 -m 64 -cpu max -kernel "$images/flat64-shim.elf" -initrd "$images/torture.bin plain-qemu" || true
+for step in idt spaces remap large-pages accessed-dirty ring3 write-protect nx reserved-bits read-back; do
+    expect torture "^torture: $step ok$" || true
+done
+expect torture '^torture: all [0-9]+ checks passed$' || true
+check $((failures - before)) torture
 
 echo "qemu-smoke: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -130,3 +130,30 @@ pub fn boot(args: &[&str]) -> Run {
         wall_time: started.elapsed(),
     }
 }
+
+/// The backend's arguments followed by the test's own.
+pub fn with<'a>(backend: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
+    backend.iter().chain(args).copied().collect()
+}
+
+/// Instantiates test functions `fn NAME(backend: &[&str])` once per backend: as
+/// `qemu_svm::NAME` (AMD SVM, QEMU `-cpu EPYC`, BIOS image) and `bochs_vmx::NAME` (Intel VMX,
+/// Bochs `corei7_skylake_x`, BIOS image). A test is vendor-specific only when it tests a
+/// vendor feature.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        /// AMD SVM: QEMU `-cpu EPYC`, BIOS image.
+        mod qemu_svm {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[test] fn $name() { super::$name(&["--bios"]) })*
+        }
+        /// Intel VMX: Bochs `corei7_skylake_x`, BIOS image.
+        mod bochs_vmx {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[test] fn $name() { super::$name(&["--bochs"]) })*
+        }
+    };
+}

@@ -4,12 +4,7 @@
 //! instantiates it as `qemu_svm::NAME` and `bochs_vmx::NAME`. Plus the refusal of every bad
 //! configuration kind in tests/configs/bad (build time: vendor-neutral, run once).
 
-use ringzero_tests::{boot, field_after};
-
-/// The backend's arguments followed by the test's own.
-fn with<'a>(backend: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
-    backend.iter().chain(args).copied().collect()
-}
+use ringzero_tests::{boot, field_after, on_both_backends, with};
 
 const CLEAN: i32 = 0;
 const GUEST_FAILED: i32 = 6;
@@ -242,10 +237,6 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
         "vm \"basic\": key \"modules\": modules are only for format = \"multiboot\"",
     ),
     (
-        "shadow-paging",
-        "vm \"basic\": key \"paging\": paging = \"shadow\" is not built yet",
-    ),
-    (
         "cpus",
         "vm \"basic\": key \"cpus\": cpus = 2: only 1 is accepted for now",
     ),
@@ -269,19 +260,6 @@ fn every_bad_configuration_is_refused_before_boot_naming_file_vm_and_key() {
             run.report()
         );
     }
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        /// AMD SVM with nested paging: QEMU `-cpu EPYC`, BIOS image.
-        mod qemu_svm {
-            $(#[test] fn $name() { super::$name(&["--bios"]) })*
-        }
-        /// Intel VMX with EPT: Bochs `corei7_skylake_x`, BIOS image.
-        mod bochs_vmx {
-            $(#[test] fn $name() { super::$name(&["--bochs"]) })*
-        }
-    };
 }
 
 on_both_backends!(

@@ -3,7 +3,8 @@
 //! 15.25.6 (nested page fault EXITINFO1/2).
 
 use ringzero_memory::GuestPhysAddr;
-use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+use ringzero_vmm::exit::{ControlRegisterAccess, IoDirection, IoExit, MemoryAccess, VmExit};
+use ringzero_vmm::vcpu::Register;
 
 /// Exit codes ringzero handles. See: APM Vol 2 Table C-1.
 pub mod code {
@@ -11,6 +12,12 @@ pub mod code {
     pub const NMI: u64 = 0x61;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
+    /// 0x00-0x0F: read of CR0-CR15; 0x10-0x1F: write.
+    pub const CR_READ_FIRST: u64 = 0x00;
+    pub const CR_WRITE_FIRST: u64 = 0x10;
+    /// 0x40 + vector: an intercepted exception; 0x4E = #PF.
+    pub const PAGE_FAULT: u64 = 0x4E;
+    pub const INVLPG: u64 = 0x79;
     pub const INVLPGA: u64 = 0x7A;
     pub const IOIO: u64 = 0x7B;
     pub const MSR: u64 = 0x7C;
@@ -36,14 +43,29 @@ pub struct DecodedExit {
     pub next_rip: Option<u64>,
 }
 
-/// Decodes one #VMEXIT from the VMCB's EXITCODE, EXITINFO1 and EXITINFO2.
-pub fn decode(exit_code: u64, info1: u64, info2: u64) -> DecodedExit {
+/// Decodes one #VMEXIT from the VMCB's EXITCODE, EXITINFO1 and EXITINFO2. `decode_assists`:
+/// whether the CPU fills EXITINFO1 for CR accesses and INVLPG (APM Vol 2 15.33).
+pub fn decode(exit_code: u64, info1: u64, info2: u64, decode_assists: bool) -> DecodedExit {
     let plain = |exit| DecodedExit {
         exit,
         next_rip: None,
     };
     match exit_code {
         code::CPUID => plain(VmExit::Cpuid),
+        // CR accesses: with decode assists EXITINFO1 bit 63 says bits 3:0 name the GPR.
+        // See: APM Vol 2 15.33.1.
+        0x00..=0x1F => {
+            let register = (exit_code & 0xF) as u8;
+            let gpr = (decode_assists && info1 & (1 << 63) != 0).then(|| Register::from_number((info1 & 0xF) as u8)).flatten();
+            plain(VmExit::ControlRegister(if exit_code >= code::CR_WRITE_FIRST {
+                ControlRegisterAccess::Write { register, source: gpr }
+            } else {
+                ControlRegisterAccess::Read { register, destination: gpr }
+            }))
+        }
+        // #PF: EXITINFO1 = error code, EXITINFO2 = the faulting address. See: APM Vol 2 15.12.15.
+        code::PAGE_FAULT => plain(VmExit::PageFault { address: info2, error_code: info1 as u32 }),
+        code::INVLPG => plain(VmExit::Invlpg { address: decode_assists.then_some(info1) }),
         code::HLT => plain(VmExit::Halt),
         code::VMMCALL => plain(VmExit::Hypercall),
         code::SHUTDOWN => plain(VmExit::TripleFault),
@@ -93,10 +115,56 @@ pub fn decode(exit_code: u64, info1: u64, info2: u64) -> DecodedExit {
 mod tests {
     use super::*;
 
+    fn decode_plain(exit_code: u64, info1: u64, info2: u64) -> DecodedExit {
+        decode(exit_code, info1, info2, false)
+    }
+
+    #[test]
+    fn shadow_paging_exits() {
+        assert_eq!(
+            decode_plain(0x13, 0, 0).exit,
+            VmExit::ControlRegister(ControlRegisterAccess::Write {
+                register: 3,
+                source: None
+            })
+        );
+        assert_eq!(
+            decode(0x13, (1 << 63) | 1, 0, true).exit,
+            VmExit::ControlRegister(ControlRegisterAccess::Write {
+                register: 3,
+                source: Some(Register::Rcx)
+            })
+        );
+        assert_eq!(
+            decode_plain(0x04, 0, 0).exit,
+            VmExit::ControlRegister(ControlRegisterAccess::Read {
+                register: 4,
+                destination: None
+            })
+        );
+        assert_eq!(
+            decode_plain(code::PAGE_FAULT, 0x6, 0xdead_0000).exit,
+            VmExit::PageFault {
+                address: 0xdead_0000,
+                error_code: 6
+            }
+        );
+        assert_eq!(
+            decode_plain(code::INVLPG, 0x1000, 0).exit,
+            VmExit::Invlpg { address: None }
+        );
+        assert_eq!(
+            decode(code::INVLPG, 0x1000, 0, true).exit,
+            VmExit::Invlpg {
+                address: Some(0x1000)
+            }
+        );
+    }
+
     #[test]
     fn io_exits() {
         // OUT DX, AL to 0x3F8: TYPE=0, SZ8, port 0x3F8; next RIP in EXITINFO2.
-        let decoded = decode(code::IOIO, (0x3F8 << 16) | (1 << 4), 0x10_0042);
+        let decoded = decode_plain(code::IOIO, (0x3F8 << 16) | (1 << 4), 0x10_0042);
         assert_eq!(
             decoded.exit,
             VmExit::Io(IoExit {
@@ -109,7 +177,7 @@ mod tests {
         );
         assert_eq!(decoded.next_rip, Some(0x10_0042));
         // IN EAX, DX from 0xCFC.
-        let decoded = decode(code::IOIO, (0xCFC << 16) | (1 << 6) | 1, 0);
+        let decoded = decode_plain(code::IOIO, (0xCFC << 16) | (1 << 6) | 1, 0);
         assert_eq!(
             decoded.exit,
             VmExit::Io(IoExit {
@@ -121,7 +189,7 @@ mod tests {
             })
         );
         // REP OUTSW.
-        let decoded = decode(
+        let decoded = decode_plain(
             code::IOIO,
             (0x1F0 << 16) | (1 << 5) | (1 << 3) | (1 << 2),
             0,
@@ -139,9 +207,9 @@ mod tests {
 
     #[test]
     fn msr_npf_and_the_rest() {
-        assert_eq!(decode(code::MSR, 0, 0).exit, VmExit::MsrRead);
-        assert_eq!(decode(code::MSR, 1, 0).exit, VmExit::MsrWrite);
-        let npf = decode(code::NPF, 0b110, 0x200_0000).exit;
+        assert_eq!(decode_plain(code::MSR, 0, 0).exit, VmExit::MsrRead);
+        assert_eq!(decode_plain(code::MSR, 1, 0).exit, VmExit::MsrWrite);
+        let npf = decode_plain(code::NPF, 0b110, 0x200_0000).exit;
         assert_eq!(
             npf,
             VmExit::NestedPageFault {
@@ -153,17 +221,17 @@ mod tests {
                 }
             }
         );
-        assert_eq!(decode(code::SHUTDOWN, 0, 0).exit, VmExit::TripleFault);
+        assert_eq!(decode_plain(code::SHUTDOWN, 0, 0).exit, VmExit::TripleFault);
         assert_eq!(
-            decode(code::VMRUN, 0, 0).exit,
+            decode_plain(code::VMRUN, 0, 0).exit,
             VmExit::VirtualizationInstruction { mnemonic: "vmrun" }
         );
         assert!(matches!(
-            decode(code::INVALID, 0, 0).exit,
+            decode_plain(code::INVALID, 0, 0).exit,
             VmExit::EntryFailed { .. }
         ));
         assert_eq!(
-            decode(0x7E, 1, 2).exit,
+            decode_plain(0x7E, 1, 2).exit,
             VmExit::Unhandled {
                 code: 0x7E,
                 info1: 1,

@@ -14,6 +14,8 @@ pub mod misc1 {
     pub const CPUID: u32 = 1 << 18;
     /// HLT.
     pub const HLT: u32 = 1 << 24;
+    /// INVLPG (shadow paging only). See: APM Vol 2 15.12.
+    pub const INVLPG: u32 = 1 << 25;
     /// INVLPGA (an SVM instruction: #UD for the guest).
     pub const INVLPGA: u32 = 1 << 26;
     /// IN/OUT/INS/OUTS, filtered by the I/O permission map. See: APM Vol 2 15.10.
@@ -62,3 +64,10 @@ pub const MSRPM_SIZE: usize = 8 * 1024;
 /// V_INTR_MASKING (VMCB 0x060 bit 24): the guest's RFLAGS.IF masks only virtual interrupts;
 /// physical ones stay under the host's RFLAGS.IF. See: APM Vol 2 15.21.1.
 pub const V_INTR_MASKING: u64 = 1 << 24;
+
+/// Shadow paging: intercept reads (bits 0, 3, 4) and writes (bits 16, 19, 20) of CR0, CR3, CR4.
+/// See: APM Vol 2 15.9 "Instruction intercepts", Table B-1 offset 0x000.
+pub const SHADOW_CR_INTERCEPTS: u32 =
+    (1 << 0) | (1 << 3) | (1 << 4) | (1 << 16) | (1 << 19) | (1 << 20);
+/// Shadow paging: intercept #PF (exception vector 14). See: APM Vol 2 15.12.
+pub const SHADOW_EXCEPTION_INTERCEPTS: u32 = 1 << 14;

@@ -20,4 +20,4 @@ pub mod intercepts;
 pub mod vcpu;
 pub mod vmcb;
 
-pub use vcpu::{SvmFrames, SvmVcpu};
+pub use vcpu::{PagingSetup, SvmFeatures, SvmFrames, SvmVcpu};

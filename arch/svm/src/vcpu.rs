@@ -7,6 +7,7 @@ use crate::intercepts;
 use crate::vmcb::{Segment, StateSaveArea, Vmcb, ATTRIBUTE_DEFAULT_32, ATTRIBUTE_LONG};
 use core::ptr::NonNull;
 use ringzero_loader::boot_plan::{CpuMode, EntryState};
+use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
@@ -54,13 +55,33 @@ pub struct SvmFrames {
     pub host_state: Frame,
 }
 
+/// How the guest's memory is translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingSetup {
+    /// Nested paging with tables rooted here (N_CR3).
+    Nested { root: HostPhysAddr },
+    /// Shadow paging: the core loads the shadow root and real registers through
+    /// `Vcpu::set_shadow_paging` before the first run.
+    Shadow,
+}
+
+/// What this CPU's SVM offers that the backend uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvmFeatures {
+    pub nrip_save: bool,
+    pub decode_assists: bool,
+}
+
 /// One vCPU on AMD SVM.
 pub struct SvmVcpu {
     frames: SvmFrames,
     registers: GuestRegisters,
-    nrip_save: bool,
+    features: SvmFeatures,
     next_rip: Option<u64>,
     first_run: bool,
+    /// Shadow paging: the paging registers the guest believes in.
+    visible: Option<GuestPagingState>,
+    flush_pending: bool,
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
@@ -142,17 +163,19 @@ impl SvmVcpu {
     pub unsafe fn new(
         frames: SvmFrames,
         maps: &PermissionMaps,
-        nested_root: HostPhysAddr,
+        paging: PagingSetup,
         asid: u32,
         entry: &EntryState,
-        nrip_save: bool,
+        features: SvmFeatures,
     ) -> SvmVcpu {
         let mut vcpu = SvmVcpu {
             frames,
             registers: GuestRegisters::default(),
-            nrip_save,
+            features,
             next_rip: None,
             first_run: true,
+            visible: None,
+            flush_pending: false,
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
@@ -164,9 +187,20 @@ impl SvmVcpu {
         vmcb.control.msrpm_base_physical = maps.msrpm.0;
         vmcb.control.guest_asid = asid.max(1);
         vmcb.control.virtual_interrupt_control = intercepts::V_INTR_MASKING;
-        // See: APM Vol 2 15.25.3 "Enabling nested paging".
-        vmcb.control.nested_paging_control = 1;
-        vmcb.control.nested_cr3 = nested_root.0;
+        match paging {
+            // See: APM Vol 2 15.25.3 "Enabling nested paging".
+            PagingSetup::Nested { root } => {
+                vmcb.control.nested_paging_control = 1;
+                vmcb.control.nested_cr3 = root.0;
+            }
+            // Shadow paging: the guest's paging state changes and page faults exit.
+            // See: APM Vol 2 15.9, 15.12.
+            PagingSetup::Shadow => {
+                vmcb.control.intercept_cr = intercepts::SHADOW_CR_INTERCEPTS;
+                vmcb.control.intercept_exceptions = intercepts::SHADOW_EXCEPTION_INTERCEPTS;
+                vmcb.control.intercept_misc1 |= intercepts::misc1::INVLPG;
+            }
+        }
         vmcb.control.clean_bits = 0;
         load_entry_state(&mut vmcb.save, entry);
         vcpu
@@ -204,22 +238,28 @@ impl SvmVcpu {
 impl Vcpu for SvmVcpu {
     fn run(&mut self) -> VmExit {
         let first_run = core::mem::replace(&mut self.first_run, false);
+        // Flush the whole TLB before this vCPU's first run (its ASID may have belonged to a
+        // VM that ran here before) and whenever the shadow tables dropped translations.
+        // See: APM Vol 2 15.16.1 "TLB flush".
+        let flush = first_run || core::mem::replace(&mut self.flush_pending, false);
         let vmcb = self.vmcb_mut();
-        // Flush the whole TLB before this vCPU's first run: its ASID may have belonged to a
-        // VM that ran here before. See: APM Vol 2 15.16.1 "TLB flush".
-        vmcb.control.tlb_control = u8::from(first_run);
+        vmcb.control.tlb_control = u8::from(flush);
         let guest_vmcb = self.frames.vmcb.physical.0;
         let host_state = self.frames.host_state.physical.0;
         // SAFETY: SVM is enabled on this CPU (the kernel calls `hw::enable` before creating
         // vCPUs), the VMCB was built by `new` with the VMRUN intercept set, the host-state page
         // is ours, and the hypervisor runs with interrupts off.
         unsafe { hw::world_switch(&mut self.registers, guest_vmcb, host_state) };
-        let nrip_save = self.nrip_save;
+        let SvmFeatures {
+            nrip_save,
+            decode_assists,
+        } = self.features;
         let vmcb = self.vmcb_mut();
         let decoded = exit::decode(
             vmcb.control.exit_code,
             vmcb.control.exit_info1,
             vmcb.control.exit_info2,
+            decode_assists,
         );
         // An event the exit interrupted (e.g. an exception being delivered when the nested page
         // fault hit) must be delivered again. See: APM Vol 2 15.7.2 "Intercepts during IDT
@@ -303,14 +343,20 @@ impl Vcpu for SvmVcpu {
     fn snapshot(&self) -> GuestSnapshot {
         let save = &self.vmcb().save;
         const EFER_LMA: u64 = 1 << 10;
-        GuestSnapshot {
-            rip: save.rip,
-            rsp: save.rsp,
-            rflags: save.rflags,
+        let paging = self.visible.unwrap_or(GuestPagingState {
             cr0: save.cr0,
             cr3: save.cr3,
             cr4: save.cr4,
             efer: save.efer & !EFER_SVME,
+        });
+        GuestSnapshot {
+            rip: save.rip,
+            rsp: save.rsp,
+            rflags: save.rflags,
+            cr0: paging.cr0,
+            cr3: paging.cr3,
+            cr4: paging.cr4,
+            efer: paging.efer,
             cs_base: save.cs.base,
             cs_long_mode: save.efer & EFER_LMA != 0 && save.cs.attributes & ATTRIBUTE_LONG != 0,
             cs_default_32: save.cs.attributes & ATTRIBUTE_DEFAULT_32 != 0,
@@ -370,5 +416,35 @@ impl Vcpu for SvmVcpu {
             _ => return false,
         }
         true
+    }
+
+    fn set_shadow_paging(
+        &mut self,
+        visible: &GuestPagingState,
+        real: &RealPaging,
+        root: HostPhysAddr,
+    ) {
+        self.visible = Some(*visible);
+        let save = &mut self.vmcb_mut().save;
+        save.cr0 = real.cr0;
+        save.cr3 = root.0;
+        save.cr4 = real.cr4;
+        save.efer = real.efer | EFER_SVME;
+    }
+
+    fn flush_guest_tlb(&mut self) {
+        self.flush_pending = true;
+    }
+
+    fn inject_page_fault(&mut self, address: u64, error_code: u32) {
+        self.vmcb_mut().save.cr2 = address;
+        self.inject_exception(14, Some(error_code));
+    }
+
+    fn set_guest_cr3(&mut self, value: u64) {
+        // A MOV to CR3 flushes the guest's non-global translations; the VMCB path does not,
+        // so flush the ASID at the next VMRUN. See: APM Vol 2 15.16.
+        self.vmcb_mut().save.cr3 = value;
+        self.flush_pending = true;
     }
 }

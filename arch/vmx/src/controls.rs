@@ -14,6 +14,9 @@ pub mod pin {
 /// Primary processor-based controls. See: SDM Vol 3C Table 25-6.
 pub mod primary {
     pub const HLT_EXITING: u32 = 1 << 7;
+    pub const INVLPG_EXITING: u32 = 1 << 9;
+    pub const CR3_LOAD_EXITING: u32 = 1 << 15;
+    pub const CR3_STORE_EXITING: u32 = 1 << 16;
     pub const USE_IO_BITMAPS: u32 = 1 << 25;
     pub const USE_MSR_BITMAPS: u32 = 1 << 28;
     pub const ACTIVATE_SECONDARY_CONTROLS: u32 = 1 << 31;
@@ -85,8 +88,27 @@ fn adjust(
 /// bitmaps of ones), all MSR accesses (MSR bitmap of ones); CPUID and triple faults exit
 /// unconditionally. EPT + VPID + unrestricted guest (so Multiboot's paging-off protected mode
 /// runs as it is). EFER and PAT are switched on entry and exit.
-pub fn compute(capabilities: &VmxCapabilities) -> Result<Controls, UnsupportedControl> {
-    let mut wanted_secondary = secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST;
+///
+/// With `shadow_paging`, EPT and unrestricted guest are off and the guest's paging state
+/// changes exit instead: CR3 loads and stores, INVLPG (plus CR0/CR4 masks and #PF in the
+/// exception bitmap, set by the vCPU). See: SDM Vol 3C 25.6.2, 25.6.3.
+pub fn compute(
+    capabilities: &VmxCapabilities,
+    shadow_paging: bool,
+) -> Result<Controls, UnsupportedControl> {
+    let mut wanted_secondary = if shadow_paging {
+        0
+    } else {
+        secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST
+    };
+    let mut wanted_primary = primary::HLT_EXITING
+        | primary::USE_IO_BITMAPS
+        | primary::USE_MSR_BITMAPS
+        | primary::ACTIVATE_SECONDARY_CONTROLS;
+    if shadow_paging {
+        wanted_primary |=
+            primary::INVLPG_EXITING | primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING;
+    }
     if capabilities.vpid {
         wanted_secondary |= secondary::ENABLE_VPID;
     }
@@ -103,10 +125,7 @@ pub fn compute(capabilities: &VmxCapabilities) -> Result<Controls, UnsupportedCo
         primary: adjust(
             "primary processor-based",
             capabilities.procbased,
-            primary::HLT_EXITING
-                | primary::USE_IO_BITMAPS
-                | primary::USE_MSR_BITMAPS
-                | primary::ACTIVATE_SECONDARY_CONTROLS,
+            wanted_primary,
         )?,
         secondary: adjust(
             "secondary processor-based",
@@ -168,7 +187,7 @@ mod tests {
 
     #[test]
     fn bochs_controls() {
-        let controls = compute(&bochs()).unwrap();
+        let controls = compute(&bochs(), false).unwrap();
         assert_ne!(controls.primary & primary::HLT_EXITING, 0);
         assert_ne!(
             controls.primary & 0x0400_6172,
@@ -187,10 +206,22 @@ mod tests {
     }
 
     #[test]
+    fn shadow_paging_controls() {
+        let controls = compute(&bochs(), true).unwrap();
+        assert_eq!(
+            controls.secondary & (secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST),
+            0
+        );
+        let wanted =
+            primary::INVLPG_EXITING | primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING;
+        assert_eq!(controls.primary & wanted, wanted);
+    }
+
+    #[test]
     fn missing_ept_is_named() {
         let mut capabilities = bochs();
         capabilities.procbased2.may_be_one &= !secondary::ENABLE_EPT;
-        let error = compute(&capabilities).unwrap_err();
+        let error = compute(&capabilities, false).unwrap_err();
         assert_eq!(error.set, "secondary processor-based");
         assert_eq!(error.missing_bits, secondary::ENABLE_EPT);
     }

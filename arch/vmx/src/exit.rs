@@ -4,7 +4,8 @@
 //! "VM-entry failures during or after loading guest state".
 
 use ringzero_memory::GuestPhysAddr;
-use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+use ringzero_vmm::exit::{ControlRegisterAccess, IoDirection, IoExit, MemoryAccess, VmExit};
+use ringzero_vmm::vcpu::Register;
 
 /// Basic exit reasons ringzero handles. See: SDM Vol 3D Table C-1.
 pub mod reason {
@@ -13,6 +14,8 @@ pub mod reason {
     pub const TRIPLE_FAULT: u32 = 2;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
+    pub const INVLPG: u32 = 14;
+    pub const CR_ACCESS: u32 = 28;
     pub const VMCALL: u32 = 18;
     pub const VMCLEAR: u32 = 19;
     pub const VMLAUNCH: u32 = 20;
@@ -50,6 +53,30 @@ pub fn decode(exit_reason: u32, qualification: u64, guest_physical: u64) -> VmEx
     let virtualization = |mnemonic| VmExit::VirtualizationInstruction { mnemonic };
     match basic {
         reason::CPUID => VmExit::Cpuid,
+        // Qualification: bits 3:0 CR number, 5:4 access type (0 MOV to CR, 1 MOV from CR,
+        // 2 CLTS, 3 LMSW), 11:8 the GPR, 31:16 LMSW's source. See: SDM Vol 3C Table 28-3.
+        reason::CR_ACCESS => {
+            let register = (qualification & 0xF) as u8;
+            let gpr = Register::from_number(((qualification >> 8) & 0xF) as u8);
+            VmExit::ControlRegister(match (qualification >> 4) & 3 {
+                0 => ControlRegisterAccess::Write {
+                    register,
+                    source: gpr,
+                },
+                1 => ControlRegisterAccess::Read {
+                    register,
+                    destination: gpr,
+                },
+                2 => ControlRegisterAccess::Clts,
+                _ => ControlRegisterAccess::Lmsw {
+                    value: Some((qualification >> 16) as u16),
+                },
+            })
+        }
+        // Qualification: the linear address. See: SDM Vol 3C Table 28-1... 28.2.1.
+        reason::INVLPG => VmExit::Invlpg {
+            address: Some(qualification),
+        },
         reason::HLT => VmExit::Halt,
         reason::VMCALL => VmExit::Hypercall,
         reason::TRIPLE_FAULT => VmExit::TripleFault,
@@ -273,6 +300,36 @@ mod tests {
             decode(reason::EPT_MISCONFIGURATION, 0, 0x1000),
             VmExit::NestedPagingMisconfiguration {
                 guest_physical: GuestPhysAddr(0x1000)
+            }
+        );
+    }
+
+    #[test]
+    fn shadow_paging_exits() {
+        // MOV CR3, RCX: CR 3, type 0, GPR 1.
+        assert_eq!(
+            decode(reason::CR_ACCESS, 3 | (1 << 8), 0),
+            VmExit::ControlRegister(ControlRegisterAccess::Write {
+                register: 3,
+                source: Some(Register::Rcx)
+            })
+        );
+        // MOV RAX, CR0.
+        assert_eq!(
+            decode(reason::CR_ACCESS, 1 << 4, 0),
+            VmExit::ControlRegister(ControlRegisterAccess::Read {
+                register: 0,
+                destination: Some(Register::Rax)
+            })
+        );
+        assert_eq!(
+            decode(reason::CR_ACCESS, 2 << 4, 0),
+            VmExit::ControlRegister(ControlRegisterAccess::Clts)
+        );
+        assert_eq!(
+            decode(reason::INVLPG, 0x7000, 0),
+            VmExit::Invlpg {
+                address: Some(0x7000)
             }
         );
     }

@@ -20,4 +20,4 @@ pub mod hw;
 pub mod vcpu;
 pub mod vmcs;
 
-pub use vcpu::{VmxFrames, VmxVcpu};
+pub use vcpu::{PagingSetup, VmxFrames, VmxVcpu};

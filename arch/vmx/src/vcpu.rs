@@ -10,6 +10,7 @@ use crate::hw::{self, EntryOutcome, GuestRegisters, VmxInstructionError};
 use crate::vmcs::{self, Field};
 use core::ptr::NonNull;
 use ringzero_loader::boot_plan::{CpuMode, EntryState};
+use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
@@ -97,8 +98,21 @@ impl core::fmt::Display for CreateError {
     }
 }
 
+/// How the guest's memory is translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingSetup {
+    /// EPT with tables rooted here.
+    Nested { root: HostPhysAddr },
+    /// Shadow paging: the core loads the shadow root and real registers through
+    /// `Vcpu::set_shadow_paging` before the first run.
+    Shadow,
+}
+
 /// One vCPU on Intel VMX.
 pub struct VmxVcpu {
+    /// Shadow paging: the paging registers the guest believes in.
+    visible: Option<GuestPagingState>,
+    flush_pending: bool,
     frames: VmxFrames,
     registers: GuestRegisters,
     launched: bool,
@@ -149,11 +163,13 @@ impl VmxVcpu {
         bitmaps: &Bitmaps,
         capabilities: &VmxCapabilities,
         host: &HostState,
-        ept_root: HostPhysAddr,
+        paging: PagingSetup,
         vpid: u16,
         entry_state: &EntryState,
     ) -> Result<VmxVcpu, CreateError> {
-        let mut controls = controls::compute(capabilities).map_err(CreateError::Controls)?;
+        let shadow_paging = paging == PagingSetup::Shadow;
+        let mut controls =
+            controls::compute(capabilities, shadow_paging).map_err(CreateError::Controls)?;
         if entry_state.mode == CpuMode::Long64 {
             controls.entry = capabilities
                 .entry
@@ -186,7 +202,10 @@ impl VmxVcpu {
         // SAFETY: as above.
         unsafe { hw::vmptrld(region) }.map_err(|error| instruction_error("VMPTRLD", error))?;
 
-        let ept_pointer = controls::ept_pointer(ept_root.0, capabilities);
+        let ept_pointer = match paging {
+            PagingSetup::Nested { root } => controls::ept_pointer(root.0, capabilities),
+            PagingSetup::Shadow => 0,
+        };
         let vcpu = VmxVcpu {
             frames,
             registers: GuestRegisters {
@@ -202,6 +221,8 @@ impl VmxVcpu {
             ept_pointer,
             vpid,
             first_run: true,
+            visible: None,
+            flush_pending: false,
         };
         // Step 2: execution, exit and entry controls. See: SDM Vol 3C 25.6-25.8.
         write(vmcs::PIN_BASED_CONTROLS, u64::from(controls.pin))?;
@@ -215,11 +236,20 @@ impl VmxVcpu {
         )?;
         write(vmcs::VM_EXIT_CONTROLS, u64::from(controls.exit))?;
         write(vmcs::VM_ENTRY_CONTROLS, u64::from(controls.entry))?;
-        write(vmcs::EXCEPTION_BITMAP, 0)?;
+        // Shadow paging: every #PF exits (mask 0, match 0). See: SDM Vol 3C 25.6.3.
+        write(
+            vmcs::EXCEPTION_BITMAP,
+            if shadow_paging { 1 << 14 } else { 0 },
+        )?;
+        write(vmcs::PAGE_FAULT_ERROR_CODE_MASK, 0)?;
+        write(vmcs::PAGE_FAULT_ERROR_CODE_MATCH, 0)?;
+        write(vmcs::CR3_TARGET_COUNT, 0)?;
         write(vmcs::IO_BITMAP_A, bitmaps.io_a.0)?;
         write(vmcs::IO_BITMAP_B, bitmaps.io_b.0)?;
         write(vmcs::MSR_BITMAP, bitmaps.msr.0)?;
-        write(vmcs::EPT_POINTER, ept_pointer)?;
+        if !shadow_paging {
+            write(vmcs::EPT_POINTER, ept_pointer)?;
+        }
         if controls.secondary & controls::secondary::ENABLE_VPID != 0 {
             write(vmcs::VIRTUAL_PROCESSOR_ID, u64::from(vpid.max(1)))?;
         }
@@ -234,9 +264,15 @@ impl VmxVcpu {
         }
         let cr0_host_owned = cr0_required & !entry_state.cr0;
         let cr4_host_owned = capabilities.cr4_fixed0 & !entry_state.cr4;
-        write(vmcs::CR0_GUEST_HOST_MASK, cr0_host_owned | CR0_NE)?;
+        // Under shadow paging the host owns every bit: all writes exit, reads see the shadow.
+        let (cr0_mask, cr4_mask) = if shadow_paging {
+            (u64::MAX, u64::MAX)
+        } else {
+            (cr0_host_owned | CR0_NE, cr4_host_owned | CR4_VMXE)
+        };
+        write(vmcs::CR0_GUEST_HOST_MASK, cr0_mask)?;
         write(vmcs::CR0_READ_SHADOW, entry_state.cr0)?;
-        write(vmcs::CR4_GUEST_HOST_MASK, cr4_host_owned | CR4_VMXE)?;
+        write(vmcs::CR4_GUEST_HOST_MASK, cr4_mask)?;
         write(vmcs::CR4_READ_SHADOW, entry_state.cr4)?;
 
         // Step 4: host state: where an exit lands. See: SDM Vol 3C 25.5, 28.5.
@@ -420,6 +456,19 @@ impl Vcpu for VmxVcpu {
         if core::mem::replace(&mut self.first_run, false) {
             self.flush_on_first_entry();
         }
+        if core::mem::replace(&mut self.flush_pending, false)
+            && self.controls.secondary & controls::secondary::ENABLE_VPID != 0
+        {
+            // Shadow paging dropped translations: flush this VPID's. Without VPID every entry
+            // and exit flushes anyway. See: SDM Vol 3C 29.4.3.
+            let kind = if self.capabilities.invvpid_single_context {
+                1
+            } else {
+                2
+            };
+            // SAFETY: VMX is on and the CPU supports this INVVPID type.
+            let _ = unsafe { hw::invvpid(kind, self.vpid.max(1)) };
+        }
         // SAFETY: VMX is on, this vCPU's VMCS is current with complete host state (`new`), and
         // the hypervisor runs with interrupts off.
         let outcome = unsafe { hw::world_switch(&mut self.registers, self.launched) };
@@ -445,11 +494,32 @@ impl Vcpu for VmxVcpu {
                 self.launched = true;
                 let exit_reason = hw::vmread(vmcs::EXIT_REASON) as u32;
                 let qualification = hw::vmread(vmcs::EXIT_QUALIFICATION);
-                let decoded = exit::decode(
-                    exit_reason,
-                    qualification,
-                    hw::vmread(vmcs::GUEST_PHYSICAL_ADDRESS),
-                );
+                let decoded = if exit_reason & 0xFFFF == exit::reason::EXCEPTION_OR_NMI {
+                    // Interruption information: vector 7:0, type 10:8 (2 = NMI, 3 = hardware
+                    // exception). Under shadow paging the only exception exiting is #PF, whose
+                    // qualification is the faulting address. See: SDM Vol 3C 28.2.2.
+                    let information = hw::vmread(vmcs::VM_EXIT_INTERRUPTION_INFO);
+                    if information & 0xFF == 14 && (information >> 8) & 7 == 3 {
+                        VmExit::PageFault {
+                            address: qualification,
+                            error_code: hw::vmread(vmcs::VM_EXIT_INTERRUPTION_ERROR_CODE) as u32,
+                        }
+                    } else if (information >> 8) & 7 == 2 {
+                        VmExit::ExternalInterrupt
+                    } else {
+                        VmExit::Unhandled {
+                            code: 0,
+                            info1: information,
+                            info2: qualification,
+                        }
+                    }
+                } else {
+                    exit::decode(
+                        exit_reason,
+                        qualification,
+                        hw::vmread(vmcs::GUEST_PHYSICAL_ADDRESS),
+                    )
+                };
                 if let VmExit::EntryFailed { reason, .. } = decoded {
                     // The hardware only says "invalid guest state": name the field if we can.
                     let field = exit::diagnose_guest_state(&self.guest_state_fields())
@@ -481,6 +551,8 @@ impl Vcpu for VmxVcpu {
                         | VmExit::MsrRead
                         | VmExit::MsrWrite
                         | VmExit::Hypercall
+                        | VmExit::ControlRegister(_)
+                        | VmExit::Invlpg { .. }
                 ) {
                     let length = hw::vmread(vmcs::VM_EXIT_INSTRUCTION_LENGTH);
                     self.next_rip = Some(hw::vmread(vmcs::GUEST_RIP).wrapping_add(length));
@@ -553,18 +625,22 @@ impl Vcpu for VmxVcpu {
             | (hw::vmread(vmcs::CR0_READ_SHADOW) & cr0_mask);
         let cr4 = (hw::vmread(vmcs::GUEST_CR4) & !cr4_mask)
             | (hw::vmread(vmcs::CR4_READ_SHADOW) & cr4_mask);
-        let efer = hw::vmread(vmcs::GUEST_IA32_EFER);
+        let real_efer = hw::vmread(vmcs::GUEST_IA32_EFER);
+        let (cr0, cr3, cr4, efer) = match self.visible {
+            Some(visible) => (visible.cr0, visible.cr3, visible.cr4, visible.efer),
+            None => (cr0, hw::vmread(vmcs::GUEST_CR3), cr4, real_efer),
+        };
         let cs_access = hw::vmread(vmcs::GUEST_CS_ACCESS_RIGHTS) as u32;
         GuestSnapshot {
             rip: hw::vmread(vmcs::GUEST_RIP),
             rsp: hw::vmread(vmcs::GUEST_RSP),
             rflags: hw::vmread(vmcs::GUEST_RFLAGS),
             cr0,
-            cr3: hw::vmread(vmcs::GUEST_CR3),
+            cr3,
             cr4,
             efer,
             cs_base: hw::vmread(vmcs::GUEST_CS_BASE),
-            cs_long_mode: efer & EFER_LMA != 0 && cs_access & ACCESS_LONG != 0,
+            cs_long_mode: real_efer & EFER_LMA != 0 && cs_access & ACCESS_LONG != 0,
             cs_default_32: cs_access & ACCESS_DEFAULT_32 != 0,
             // CPL = SS.DPL. See: SDM Vol 3C 25.4.1.
             cpl: ((hw::vmread(vmcs::GUEST_SS_ACCESS_RIGHTS) >> 5) & 3) as u8,
@@ -612,5 +688,51 @@ impl Vcpu for VmxVcpu {
             _ => return false,
         };
         write(field, value).is_ok()
+    }
+
+    fn set_shadow_paging(
+        &mut self,
+        visible: &GuestPagingState,
+        real: &RealPaging,
+        root: HostPhysAddr,
+    ) {
+        self.visible = Some(*visible);
+        let capabilities = &self.capabilities;
+        // The real registers must satisfy VMX's fixed bits (NE, VMXE; PE and PG as there is no
+        // unrestricted guest under shadow paging). See: SDM Vol 3D A.7, A.8.
+        let cr0 = (real.cr0 | capabilities.cr0_fixed0) & capabilities.cr0_fixed1;
+        let cr4 = (real.cr4 | capabilities.cr4_fixed0) & capabilities.cr4_fixed1;
+        let _ = write(vmcs::GUEST_CR0, cr0);
+        let _ = write(vmcs::GUEST_CR4, cr4);
+        let _ = write(vmcs::GUEST_CR3, root.0);
+        let _ = write(vmcs::GUEST_IA32_EFER, real.efer);
+        let _ = write(vmcs::CR0_READ_SHADOW, visible.cr0);
+        let _ = write(vmcs::CR4_READ_SHADOW, visible.cr4);
+        // The "IA-32e mode guest" entry control must equal the real EFER.LMA. See: SDM Vol 3C 27.3.1.1.
+        let mut entry_controls =
+            hw::vmread(vmcs::VM_ENTRY_CONTROLS) & !u64::from(entry::IA32E_MODE_GUEST);
+        if real.efer & EFER_LMA != 0 {
+            entry_controls |= u64::from(entry::IA32E_MODE_GUEST);
+        }
+        let _ = write(vmcs::VM_ENTRY_CONTROLS, entry_controls);
+    }
+
+    fn flush_guest_tlb(&mut self) {
+        self.flush_pending = true;
+    }
+
+    fn inject_page_fault(&mut self, address: u64, error_code: u32) {
+        // VMX keeps the guest's CR2 in the real register: set it now; nothing in the
+        // hypervisor touches CR2 before the next entry.
+        // SAFETY: CR2 only reports page-fault addresses; the hypervisor takes none.
+        unsafe { ringzero_x86::hw::write_cr2(address) };
+        self.inject_exception(14, Some(error_code));
+    }
+
+    fn set_guest_cr3(&mut self, value: u64) {
+        // A MOV to CR3 flushes the guest's non-global translations; writing the field does
+        // not, so flush the VPID before the next entry. See: SDM Vol 3C 29.4.3.
+        let _ = write(vmcs::GUEST_CR3, value);
+        self.flush_pending = true;
     }
 }

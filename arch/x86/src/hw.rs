@@ -73,6 +73,16 @@ pub unsafe fn write_cr0(value: u64) {
     unsafe { Cr0::write_raw(value) }
 }
 
+/// Writes CR2 (the page-fault address register).
+///
+/// # Safety
+/// Only the meaning of the next page-fault report changes; used to give a guest the CR2 of a
+/// page fault the hypervisor injects (VMX keeps the guest's CR2 in the real register).
+pub unsafe fn write_cr2(value: u64) {
+    // SAFETY: CR2 holds no state the hypervisor depends on.
+    unsafe { core::arch::asm!("mov cr2, {0}", in(reg) value, options(nomem, nostack)) };
+}
+
 /// Reads CR4.
 pub fn read_cr4() -> u64 {
     Cr4::read_raw()

@@ -14,6 +14,7 @@
 //! - [`page_table`]: the one [`PageTableFormat`] trait and the one generic walker.
 //! - [`nested`]: [`NestedPageTables`] in the [`Npt`] or [`Ept`] format.
 //! - [`guest_paging`]: guest-virtual to guest-physical translation.
+//! - [`shadow`]: [`ShadowPaging`], the shadow page tables for guests without nested paging.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -25,12 +26,18 @@ pub mod guest_ram;
 pub mod host;
 pub mod nested;
 pub mod page_table;
+pub mod shadow;
 
 pub use addr::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PAGE_SIZE};
 pub use guest_paging::{
     paging_mode, read_guest_virtual, translate_guest_virtual, GuestPagingMode, WalkError,
 };
+pub use guest_ram::BackingError;
 pub use guest_ram::{GuestMemoryError, GuestRam};
 pub use host::{fake, HostMemory, OutOfHostMemory};
 pub use nested::{Ept, NestedFormat, NestedPageTables, Npt};
 pub use page_table::PageTableFormat;
+pub use shadow::{
+    real_paging, ActivateError, FaultAccess, FaultOutcome, GuestPagingState, RealPaging,
+    ShadowFormat, ShadowPaging, ShadowStats, Unsupported,
+};

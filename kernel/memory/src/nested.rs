@@ -4,8 +4,14 @@
 //!
 //! The two formats are the only vendor-specific thing here; both are described by the one
 //! [`PageTableFormat`] trait, so the builder and the walker are shared. The tables live in host
-//! frames taken from [`HostMemory`], and map exactly the guest's RAM with 4 KiB leaves:
-//! anything outside RAM is absent, so a guest access there exits to the hypervisor (MMIO).
+//! frames taken from [`HostMemory`], and map guest RAM with 4 KiB leaves: anything outside RAM
+//! is absent, so a guest access there exits to the hypervisor (MMIO).
+//!
+//! Two ways to fill them: [`NestedPageTables::build`] maps every page of a [`GuestRam`] that has
+//! a frame (all of eager RAM; of lazy RAM, what the hypervisor has loaded so far), and
+//! [`NestedPageTables::new_empty`] + [`NestedPageTables::map_page`] map pages one at a time, as
+//! the nested-page-fault handler backs lazy RAM on first touch (memory overcommit). Intermediate
+//! tables are taken on demand either way, so the table cost follows what is mapped.
 // Manuals: Intel SDM Vol 3C, chapter 29 "VMX Support for Address Translation" (editions from
 //          2023 on, where EPT is 29.3); AMD64 APM Vol 2 (pub. 24593, rev. 3.42) section 15.25
 //          "Nested Paging".
@@ -165,10 +171,11 @@ pub enum NestedFormat {
     Ept,
 }
 
-/// A built set of second-level tables mapping a guest's RAM.
+/// A set of second-level tables mapping (part of) a guest's RAM.
 ///
 /// Owns its table frames but cannot free them on drop (that needs the host): call
-/// [`NestedPageTables::release`] when the VM ends.
+/// [`NestedPageTables::release`] when the VM ends. The frames it maps belong to the
+/// [`GuestRam`], not to the tables.
 #[derive(Debug)]
 pub struct NestedPageTables {
     root: HostPhysAddr,
@@ -178,55 +185,73 @@ pub struct NestedPageTables {
 }
 
 impl NestedPageTables {
-    /// Maps exactly `[0, ram.size())` page by page (4 KiB leaves) to `ram`'s frames,
-    /// read/write/execute. Nothing else is mapped. Table frames come from `host`; on exhaustion
-    /// every frame taken so far is freed and [`OutOfHostMemory`] returned.
+    /// Maps every page of `ram` that has a frame (4 KiB leaves, read/write/execute): all of
+    /// `[0, ram.size())` for eager RAM; for lazy RAM only the pages backed so far (what the
+    /// hypervisor loaded with [`GuestRam::write_allocating`]), the rest being mapped later with
+    /// [`NestedPageTables::map_page`] as the guest touches them. Nothing outside the RAM is
+    /// mapped. Table frames come from `host`; on exhaustion, or for a RAM larger than 4-level
+    /// tables can address (2^48 bytes), every frame taken so far is freed and
+    /// [`OutOfHostMemory`] returned.
     pub fn build(
         ram: &GuestRam,
         format: NestedFormat,
-        host: &mut dyn HostMemory,
-    ) -> Result<NestedPageTables, OutOfHostMemory> {
-        match format {
-            NestedFormat::Npt => Self::build_with(&Npt, format, ram, host),
-            NestedFormat::Ept => Self::build_with(&Ept, format, ram, host),
-        }
-    }
-
-    fn build_with<F: PageTableFormat>(
-        table_format: &F,
-        format: NestedFormat,
-        ram: &GuestRam,
         host: &mut dyn HostMemory,
     ) -> Result<NestedPageTables, OutOfHostMemory> {
         // A RAM beyond what 4 levels can address cannot be mapped (and no host holds it).
         if ram.size() > MAX_GUEST_PHYSICAL {
             return Err(OutOfHostMemory);
         }
+        let mut tables = Self::new_empty(format, host)?;
+        for (page, frame) in ram.backed_frames() {
+            if let Err(error) = tables.map_page(page, frame, host) {
+                tables.release(host);
+                return Err(error);
+            }
+        }
+        Ok(tables)
+    }
+
+    /// Tables with nothing mapped yet: only the root (PML4) is allocated, so every guest access
+    /// exits until [`NestedPageTables::map_page`] maps its page.
+    pub fn new_empty(
+        format: NestedFormat,
+        host: &mut dyn HostMemory,
+    ) -> Result<NestedPageTables, OutOfHostMemory> {
         let mut frames = Vec::new();
-        let result = allocate_table(host, &mut frames).and_then(|root| {
-            let mut page = GuestPhysAddr(0);
-            while page.0 < ram.size() {
-                // With eager RAM every page has a frame; a lazily backed page stays unmapped
-                // until it is populated.
-                if let Some(frame) = ram.host_frame(page) {
-                    map_page(table_format, host, &mut frames, root, page, frame)?;
-                }
-                page = GuestPhysAddr(page.0 + crate::addr::PAGE_SIZE);
-            }
-            Ok(root)
-        });
-        match result {
-            Ok(root) => Ok(NestedPageTables {
-                root,
-                format,
-                frames,
-            }),
-            Err(error) => {
-                for frame in frames {
-                    host.free_frame(frame);
-                }
-                Err(error)
-            }
+        let root = allocate_table(host, &mut frames)?;
+        Ok(NestedPageTables {
+            root,
+            format,
+            frames,
+        })
+    }
+
+    /// Maps the 4 KiB guest page holding `address` to `frame` (its 4 KiB-aligned base; low bits
+    /// are ignored), read/write/execute, taking any missing intermediate table from `host`.
+    ///
+    /// A page that is already mapped is remapped to `frame`; the caller must then flush the
+    /// vCPUs' cached guest-physical translations (INVEPT, or the VMCB's TLB control) before the
+    /// old frame is reused. Filling a not-present entry needs no flush.
+    ///
+    /// Errors with [`OutOfHostMemory`] when a table frame (or heap for the frame list) is
+    /// missing: the page stays unmapped, and intermediate tables already taken stay in place,
+    /// empty, freed by [`NestedPageTables::release`]. An `address` of 2^48 or more, which 4-level
+    /// tables cannot map, gets the same error (no host backs it either), never an alias.
+    // See: SDM Vol 3C 29.4.2 (no guest-physical mappings are cached from EPT entries that are
+    //      not present); APM Vol 2 15.16 (TLB control for nested paging)
+    pub fn map_page(
+        &mut self,
+        address: GuestPhysAddr,
+        frame: HostPhysAddr,
+        host: &mut dyn HostMemory,
+    ) -> Result<(), OutOfHostMemory> {
+        if address.0 >= MAX_GUEST_PHYSICAL {
+            return Err(OutOfHostMemory);
+        }
+        let page = address.align_down();
+        match self.format {
+            NestedFormat::Npt => map_page(&Npt, host, &mut self.frames, self.root, page, frame),
+            NestedFormat::Ept => map_page(&Ept, host, &mut self.frames, self.root, page, frame),
         }
     }
 
@@ -237,14 +262,14 @@ impl NestedPageTables {
         self.root
     }
 
-    /// The format the tables were built in.
+    /// The format of the tables.
     #[must_use]
     pub fn format(&self) -> NestedFormat {
         self.format
     }
 
     /// Walks the tables like the hardware would, or `None` where the guest-physical address is
-    /// unmapped (outside RAM).
+    /// unmapped (outside RAM, or a page not mapped yet).
     #[must_use]
     pub fn translate(&self, host: &dyn HostMemory, address: GuestPhysAddr) -> Option<HostPhysAddr> {
         let mapping = self.walk(host, address)?;
@@ -506,5 +531,133 @@ mod tests {
         assert!(!Ept.has_reserved_bits(0x20_0000 | 0x7 | (6 << 3) | EPT_LARGE_PAGE, 2));
         // Memory-type bits in a non-leaf entry are reserved.
         assert!(Ept.has_reserved_bits(0x5000 | 0x7 | (6 << 3), 4));
+    }
+
+    #[test]
+    fn empty_tables_map_pages_on_demand() {
+        for format in FORMATS {
+            let mut host = FakeHostMemory::new();
+            let mut ram = GuestRam::new_lazy(1 << 30);
+            let mut tables = NestedPageTables::new_empty(format, &mut host).unwrap();
+            assert_eq!(tables.format(), format);
+            assert_eq!(tables.table_frames(), 1);
+            assert_eq!(tables.translate(&host, GuestPhysAddr(0)), None);
+
+            // Touch two pages in one 2 MiB region and one far away, as a fault handler would.
+            let touched = [0x5000, 0x7000, (512 << 20) + 0x3000];
+            for address in touched {
+                let frame = ram
+                    .frame_or_allocate(GuestPhysAddr(address), &mut host)
+                    .unwrap();
+                tables
+                    .map_page(GuestPhysAddr(address + 0x10), frame, &mut host)
+                    .unwrap();
+            }
+            // Both regions lie in the first gibibyte: PML4 + PDPT + one PD + two PTs.
+            assert_eq!(tables.table_frames(), 5);
+            for address in touched {
+                let frame = ram.host_frame(GuestPhysAddr(address)).unwrap();
+                assert_eq!(
+                    tables.translate(&host, GuestPhysAddr(address + 0xabc)),
+                    Some(HostPhysAddr(frame.0 + 0xabc))
+                );
+            }
+            for unmapped in [
+                0x4000,
+                0x6000,
+                0x8000,
+                2 << 20,
+                (512 << 20) + 0x4000,
+                1 << 30,
+            ] {
+                assert_eq!(
+                    tables.translate(&host, GuestPhysAddr(unmapped)),
+                    None,
+                    "{unmapped:#x}"
+                );
+            }
+            // The leaves carry the format's usual bits.
+            let frame = ram.host_frame(GuestPhysAddr(0x5000)).unwrap();
+            let expected = match format {
+                NestedFormat::Npt => frame.0 | 0x7,
+                NestedFormat::Ept => frame.0 | 0x7 | (6 << 3),
+            };
+            assert_eq!(
+                tables.leaf_entry(&host, GuestPhysAddr(0x5000)),
+                Some(expected)
+            );
+
+            // Remapping a page points it at the new frame, with no new table.
+            let other = ram
+                .frame_or_allocate(GuestPhysAddr(0x9000), &mut host)
+                .unwrap();
+            tables
+                .map_page(GuestPhysAddr(0x5000), other, &mut host)
+                .unwrap();
+            assert_eq!(tables.translate(&host, GuestPhysAddr(0x5000)), Some(other));
+            assert_eq!(tables.table_frames(), 5);
+
+            // Beyond what 4 levels map: refused, not aliased onto a low page.
+            assert_eq!(
+                tables.map_page(GuestPhysAddr(MAX_GUEST_PHYSICAL + 0x5000), other, &mut host),
+                Err(OutOfHostMemory)
+            );
+            assert_eq!(tables.translate(&host, GuestPhysAddr(0x5000)), Some(other));
+
+            tables.release(&mut host);
+            assert_eq!(host.allocated_frames(), 4);
+            ram.release(&mut host);
+            assert_eq!(host.allocated_frames(), 0);
+        }
+    }
+
+    #[test]
+    fn map_page_on_exhaustion_leaves_the_page_unmapped() {
+        for format in FORMATS {
+            // Room for the root and two more tables, not the three a first page needs.
+            let mut host = FakeHostMemory::with_frame_limit(3);
+            let mut tables = NestedPageTables::new_empty(format, &mut host).unwrap();
+            let frame = HostPhysAddr(0x1234_5000);
+            assert_eq!(
+                tables.map_page(GuestPhysAddr(0x5000), frame, &mut host),
+                Err(OutOfHostMemory)
+            );
+            assert_eq!(tables.translate(&host, GuestPhysAddr(0x5000)), None);
+            assert_eq!(tables.table_frames(), 3);
+            tables.release(&mut host);
+            assert_eq!(host.allocated_frames(), 0);
+
+            // No frame at all: not even the root.
+            let mut starved = FakeHostMemory::with_frame_limit(0);
+            assert_eq!(
+                NestedPageTables::new_empty(format, &mut starved).unwrap_err(),
+                OutOfHostMemory
+            );
+        }
+    }
+
+    #[test]
+    fn build_maps_only_the_backed_pages_of_lazy_ram() {
+        for format in FORMATS {
+            let mut host = FakeHostMemory::new();
+            let mut ram = GuestRam::new_lazy(4 << 30);
+            // The hypervisor loads an image at 1 MiB and a table at 3 GiB.
+            ram.write_allocating(&mut host, GuestPhysAddr(1 << 20), &[0x90; 5000])
+                .unwrap();
+            ram.write_allocating(&mut host, GuestPhysAddr(3 << 30), &[1; 8])
+                .unwrap();
+            let tables = NestedPageTables::build(&ram, format, &mut host).unwrap();
+            // PML4 + PDPT + two PDs + two PTs: nothing for the untouched 4 GiB.
+            assert_eq!(tables.table_frames(), 6);
+            for (page, frame) in ram.backed_frames() {
+                assert_eq!(tables.translate(&host, page), Some(frame));
+            }
+            assert_eq!(ram.backed_frames().count(), 3);
+            assert_eq!(tables.translate(&host, GuestPhysAddr(0)), None);
+            assert_eq!(tables.translate(&host, GuestPhysAddr(3 << 20)), None);
+            tables.release(&mut host);
+            ram.release(&mut host);
+            assert_eq!(host.allocated_frames(), 0);
+        }
     }
 }

@@ -10,16 +10,18 @@ use alloc::string::String;
 use core::ptr::NonNull;
 use ringzero_loader::boot_plan;
 use ringzero_loader::manifest::{Manifest, Paging, TestHook, VmManifest};
+use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
 use ringzero_memory::{
     GuestPhysAddr, GuestRam, HostMemory, NestedFormat, NestedPageTables, OutOfHostMemory,
 };
 use ringzero_svm::vcpu::PermissionMaps;
-use ringzero_svm::{SvmFrames, SvmVcpu};
+use ringzero_svm::{PagingSetup as SvmPagingSetup, SvmFeatures, SvmFrames, SvmVcpu};
+use ringzero_vmm::paging::GuestPaging;
 use ringzero_vmm::vcpu::Vcpu;
 use ringzero_vmm::vm::{self, Vm, VmEnd};
 use ringzero_vmm::Platform;
 use ringzero_vmx::vcpu::{Bitmaps, HostState};
-use ringzero_vmx::{VmxFrames, VmxVcpu};
+use ringzero_vmx::{PagingSetup as VmxPagingSetup, VmxFrames, VmxVcpu};
 use ringzero_x86::caps::vmx::VmxCapabilities;
 use ringzero_x86::hw;
 
@@ -101,7 +103,7 @@ fn vmx_frame(physical: HostPhysAddr) -> ringzero_vmx::vcpu::Frame {
 enum Backend {
     Svm {
         maps: PermissionMaps,
-        nrip_save: bool,
+        features: SvmFeatures,
         asids: u32,
     },
     Vmx {
@@ -175,7 +177,10 @@ impl Backend {
                 );
                 Ok(Backend::Svm {
                     maps,
-                    nrip_save: capabilities.nrip_save,
+                    features: SvmFeatures {
+                        nrip_save: capabilities.nrip_save,
+                        decode_assists: capabilities.decode_assists,
+                    },
                     asids: capabilities.asids,
                 })
             }
@@ -232,11 +237,12 @@ impl Backend {
         }
     }
 
-    /// Creates the vCPU of VM number `index` on tables rooted at `nested_root`.
+    /// Creates the vCPU of VM number `index`: on nested tables rooted at `nested_root`, or
+    /// (None) on shadow tables the core loads before the first run.
     fn create_vcpu(
         &self,
         index: usize,
-        nested_root: HostPhysAddr,
+        nested_root: Option<HostPhysAddr>,
         entry: &boot_plan::EntryState,
     ) -> Result<AnyVcpu, String> {
         let page = || {
@@ -246,7 +252,7 @@ impl Backend {
         match self {
             Backend::Svm {
                 maps,
-                nrip_save,
+                features,
                 asids,
             } => {
                 // ASIDs 1.. rotate over the VMs; each vCPU flushes the TLB before its first run.
@@ -255,9 +261,13 @@ impl Backend {
                     vmcb: svm_frame(page()?),
                     host_state: svm_frame(page()?),
                 };
+                let paging = match nested_root {
+                    Some(root) => SvmPagingSetup::Nested { root },
+                    None => SvmPagingSetup::Shadow,
+                };
                 // SAFETY: both frames are fresh zeroed pages owned by this vCPU until tear-down.
                 Ok(AnyVcpu::Svm(unsafe {
-                    SvmVcpu::new(frames, maps, nested_root, asid, entry, *nrip_save)
+                    SvmVcpu::new(frames, maps, paging, asid, entry, *features)
                 }))
             }
             Backend::Vmx {
@@ -271,18 +281,14 @@ impl Backend {
                 let frames = VmxFrames {
                     vmcs: vmx_frame(vmcs),
                 };
+                let paging = match nested_root {
+                    Some(root) => VmxPagingSetup::Nested { root },
+                    None => VmxPagingSetup::Shadow,
+                };
                 // SAFETY: VMX is on (Backend::new), the VMCS page is fresh and owned by this vCPU,
                 // and the host state was read from this CPU.
                 match unsafe {
-                    VmxVcpu::new(
-                        frames,
-                        bitmaps,
-                        capabilities,
-                        host,
-                        nested_root,
-                        vpid,
-                        entry,
-                    )
+                    VmxVcpu::new(frames, bitmaps, capabilities, host, paging, vpid, entry)
                 } {
                     Ok(vcpu) => Ok(AnyVcpu::Vmx(vcpu)),
                     Err(error) => {
@@ -455,14 +461,6 @@ fn run_one(
             ""
         }
     );
-    if vm_manifest.paging != Paging::Nested {
-        log::error!(
-            "vm {name}: paging {} is not supported by this hypervisor",
-            vm_manifest.paging.name()
-        );
-        end_line(name, "refused", vm::STATUS_STOPPED, 0);
-        return false;
-    }
     let plan = match boot_plan::plan(vm_manifest) {
         Ok(plan) => plan,
         Err(error) => {
@@ -476,60 +474,104 @@ fn run_one(
         end_line(name, "out-of-host-memory", vm::STATUS_STOPPED, 0);
         false
     };
-    let ram = match GuestRam::new(vm_manifest.memory_bytes, &mut host) {
-        Ok(ram) => ram,
-        Err(OutOfHostMemory) => return out_of_memory("its RAM"),
-    };
+    // RAM is promised, not allocated: a frame is taken on the first touch of each page
+    // (overcommit). Loading the image touches the pages it fills.
+    let mut ram = GuestRam::new_lazy(vm_manifest.memory_bytes);
     for placement in &plan.placements {
-        // Frames are zeroed: only the data needs writing (the zero fill up to `size` is done).
-        if let Err(error) = ram.write(
+        // Frames come zeroed: only the data needs writing (the zero fill up to `size` is done).
+        if let Err(error) = ram.write_allocating(
             &mut host,
             GuestPhysAddr(placement.guest_physical),
             &placement.data,
         ) {
-            log::error!("vm {name}: boot plan placement outside RAM ({error:?})");
+            log::error!("vm {name}: cannot load the boot plan ({error:?})");
             ram.release(&mut host);
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
             return false;
         }
     }
-    let nested = match NestedPageTables::build(&ram, backend.nested_format(), &mut host) {
-        Ok(nested) => nested,
-        Err(OutOfHostMemory) => {
-            ram.release(&mut host);
-            return out_of_memory("its nested page tables");
+    let shadow = vm_manifest.paging == Paging::Shadow;
+    let paging = if shadow {
+        let visible = GuestPagingState {
+            cr0: plan.entry.cr0,
+            cr3: plan.entry.cr3,
+            cr4: plan.entry.cr4,
+            efer: plan.entry.efer,
+        };
+        GuestPaging::Shadow {
+            engine: ShadowPaging::new(SHADOW_ROOTS_PER_VM)
+                .with_physical_address_bits(guest_physical_address_bits()),
+            visible,
+        }
+    } else {
+        // The nested tables map the pages backed so far; the rest is mapped on first touch.
+        match NestedPageTables::build(&ram, backend.nested_format(), &mut host) {
+            Ok(tables) => GuestPaging::Nested(tables),
+            Err(OutOfHostMemory) => {
+                ram.release(&mut host);
+                return out_of_memory("its nested page tables");
+            }
         }
     };
-    let mut vcpu = match backend.create_vcpu(index, nested.root(), &plan.entry) {
+    let nested_root = match &paging {
+        GuestPaging::Nested(tables) => Some(tables.root()),
+        GuestPaging::Shadow { .. } => None,
+    };
+    let mut vcpu = match backend.create_vcpu(index, nested_root, &plan.entry) {
         Ok(vcpu) => vcpu,
         Err(error) => {
             log::error!("vm {name}: {error}; VM not started");
-            nested.release(&mut host);
+            release_paging(paging, &mut host);
             ram.release(&mut host);
             end_line(name, "vcpu-creation-failed", vm::STATUS_STOPPED, 0);
             return false;
         }
     };
     log::info!(
-        "vm {name}: {} KiB of RAM, nested page tables at {:#x} ({} table pages), entry rip={:#x}",
-        ram.size() >> 10,
-        nested.root().0,
-        nested.table_frames(),
+        "vm {name}: {} MiB promised, {} KiB backed after loading, {} paging, entry rip={:#x}",
+        ram.promised_pages() >> 8,
+        ram.backed_pages() * 4,
+        if shadow {
+            "shadow"
+        } else if backend.nested_format() == NestedFormat::Npt {
+            "nested (NPT)"
+        } else {
+            "nested (EPT)"
+        },
         plan.entry.rip
     );
     if corrupt_for_test {
         log::warn!("test hook: breaking vm {name}'s guest state before its first entry");
         vcpu.corrupt_guest_state_for_test();
     }
-    let mut vm = Vm::new(name, ram, vm_manifest.trace);
+    let mut vm = Vm::new(name, ram, paging, vm_manifest.trace);
     let end = vm::run(&mut vm, vcpu.as_vcpu(), &mut KernelPlatform, &mut host);
     report(&vm, &end);
 
-    let Vm { ram, .. } = vm;
+    let Vm { ram, paging, .. } = vm;
     vcpu.tear_down();
-    nested.release(&mut host);
+    release_paging(paging, &mut host);
     ram.release(&mut host);
     end.is_success()
+}
+
+/// The MAXPHYADDR guests see (CPUID 0x80000008:EAX[7:0] passes through from the host).
+fn guest_physical_address_bits() -> u8 {
+    if hw::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
+        (hw::cpuid(0x8000_0008, 0).eax & 0xFF) as u8
+    } else {
+        36
+    }
+}
+
+/// Shadow roots cached per VM (address spaces that switch without a rebuild).
+const SHADOW_ROOTS_PER_VM: usize = 4;
+
+fn release_paging(paging: GuestPaging, host: &mut KernelHostMemory) {
+    match paging {
+        GuestPaging::Nested(tables) => tables.release(host),
+        GuestPaging::Shadow { engine, .. } => engine.release(host),
+    }
 }
 
 fn report(vm: &Vm, end: &VmEnd) {
@@ -544,6 +586,29 @@ fn report(vm: &Vm, end: &VmEnd) {
     );
     for line in vm.stats.table().lines() {
         log::info!("{line}");
+    }
+    log::info!(
+        "vm {}: memory: {} MiB promised, {} KiB backed at the end, peak {} KiB, {} pages backed on first touch",
+        vm.name,
+        vm.ram.promised_pages() >> 8,
+        vm.ram.backed_pages() * 4,
+        vm.ram.peak_backed_pages() * 4,
+        vm.lazy.pages_backed_on_touch
+    );
+    if let GuestPaging::Shadow { engine, .. } = &vm.paging {
+        let stats = engine.stats();
+        log::info!(
+            "vm {}: shadow paging: {} faults fixed, {} injected, {} CR3 switches ({} cache hits), {} INVLPGs, {} rebuilds, {} leaves dropped by resync, {} table pages",
+            vm.name,
+            stats.faults_fixed,
+            stats.faults_injected,
+            stats.cr3_switches,
+            stats.cr3_cache_hits,
+            stats.invlpgs,
+            stats.rebuilds,
+            stats.resync_dropped,
+            stats.table_frames
+        );
     }
     end_line(&vm.name, end.reason(), end.status(), vm.stats.total_exits());
 }

@@ -19,6 +19,10 @@ const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX.PCID: hidden (shadow paging keeps no per-PCID shadows; CR4.PCIDE is refused).
+const LEAF1_ECX_PCID: u32 = 1 << 17;
+/// CPUID.(EAX=7,ECX=0):EBX.INVPCID: hidden with PCID.
+const LEAF7_EBX_INVPCID: u32 = 1 << 10;
 /// CPUID.80000001h:ECX.SVM.
 const EXTENDED_ECX_SVM: u32 = 1 << 2;
 
@@ -44,8 +48,13 @@ pub fn guest_cpuid(host: &dyn Fn(u32, u32) -> [u32; 4], leaf: u32, subleaf: u32)
                 | LEAF1_ECX_MONITOR
                 | LEAF1_ECX_XSAVE
                 | LEAF1_ECX_OSXSAVE
-                | LEAF1_ECX_AVX;
+                | LEAF1_ECX_AVX
+                | LEAF1_ECX_PCID;
             [eax, ebx, (ecx & !hidden) | LEAF1_ECX_HYPERVISOR, edx]
+        }
+        0x7 if subleaf == 0 => {
+            let [eax, ebx, ecx, edx] = host(leaf, subleaf);
+            [eax, ebx & !LEAF7_EBX_INVPCID, ecx, edx]
         }
         // XSAVE state enumeration: nothing while XSAVE is hidden.
         0xD => [0; 4],
@@ -92,6 +101,7 @@ mod tests {
         let leaf1 = guest_cpuid(&epyc, 1, 0);
         assert_eq!(leaf1[2] & LEAF1_ECX_VMX, 0);
         assert_eq!(leaf1[2] & LEAF1_ECX_XSAVE, 0);
+        assert_eq!(leaf1[2] & LEAF1_ECX_PCID, 0);
         assert_ne!(leaf1[2] & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(leaf1[3], 0x078B_FBFF, "EDX passes through");
         assert_eq!(guest_cpuid(&epyc, 0x8000_0001, 0)[2] & EXTENDED_ECX_SVM, 0);

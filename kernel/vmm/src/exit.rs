@@ -45,6 +45,25 @@ impl MemoryAccess {
     }
 }
 
+/// An intercepted control-register access (shadow paging intercepts CR0, CR3, CR4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlRegisterAccess {
+    /// MOV to CRn from a general-purpose register (`None`: the core decodes the instruction).
+    Write {
+        register: u8,
+        source: Option<crate::vcpu::Register>,
+    },
+    /// MOV from CRn to a general-purpose register (`None`: the core decodes the instruction).
+    Read {
+        register: u8,
+        destination: Option<crate::vcpu::Register>,
+    },
+    /// CLTS (clears CR0.TS).
+    Clts,
+    /// LMSW (loads CR0 bits 3:0; `None`: the core decodes the instruction).
+    Lmsw { value: Option<u16> },
+}
+
 /// One exit from the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -68,6 +87,12 @@ pub enum VmExit {
     /// The nested page tables themselves are malformed (VMX: EPT misconfiguration). A
     /// hypervisor bug, never the guest's doing.
     NestedPagingMisconfiguration { guest_physical: GuestPhysAddr },
+    /// A control-register access (intercepted under shadow paging).
+    ControlRegister(ControlRegisterAccess),
+    /// INVLPG of a guest-virtual address (`None`: the core decodes the instruction).
+    Invlpg { address: Option<u64> },
+    /// A page fault raised while the guest ran on shadow page tables: CR2 and the error code.
+    PageFault { address: u64, error_code: u32 },
     /// The guest triple-faulted (SVM: SHUTDOWN intercept; VMX: triple-fault exit).
     TripleFault,
     /// The guest executed a virtualization instruction (VMRUN, VMLAUNCH, ...): it gets #UD.
@@ -93,6 +118,9 @@ impl VmExit {
             VmExit::NestedPageFault { .. } | VmExit::NestedPagingMisconfiguration { .. } => {
                 Reason::NestedPageFault
             }
+            VmExit::ControlRegister(_) => Reason::ControlRegister,
+            VmExit::Invlpg { .. } => Reason::Invlpg,
+            VmExit::PageFault { .. } => Reason::PageFault,
             VmExit::TripleFault => Reason::TripleFault,
             VmExit::VirtualizationInstruction { .. } => Reason::VirtualizationInstruction,
             VmExit::ExternalInterrupt => Reason::ExternalInterrupt,
@@ -112,6 +140,9 @@ pub enum Reason {
     Halt,
     Hypercall,
     NestedPageFault,
+    ControlRegister,
+    Invlpg,
+    PageFault,
     TripleFault,
     VirtualizationInstruction,
     ExternalInterrupt,
@@ -120,7 +151,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Cpuid,
         Reason::Io,
         Reason::MsrRead,
@@ -128,6 +159,9 @@ impl Reason {
         Reason::Halt,
         Reason::Hypercall,
         Reason::NestedPageFault,
+        Reason::ControlRegister,
+        Reason::Invlpg,
+        Reason::PageFault,
         Reason::TripleFault,
         Reason::VirtualizationInstruction,
         Reason::ExternalInterrupt,
@@ -144,6 +178,9 @@ impl Reason {
             Reason::Halt => "hlt",
             Reason::Hypercall => "hypercall",
             Reason::NestedPageFault => "nested-page-fault",
+            Reason::ControlRegister => "cr-access",
+            Reason::Invlpg => "invlpg",
+            Reason::PageFault => "page-fault",
             Reason::TripleFault => "triple-fault",
             Reason::VirtualizationInstruction => "virt-instruction",
             Reason::ExternalInterrupt => "interrupt",

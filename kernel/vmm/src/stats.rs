@@ -33,6 +33,11 @@ impl ExitStats {
         self.reasons[reason.index()]
     }
 
+    /// TSC cycles spent handling every exit so far.
+    pub fn total_cycles(&self) -> u64 {
+        self.reasons.iter().map(|entry| entry.cycles).sum()
+    }
+
     pub fn total_exits(&self) -> u64 {
         self.reasons.iter().map(|entry| entry.count).sum()
     }

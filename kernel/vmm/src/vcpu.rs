@@ -2,6 +2,8 @@
 //! (VMCS) with the same method names.
 
 use crate::exit::VmExit;
+use ringzero_memory::shadow::{GuestPagingState, RealPaging};
+use ringzero_memory::HostPhysAddr;
 
 /// General-purpose and control registers the core reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,33 @@ pub struct GuestSnapshot {
     pub cpl: u8,
 }
 
+impl Register {
+    /// The register of x86's general-purpose register number (0 = RAX, 1 = RCX, 2 = RDX,
+    /// 3 = RBX, 4 = RSP, 5 = RBP, 6 = RSI, 7 = RDI, 8-15 = R8-R15), as VMX exit
+    /// qualifications and SVM decode assists give it. See: SDM Vol 3C Table 28-3.
+    pub fn from_number(number: u8) -> Option<Register> {
+        Some(match number {
+            0 => Register::Rax,
+            1 => Register::Rcx,
+            2 => Register::Rdx,
+            3 => Register::Rbx,
+            4 => Register::Rsp,
+            5 => Register::Rbp,
+            6 => Register::Rsi,
+            7 => Register::Rdi,
+            8 => Register::R8,
+            9 => Register::R9,
+            10 => Register::R10,
+            11 => Register::R11,
+            12 => Register::R12,
+            13 => Register::R13,
+            14 => Register::R14,
+            15 => Register::R15,
+            _ => return None,
+        })
+    }
+}
+
 impl GuestSnapshot {
     /// RFLAGS.IF.
     pub fn interrupts_enabled(&self) -> bool {
@@ -81,4 +110,20 @@ pub trait Vcpu {
     fn hardware_msr(&self, msr: u32) -> Option<u64>;
     /// Writes such an MSR; false when it is not one of them.
     fn set_hardware_msr(&mut self, msr: u32, value: u64) -> bool;
+    /// Shadow paging only: run the guest with the `real` paging registers on the shadow tables
+    /// at `root`, while it reads `visible` (MOV from CR, `snapshot`).
+    fn set_shadow_paging(
+        &mut self,
+        visible: &GuestPagingState,
+        real: &RealPaging,
+        root: HostPhysAddr,
+    );
+    /// Shadow paging only: flush the guest's TLB before the next entry (the shadow tables lost
+    /// or changed translations the TLB may still hold).
+    fn flush_guest_tlb(&mut self);
+    /// Injects a page fault with `error_code`, setting the guest's CR2 to `address`.
+    fn inject_page_fault(&mut self, address: u64, error_code: u32);
+    /// Nested paging only: loads the guest's CR3 as a MOV to CR3 would (the `SET_ADDRESS_SPACE`
+    /// hypercall), flushing the guest's non-global translations.
+    fn set_guest_cr3(&mut self, value: u64);
 }

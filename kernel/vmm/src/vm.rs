@@ -6,6 +6,7 @@ use crate::cpuid::guest_cpuid;
 use crate::decode;
 use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
 use crate::msr::{self, MsrRead, MsrWrite};
+use crate::paging::{self, GuestPaging, LazyStats};
 use crate::stats::ExitStats;
 use crate::vcpu::{Register, Vcpu};
 use crate::Platform;
@@ -31,6 +32,10 @@ pub struct Vm {
     pub ram: GuestRam,
     pub bus: PortBus,
     pub stats: ExitStats,
+    /// How guest-physical memory is translated (nested or shadow tables).
+    pub paging: GuestPaging,
+    /// Pages backed on first touch (overcommit).
+    pub lazy: LazyStats,
     /// Log every exit (the trap trace).
     pub trace: bool,
     console_line: Vec<u8>,
@@ -39,7 +44,7 @@ pub struct Vm {
 
 impl Vm {
     /// A VM with the standard devices: a 16550 UART at COM1 and the test exit port.
-    pub fn new(name: &str, ram: GuestRam, trace: bool) -> Vm {
+    pub fn new(name: &str, ram: GuestRam, paging: GuestPaging, trace: bool) -> Vm {
         let mut bus = PortBus::new();
         bus.add(Box::new(Uart16550::new(Uart16550::COM1)))
             .expect("empty bus");
@@ -50,13 +55,16 @@ impl Vm {
             ram,
             bus,
             stats: ExitStats::default(),
+            paging,
+            lazy: LazyStats::default(),
             trace,
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
     }
 
-    fn console_byte(&mut self, byte: u8, platform: &mut dyn Platform) {
+    /// One byte of console output (from the UART or the `CONSOLE_WRITE` hypercall).
+    pub(crate) fn console_byte(&mut self, byte: u8, platform: &mut dyn Platform) {
         match byte {
             b'\n' => self.flush_console(platform),
             b'\r' => {}
@@ -92,6 +100,8 @@ pub enum VmEnd {
         access: MemoryAccess,
         rip: u64,
     },
+    /// The guest asked to end with the `EXIT` hypercall.
+    HypercallExit { status: u32 },
     /// The hypervisor's own nested page tables were malformed (a hypervisor bug).
     NestedPagingMisconfiguration {
         guest_physical: GuestPhysAddr,
@@ -110,6 +120,11 @@ pub enum VmEnd {
         info2: u64,
         rip: u64,
     },
+    /// The host ran out of memory for a page the guest touched (overcommit exhausted) or for
+    /// the VM's shadow tables.
+    OutOfHostMemory { guest_physical: GuestPhysAddr },
+    /// A guest paging mode shadow paging does not support (32-bit paging).
+    UnsupportedPaging { detail: String },
     /// String or REP port I/O, which is not emulated yet.
     UnsupportedIo { io: IoExit, rip: u64 },
 }
@@ -119,6 +134,7 @@ impl VmEnd {
     pub fn reason(&self) -> &'static str {
         match self {
             VmEnd::ExitPort { .. } => "exit-port",
+            VmEnd::HypercallExit { .. } => "hypercall-exit",
             VmEnd::TripleFault { .. } => "triple-fault",
             VmEnd::NestedPageFault { .. } => "nested-page-fault",
             VmEnd::NestedPagingMisconfiguration { .. } => "nested-paging-misconfiguration",
@@ -127,26 +143,32 @@ impl VmEnd {
             VmEnd::Undecodable { .. } => "undecodable-instruction",
             VmEnd::Unhandled { .. } => "unhandled-exit",
             VmEnd::UnsupportedIo { .. } => "unsupported-io",
+            VmEnd::OutOfHostMemory { .. } => "out-of-host-memory",
+            VmEnd::UnsupportedPaging { .. } => "unsupported-paging-mode",
         }
     }
 
     /// The `status=` number: the guest's own for the exit port, [`STATUS_STOPPED`] otherwise.
     pub fn status(&self) -> u32 {
         match self {
-            VmEnd::ExitPort { status } => *status,
+            VmEnd::ExitPort { status } | VmEnd::HypercallExit { status } => *status,
             _ => STATUS_STOPPED,
         }
     }
 
     /// Whether the guest ended the way a passing guest does (exit port, status 0).
     pub fn is_success(&self) -> bool {
-        matches!(self, VmEnd::ExitPort { status: 0 })
+        matches!(
+            self,
+            VmEnd::ExitPort { status: 0 } | VmEnd::HypercallExit { status: 0 }
+        )
     }
 
     /// One sentence for the log.
     pub fn describe(&self) -> String {
         match self {
             VmEnd::ExitPort { status } => format!("the guest wrote {status} to the exit port"),
+            VmEnd::HypercallExit { status } => format!("the guest ended itself with the EXIT hypercall, status {status}"),
             VmEnd::TripleFault { rip } => {
                 format!("the guest triple-faulted at rip={rip:#x} (an exception it could not deliver); VM stopped")
             }
@@ -169,6 +191,13 @@ impl VmEnd {
             VmEnd::Unhandled { code, info1, info2, rip } => {
                 format!("unhandled exit code {code:#x} (info {info1:#x}, {info2:#x}) at rip={rip:#x}; VM stopped")
             }
+            VmEnd::OutOfHostMemory { guest_physical } => format!(
+                "out of host memory: no frame for the guest's page at {:#x} (or its shadow tables); the host cannot keep the memory it promised; VM stopped",
+                guest_physical.0
+            ),
+            VmEnd::UnsupportedPaging { detail } => {
+                format!("the guest switched to a paging mode shadow paging does not support ({detail}); VM stopped")
+            }
             VmEnd::UnsupportedIo { io, rip } => format!(
                 "string/REP port I/O on port {:#x} at rip={rip:#x} is not emulated; VM stopped",
                 io.port
@@ -184,6 +213,10 @@ pub fn run(
     platform: &mut dyn Platform,
     host: &mut dyn HostMemory,
 ) -> VmEnd {
+    // Step 0: under shadow paging, build the shadow for the guest's first instruction.
+    if let Err(end) = paging::start(vm, vcpu, host) {
+        return end;
+    }
     loop {
         // Step 1: enter the guest; the backend's world switch returns at the next exit.
         let entered = platform.timestamp();
@@ -286,6 +319,9 @@ fn handle(
             let msr_number = vcpu.register(Register::Rcx) as u32;
             let value = match msr::read(msr_number, platform.timestamp()) {
                 MsrRead::Value(value) => Some(value),
+                MsrRead::Hardware if msr_number == msr::IA32_EFER => {
+                    paging::read_efer(vm).or_else(|| vcpu.hardware_msr(msr_number))
+                }
                 MsrRead::Hardware => vcpu.hardware_msr(msr_number),
             };
             match value {
@@ -306,6 +342,15 @@ fn handle(
                 (vcpu.register(Register::Rdx) << 32) | (vcpu.register(Register::Rax) & 0xFFFF_FFFF);
             let accepted = match msr::write(msr_number, value) {
                 MsrWrite::Ignore => true,
+                MsrWrite::Hardware
+                    if msr_number == msr::IA32_EFER
+                        && matches!(vm.paging, GuestPaging::Shadow { .. }) =>
+                {
+                    match paging::write_efer(vm, vcpu, host, value) {
+                        Ok(accepted) => accepted,
+                        Err(end) => return Some(end),
+                    }
+                }
                 MsrWrite::Hardware => vcpu.set_hardware_msr(msr_number, value),
                 MsrWrite::Fault => false,
             };
@@ -325,20 +370,42 @@ fn handle(
                 Some(VmEnd::HaltedForever { rip })
             }
         }
-        // Hypercalls: none are defined yet; RAX = all-ones says "unknown hypercall".
-        VmExit::Hypercall => {
-            vcpu.set_register(Register::Rax, u64::MAX);
-            skip_instruction(vm, vcpu, host).err()
-        }
-        // Nested page fault: every page of RAM is mapped, so this is an access outside it.
+        // Hypercalls: the ABI of docs/hypercalls.md (ring 0 only).
+        VmExit::Hypercall => match crate::hypercall::handle(vm, vcpu, platform, host) {
+            Ok(()) => skip_instruction(vm, vcpu, host).err(),
+            Err(end) => Some(end),
+        },
+        // Nested page fault: a page of RAM not backed yet is backed and mapped (overcommit);
+        // anything else is an access outside the VM's RAM.
         VmExit::NestedPageFault {
             guest_physical,
             access,
-        } => Some(VmEnd::NestedPageFault {
-            guest_physical: *guest_physical,
-            access: *access,
-            rip,
-        }),
+        } => match paging::nested_page_fault(vm, host, *guest_physical) {
+            Some(Ok(())) => None,
+            Some(Err(end)) => Some(end),
+            None => Some(VmEnd::NestedPageFault {
+                guest_physical: *guest_physical,
+                access: *access,
+                rip,
+            }),
+        },
+        // Shadow paging: the guest changes its paging state or invalidates a translation.
+        VmExit::ControlRegister(access) => {
+            match paging::control_register(vm, vcpu, host, *access) {
+                Ok(true) => skip_instruction(vm, vcpu, host).err(),
+                Ok(false) => None,
+                Err(end) => Some(end),
+            }
+        }
+        VmExit::Invlpg { address } => match paging::invlpg(vm, vcpu, host, *address) {
+            Ok(()) => skip_instruction(vm, vcpu, host).err(),
+            Err(end) => Some(end),
+        },
+        // Shadow paging: a fault on the shadow tables, fixed silently or given to the guest.
+        VmExit::PageFault {
+            address,
+            error_code,
+        } => paging::page_fault(vm, vcpu, host, *address, *error_code).err(),
         VmExit::NestedPagingMisconfiguration { guest_physical } => {
             Some(VmEnd::NestedPagingMisconfiguration {
                 guest_physical: *guest_physical,

@@ -7,8 +7,10 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 
 use ringzero_memory::fake::FakeHostMemory;
-use ringzero_memory::{GuestPhysAddr, GuestRam};
+use ringzero_memory::shadow::{GuestPagingState, RealPaging};
+use ringzero_memory::{GuestPhysAddr, GuestRam, HostPhysAddr, NestedFormat, NestedPageTables};
 use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, Reason, VmExit};
+use ringzero_vmm::paging::GuestPaging;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
 use ringzero_vmm::vm::{run, Vm, VmEnd, STATUS_STOPPED};
 use ringzero_vmm::Platform;
@@ -205,6 +207,23 @@ impl Vcpu for FakeVcpu {
         (msr == IA32_EFER).then_some(self.efer)
     }
 
+    fn set_shadow_paging(
+        &mut self,
+        _visible: &GuestPagingState,
+        _real: &RealPaging,
+        _root: HostPhysAddr,
+    ) {
+        unreachable!("these tests run nested-paging VMs")
+    }
+
+    fn flush_guest_tlb(&mut self) {}
+
+    fn inject_page_fault(&mut self, _address: u64, error_code: u32) {
+        self.inject_exception(14, Some(error_code));
+    }
+
+    fn set_guest_cr3(&mut self, _value: u64) {}
+
     fn set_hardware_msr(&mut self, msr: u32, value: u64) -> bool {
         if msr == IA32_EFER {
             self.efer = value;
@@ -285,7 +304,15 @@ impl Harness {
         let mut host = FakeHostMemory::new();
         let ram = GuestRam::new(0x1_0000, &mut host).expect("the fake host has frames");
         Harness {
-            vm: Vm::new("guest0", ram, false),
+            vm: Vm::new(
+                "guest0",
+                ram,
+                GuestPaging::Nested(
+                    NestedPageTables::new_empty(NestedFormat::Npt, &mut host)
+                        .expect("a root frame"),
+                ),
+                false,
+            ),
             host,
             platform: FakePlatform::new(),
             vcpu: FakeVcpu::new(script),
