@@ -23,6 +23,7 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --memory MIB      memory of the emulated machine in MiB (default 256)
   --config FILE     guest configuration (TOML; default config/default.toml)
   --no-guests       boot without guests (detection and smoke test only)
+  --demo NAME       run a teaching demo (traps, paravirt, shadow) and explain it
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state)
   --no-build        do not compile (the test harness compiles once); images are still packed
@@ -32,7 +33,7 @@ USAGE
 }
 
 firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="$RZ_ROOT/config/default.toml" timeout=600 hook=none
-build=1 build_only=0 extra=()
+build=1 build_only=0 extra=() demo=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bios) firmware=bios ;;
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
         --memory) memory=${2:?--memory needs MiB}; shift ;;
         --config) config=${2:?--config needs a file}; shift ;;
         --no-guests) config="" ;;
+        --demo) demo=${2:?--demo needs a name}; shift ;;
         --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
         --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
         --no-build) build=0 ;;
@@ -57,6 +59,10 @@ done
 [[ $timeout =~ ^[0-9]+$ ]] || rz_die "--timeout wants seconds, got '$timeout'"
 [ "$emulator" = bochs ] && [ ${#extra[@]} -gt 0 ] && rz_die "arguments after -- are for QEMU; not used with --bochs"
 
+if [ -n "$demo" ]; then
+    source "$RZ_ROOT/scripts/lib/demo.sh"
+    config=$(rz_demo_config "$demo") || rz_die "unknown demo '$demo' (known: $RZ_DEMOS)"
+fi
 hook_args=()
 [ "$hook" != none ] && hook_args=(--test-hook "$hook")
 config_args=()
@@ -89,23 +95,33 @@ rz_pack_images "$image_dir" "${hook_args[@]}" "${config_args[@]}"
 timeout_args=()
 [ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")
 
-if [ "$emulator" = qemu ]; then
-    rz_ensure_qemu
-    qemu=(qemu-system-x86_64 -machine pc -cpu "$cpu" -smp "$smp" -m "$memory"
-        -display none -no-reboot
-        -chardev "stdio,id=console,logfile=$serial_log,signal=on" -serial chardev:console
-        -device isa-debug-exit,iobase=0xf4,iosize=0x04
-        -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
-    [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
-    rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
-    # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
-    "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
-    emulator_status=$?
+# Runs the chosen emulator with the serial console on stdout; returns its exit status.
+run_emulator() {
+    if [ "$emulator" = qemu ]; then
+        local qemu=(qemu-system-x86_64 -machine pc -cpu "$cpu" -smp "$smp" -m "$memory"
+            -display none -no-reboot
+            -chardev "stdio,id=console,logfile=$serial_log,signal=on" -serial chardev:console
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04
+            -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
+        [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
+        rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
+        # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
+        "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+    else
+        source "$RZ_ROOT/scripts/lib/bochs.sh"
+        rz_say "booting the BIOS image in Bochs (corei7_skylake_x, $smp CPU(s), $memory MiB)"
+        rz_run_bochs "$image_dir/bios.img" "$run_dir" "$smp" "$memory" "$serial_log" "${timeout_args[@]}"
+    fi
+}
+
+if [ "$emulator" = qemu ]; then rz_ensure_qemu; else rz_ensure_bochs; fi
+if [ -n "$demo" ]; then
+    rz_demo_intro "$demo"
+    run_emulator | rz_demo_filter "$demo"
+    emulator_status=${PIPESTATUS[0]}
+    rz_demo_table "$demo" "$serial_log"
 else
-    rz_ensure_bochs
-    source "$RZ_ROOT/scripts/lib/bochs.sh"
-    rz_say "booting the BIOS image in Bochs (corei7_skylake_x, $smp CPU(s), $memory MiB)"
-    rz_run_bochs "$image_dir/bios.img" "$run_dir" "$smp" "$memory" "$serial_log" "${timeout_args[@]}"
+    run_emulator
     emulator_status=$?
 fi
 

@@ -5,10 +5,11 @@
 //! [[vm]]
 //! name = "basic"            # required; 1-32 chars of [A-Za-z0-9_-]; unique
 //! kernel = "path/to/image"  # required; relative to the config file's directory
-//! format = "flat64"         # required: "flat64" | "multiboot"
+//! format = "flat64"         # required: "flat64" | "multiboot" | "linux"
 //! memory = 16               # MiB, required; 2..=4096
-//! cmdline = "..."           # optional, default ""; at most 3072 bytes
+//! cmdline = "..."           # optional, default ""; at most 3072 bytes (linux: the kernel's cmdline_size)
 //! modules = ["a", "b"]      # optional list of paths (relative to the config file), multiboot only
+//! initrd = "path"           # optional initial RAM disk (relative to the config file), linux only
 //! cpus = 1                  # optional, default 1; only 1 is accepted for now
 //! paging = "nested"         # optional: "nested" (default) | "shadow"
 //! trace = false             # optional: log every exit
@@ -35,8 +36,8 @@ pub const MIN_MEMORY_MIB: i64 = 2;
 /// Largest accepted `memory`, in MiB (4 GiB: the boot protocols' address limit).
 pub const MAX_MEMORY_MIB: i64 = 4096;
 /// The keys a `[[vm]]` table may have.
-pub const VM_KEYS: [&str; 9] = [
-    "name", "kernel", "format", "memory", "cmdline", "modules", "cpus", "paging", "trace",
+pub const VM_KEYS: [&str; 10] = [
+    "name", "kernel", "format", "memory", "cmdline", "modules", "initrd", "cpus", "paging", "trace",
 ];
 
 /// One checked guest, with its image and modules read into memory.
@@ -52,6 +53,8 @@ pub struct VmConfig {
     pub kernel_path: PathBuf,
     pub kernel: Vec<u8>,
     pub modules: Vec<ModuleFile>,
+    /// The initial RAM disk of a linux guest: its path and bytes.
+    pub initrd: Option<(PathBuf, Vec<u8>)>,
 }
 
 /// A Multiboot module file; `name` (the file name) is what the guest sees.
@@ -88,6 +91,7 @@ impl VmConfig {
                     bytes: &module.bytes,
                 })
                 .collect(),
+            initrd: self.initrd.as_ref().map(|(_, bytes)| bytes.as_slice()),
         }
     }
 }
@@ -385,7 +389,10 @@ fn check_vm(
         if format.is_none() {
             check.error(
                 "format",
-                format!("unknown format \"{text}\" (known: flat64, multiboot)"),
+                format!(
+                    "unknown format \"{text}\" (known: {})",
+                    GuestFormat::ALL.map(GuestFormat::name).join(", ")
+                ),
             );
         }
         format
@@ -430,11 +437,20 @@ fn check_vm(
     match table.get("modules") {
         None => {}
         Some(Value::Array(paths)) => {
-            if format == Some(GuestFormat::Flat64) && !paths.is_empty() {
+            if let Some(format @ (GuestFormat::Flat64 | GuestFormat::Linux)) =
+                format.filter(|_| !paths.is_empty())
+            {
+                let hint = if format == GuestFormat::Linux {
+                    "; give its initramfs as initrd"
+                } else {
+                    ""
+                };
                 check.error(
                     "modules",
-                    "modules are only for format = \"multiboot\" (a flat64 guest cannot receive them)"
-                        .into(),
+                    format!(
+                        "modules are only for format = \"multiboot\" (a {} guest cannot receive them{hint})",
+                        format.name()
+                    ),
                 );
             } else if paths.len() > MAX_MODULES {
                 check.error(
@@ -467,6 +483,26 @@ fn check_vm(
         }
         Some(other) => check.wrong_type("modules", "an array of paths", other),
     }
+
+    let initrd = check.string("initrd", false).and_then(|relative| {
+        if let Some(format) = format.filter(|format| *format != GuestFormat::Linux) {
+            check.error(
+                "initrd",
+                format!(
+                    "initrd is only for format = \"linux\" (a {} guest cannot receive it)",
+                    format.name()
+                ),
+            );
+            return None;
+        }
+        match read_file(base, &relative) {
+            Ok(file) => Some(file),
+            Err(message) => {
+                check.error("initrd", message);
+                None
+            }
+        }
+    });
 
     let cpus = match check.integer("cpus", false) {
         None | Some(1) => 1,
@@ -523,6 +559,7 @@ fn check_vm(
         kernel_path,
         kernel,
         modules,
+        initrd,
     };
     // The hypervisor will plan exactly this; refuse here what it would refuse there.
     if let Err(error) = boot_plan::plan(&vm.manifest()) {
@@ -541,9 +578,12 @@ fn load_error_key(error: &LoadError, format: GuestFormat) -> &'static str {
         LoadError::TooManyModules { .. }
         | LoadError::ModulesNotSupported { .. }
         | LoadError::BootInfoTooLarge { .. } => "modules",
+        LoadError::InitrdNotSupported { .. } | LoadError::InitrdDoesNotFit { .. } => "initrd",
         // Multiboot images that run past memory are refused as segments; what is left over
         // is the modules.
         LoadError::ImageTooLarge { .. } if format == GuestFormat::Multiboot => "modules",
+        // Everything else is about the image: for linux, a bzImage that is truncated, not a
+        // bzImage, too old, without the 64-bit entry, or too big for the memory.
         _ => "kernel",
     }
 }

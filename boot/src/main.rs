@@ -91,13 +91,17 @@ fn build(options: &Options) -> Result<(), Failure> {
         .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
     for vm in &guests.vms {
         println!(
-            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s), {} vCPU, paging {}{}",
+            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} vCPU, paging {}{}",
             vm.name,
             vm.format.name(),
             vm.memory_mib,
             vm.kernel.len(),
             vm.kernel_path.display(),
             vm.modules.len(),
+            match &vm.initrd {
+                Some((path, bytes)) => format!(", initrd {} bytes ({})", bytes.len(), path.display()),
+                None => String::new(),
+            },
             vm.cpus,
             vm.paging.name(),
             if vm.trace { ", trace" } else { "" }

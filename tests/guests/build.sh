@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the ringzero test guests (tests/guests) for x86_64-unknown-none, release, and puts the
-# images in target/guests/: basic.bin, triple-fault.bin, escape.bin, torture.bin (flat64 raw
+# images in target/guests/: basic.bin, triple-fault.bin, escape.bin, toucher.bin, torture.bin,
+# demo-traps.bin, demo-paravirt.bin (flat64 raw
 # binaries, loaded and entered at 0x100000), multiboot.elf (Multiboot v1 ELF64 with a.out-kludge
 # fields) and flat64-shim.elf (test helper: boots a flat64 image given as a Multiboot module under
 # plain QEMU). Works from any directory. See tests/guests/README.md.

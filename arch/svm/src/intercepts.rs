@@ -2,7 +2,8 @@
 //! See: APM Vol 2 15.9-15.14 and Table B-1 (intercept vectors).
 //!
 //! Under nested paging the guest owns its control registers, page tables and TLB, so CR
-//! accesses and INVLPG are not intercepted (shadow paging will intercept them).
+//! accesses and INVLPG are not intercepted; shadow paging adds `SHADOW_CR_INTERCEPTS`,
+//! `SHADOW_EXCEPTION_INTERCEPTS` and `misc1::INVLPG` (see `vcpu.rs`).
 
 /// Misc vector 1 (VMCB 0x00C) bits.
 pub mod misc1 {

@@ -154,6 +154,14 @@ fn load_entry_state(save: &mut StateSaveArea, entry: &EntryState) {
     save.guest_pat = POWER_ON_PAT;
 }
 
+/// Whether an EXITINTINFO/EVENTINJ value is a software interrupt (type 4) or a software
+/// exception (type 3, vector 3 or 4: INT3, INTO). See: APM Vol 2 15.20 "Event injection".
+fn is_software_event(event: u64) -> bool {
+    let event_type = (event >> 8) & 7;
+    let vector = event & 0xFF;
+    event_type == 4 || (event_type == 3 && (vector == 3 || vector == 4))
+}
+
 impl SvmVcpu {
     /// Builds the VMCB for a guest on the nested page tables at `nested_root`.
     ///
@@ -179,6 +187,7 @@ impl SvmVcpu {
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
+        vcpu.registers.rsi = entry.rsi;
         let vmcb = vcpu.vmcb_mut();
         // See: APM Vol 2 Table B-1 for each control field.
         vmcb.control.intercept_misc1 = intercepts::MISC1;
@@ -265,11 +274,17 @@ impl Vcpu for SvmVcpu {
         // fault hit) must be delivered again. See: APM Vol 2 15.7.2 "Intercepts during IDT
         // interrupt delivery".
         let interrupted = vmcb.control.exit_interrupt_info;
-        vmcb.control.event_injection = if interrupted & EVENT_VALID != 0 {
-            interrupted
-        } else {
-            0
-        };
+        vmcb.control.event_injection =
+            if interrupted & EVENT_VALID != 0 && !is_software_event(interrupted) {
+                interrupted
+            } else {
+                // Software interrupts (INT n) and software exceptions (INT3, INTO) are not
+                // re-injected: RIP still points at the instruction, so the guest executes it again
+                // and the event happens anew. Re-injecting would need the return address (NRIP)
+                // set past the instruction; without it the instruction would run twice.
+                // (KVM does the same without NRIP save.)
+                0
+            };
         if let VmExit::EntryFailed { reason, .. } = decoded.exit {
             let fields = exit::VmrunStateFields {
                 efer: vmcb.save.efer,
@@ -446,5 +461,22 @@ impl Vcpu for SvmVcpu {
         // so flush the ASID at the next VMRUN. See: APM Vol 2 15.16.
         self.vmcb_mut().save.cr3 = value;
         self.flush_pending = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_software_event;
+
+    #[test]
+    fn software_events_are_not_reinjected() {
+        // INT 0x81: type 4 (software interrupt), valid.
+        assert!(is_software_event((1 << 31) | (4 << 8) | 0x81));
+        // INT3 and INTO: type 3 with vectors 3 and 4.
+        assert!(is_software_event((1 << 31) | (3 << 8) | 3));
+        assert!(is_software_event((1 << 31) | (3 << 8) | 4));
+        // A #PF being delivered (type 3, vector 14) and an external interrupt (type 0) are.
+        assert!(!is_software_event((1 << 31) | (3 << 8) | 14));
+        assert!(!is_software_event((1 << 31) | 0x20));
     }
 }

@@ -212,6 +212,7 @@ impl VmxVcpu {
                 rax: entry_state.rax,
                 rbx: entry_state.rbx,
                 rdi: entry_state.rdi,
+                rsi: entry_state.rsi,
                 ..GuestRegisters::default()
             },
             launched: false,

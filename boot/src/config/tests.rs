@@ -217,7 +217,7 @@ fn unknown_key() {
     let line = one_error(&scratch, &format!("{BASIC}colour = \"red\"\n"));
     assert_eq!(
         line,
-        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, cpus, paging, trace)"
+        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, paging, trace)"
     );
 }
 
@@ -285,7 +285,7 @@ fn unknown_format() {
     let scratch = Scratch::new(&[("tiny.bin", TINY)]);
     assert_eq!(
         one_error(&scratch, &BASIC.replace("flat64", "elf")),
-        "DIR/vms.toml: vm \"basic\": key \"format\": unknown format \"elf\" (known: flat64, multiboot)"
+        "DIR/vms.toml: vm \"basic\": key \"format\": unknown format \"elf\" (known: flat64, multiboot, linux)"
     );
 }
 
@@ -487,4 +487,159 @@ fn every_error_is_collected() {
             "{line:?} should start with {start:?}"
         );
     }
+}
+
+/// A minimal bzImage (the same fields as `kernel/loader/src/linux/tests.rs` sets by hand):
+/// boot protocol 2.15, relocatable to 16 MiB, 64-bit entry, one setup sector, a 4 KiB
+/// protected-mode kernel, init_size 1 MiB (so it needs 17 MiB of RAM).
+fn bzimage() -> Vec<u8> {
+    let mut image = vec![0u8; 0x400 + 0x1000];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        image[offset..offset + bytes.len()].copy_from_slice(bytes);
+    };
+    put(0x1F1, &[1]);
+    put(0x1F4, &(0x1000u32 / 16).to_le_bytes());
+    put(0x1FE, &0xAA55u16.to_le_bytes());
+    put(0x200, &[0xEB, 0x6A]);
+    put(0x202, b"HdrS");
+    put(0x206, &0x020Fu16.to_le_bytes());
+    put(0x211, &[0x01]);
+    put(0x22C, &0x7FFF_FFFFu32.to_le_bytes());
+    put(0x230, &0x20_0000u32.to_le_bytes());
+    put(0x234, &[1]);
+    put(0x236, &0x0003u16.to_le_bytes());
+    put(0x238, &2047u32.to_le_bytes());
+    put(0x258, &0x100_0000u64.to_le_bytes());
+    put(0x260, &0x10_0000u32.to_le_bytes());
+    image
+}
+
+const LINUX: &str =
+    "[[vm]]\nname = \"linux\"\nkernel = \"vmlinuz\"\nformat = \"linux\"\nmemory = 64\n";
+
+#[test]
+fn linux_with_initrd_round_trips_through_the_manifest() {
+    let image = bzimage();
+    let scratch = Scratch::new(&[("vmlinuz", &image), ("initramfs.cpio.gz", b"cpio bytes")]);
+    let config = scratch
+        .load(&format!(
+            "{LINUX}initrd = \"initramfs.cpio.gz\"\ncmdline = \"console=ttyS0 earlyprintk=serial\"\n"
+        ))
+        .unwrap();
+    let linux = &config.vms[0];
+    assert_eq!(linux.format, GuestFormat::Linux);
+    assert_eq!(
+        linux.initrd,
+        Some((
+            scratch.dir.join("initramfs.cpio.gz"),
+            b"cpio bytes".to_vec()
+        ))
+    );
+    let manifest = config.manifest(TestHook::None);
+    let bytes = manifest.encode();
+    let decoded = Manifest::decode(&bytes).unwrap();
+    assert_eq!(decoded, manifest);
+    assert_eq!(decoded.vms[0].initrd, Some(&b"cpio bytes"[..]));
+    assert_eq!(decoded.vms[0].cmdline, "console=ttyS0 earlyprintk=serial");
+    let plan = boot_plan::plan(&decoded.vms[0]).unwrap();
+    assert_eq!(plan.entry.rsi, 0x8000);
+    assert_eq!(plan.entry.rip, 0x10_0200);
+    // Without an initrd, too.
+    let config = scratch.load(LINUX).unwrap();
+    assert_eq!(config.vms[0].initrd, None);
+    assert_eq!(config.manifest(TestHook::None).vms[0].initrd, None);
+}
+
+#[test]
+fn linux_refusals() {
+    let image = bzimage();
+    let mut old = image.clone();
+    old[0x206] = 0x0B;
+    let mut no_64 = image.clone();
+    no_64[0x236] = 0x02;
+    let big_initrd = vec![0u8; 2 << 20];
+    let scratch = Scratch::new(&[
+        ("vmlinuz", &image),
+        ("old", &old),
+        ("no64", &no_64),
+        ("truncated", &image[..0x300]),
+        ("tiny.bin", TINY),
+        ("initrd", b"x"),
+        ("big-initrd", &big_initrd),
+    ]);
+    let cases = [
+        (
+            LINUX.replace("\"vmlinuz\"", "\"tiny.bin\""),
+            "key \"kernel\": the bzImage is truncated: the Linux boot protocol needs 0x264 bytes but the file has 0x10",
+        ),
+        (
+            LINUX.replace("\"vmlinuz\"", "\"truncated\""),
+            "key \"kernel\": the bzImage is truncated: the Linux boot protocol needs 0x1400 bytes but the file has 0x300",
+        ),
+        (
+            LINUX.replace("\"vmlinuz\"", "\"old\""),
+            "key \"kernel\": the bzImage speaks Linux boot protocol 2.11, at least 2.12 is needed",
+        ),
+        (
+            LINUX.replace("\"vmlinuz\"", "\"no64\""),
+            "key \"kernel\": the bzImage has no 64-bit entry point",
+        ),
+        (
+            LINUX.replace("memory = 64", "memory = 16"),
+            "key \"kernel\": the image does not fit the VM's memory: it needs RAM up to 0x1100000",
+        ),
+        (
+            format!("{LINUX}modules = [\"initrd\"]\n"),
+            "key \"modules\": modules are only for format = \"multiboot\" (a linux guest cannot receive them; give its initramfs as initrd)",
+        ),
+        (
+            format!("{}initrd = \"big-initrd\"\n", LINUX.replace("memory = 64", "memory = 18")),
+            "key \"initrd\": the initrd of 0x200000 bytes does not fit between the kernel's memory (up to 0x1100000) and 0x1200000",
+        ),
+        (
+            format!("{LINUX}initrd = \"gone\"\n"),
+            "key \"initrd\": cannot read \"DIR/gone\": ",
+        ),
+        (
+            format!("{LINUX}initrd = 3\n"),
+            "key \"initrd\": expected a string, found an integer",
+        ),
+        (
+            format!("{LINUX}cmdline = \"{}\"\n", "c".repeat(2048)),
+            "key \"cmdline\": the command line is 2048 bytes long, at most 2047 are allowed",
+        ),
+        (
+            format!("{}initrd = \"initrd\"\n", BASIC),
+            "key \"initrd\": initrd is only for format = \"linux\" (a flat64 guest cannot receive it)",
+        ),
+    ];
+    for (text, expected) in cases {
+        let line = one_error(&scratch, &text);
+        let vm = if text.contains("\"basic\"") {
+            "basic"
+        } else {
+            "linux"
+        };
+        let prefix = format!("DIR/vms.toml: vm \"{vm}\": {expected}");
+        assert!(
+            line.starts_with(&prefix),
+            "{line:?} should start with {prefix:?}"
+        );
+    }
+}
+
+/// tests/configs/linux.toml validates once scripts/lib/linux-guest.sh has built the guest.
+#[test]
+fn the_repository_linux_config_when_built() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !root.join("target/linux/vmlinuz").is_file() {
+        eprintln!("skipped: target/linux/vmlinuz is not built (scripts/lib/linux-guest.sh)");
+        return;
+    }
+    let config = load(&root.join("tests/configs/linux.toml")).unwrap();
+    let linux = &config.vms[0];
+    assert_eq!(linux.format, GuestFormat::Linux);
+    assert!(linux.initrd.is_some());
+    let plan = boot_plan::plan(&linux.manifest()).unwrap();
+    assert_eq!(plan.entry.rip, 0x10_0200);
 }

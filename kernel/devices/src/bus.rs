@@ -27,6 +27,9 @@ pub enum DeviceEvent {
     ConsoleByte(u8),
     /// Stop this VM with this status (the test exit port).
     StopVm { status: u32 },
+    /// The guest powered its VM off (ACPI S5: SLP_EN with SLP_TYPx = 5 in PM1_CNT, see
+    /// [`crate::AcpiPm`]). Stop the VM as a clean power-off.
+    PowerOff,
 }
 
 /// A device on the I/O-port bus. Sizes are 1, 2 or 4 bytes; `port` is the first port accessed

@@ -14,10 +14,24 @@
 
 extern crate alloc;
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod exit_port;
+pub mod ioapic;
+pub mod lapic;
+pub mod pci;
+pub mod pic;
+pub mod rtc;
 pub mod uart;
 
+pub use acpi_pm::AcpiPm;
 pub use bus::{access_width, all_ones, DeviceEvent, PortAccess, PortBus, PortDevice, PortsOverlap};
 pub use exit_port::ExitPort;
+pub use ioapic::{Delivery, DeliveryMode, DestinationMode, IoApic};
+pub use lapic::{ApicEvent, IpiDelivery, IpiDestination, LocalApic, TimerClock, APIC_BASE};
+pub use pci::{
+    HostBridge, PciBar, PciBarError, PciBus, PciConfigSpace, PciDevice, PciIdentity, PciSlotError,
+};
+pub use pic::Pic;
+pub use rtc::Rtc;
 pub use uart::Uart16550;

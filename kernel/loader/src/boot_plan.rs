@@ -1,5 +1,6 @@
 //! Boot plans: what guest RAM and the first vCPU must hold before a guest's first instruction,
-//! for each boot protocol of docs/specs/guest-boot.md (flat64 and Multiboot version 1).
+//! for each boot protocol of docs/specs/guest-boot.md (flat64 and Multiboot version 1 here;
+//! the Linux x86 boot protocol in [`crate::linux`]).
 //!
 //! Pure and host-tested: a plan is a list of [`Placement`]s (bytes at guest-physical
 //! addresses) and a vendor-neutral [`EntryState`]; the kernel copies the placements into the
@@ -20,6 +21,9 @@
 //! | 0x2000-0x7FFF | flat64: PML4, PDPT, four page directories (identity map of 0-4 GiB) |
 //! | 0x8000-0x8FFF | flat64 boot info, or the Multiboot info (layout below) |
 //! | 0x100000 | the image |
+//!
+//! Linux guests use the same pages with their own GDT and boot information: see
+//! [`crate::linux`].
 //!
 //! Multiboot info page (0x8000-0x8FFF), as this loader packs it:
 //! | address | content |
@@ -87,18 +91,18 @@ pub const MAX_PROGRAM_HEADERS: usize = 64;
 /// Guest page size: Multiboot modules start on page boundaries.
 pub const PAGE_SIZE: u64 = 0x1000;
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_AM: u64 = 1 << 18;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
+pub(crate) const CR0_PE: u64 = 1 << 0;
+pub(crate) const CR0_MP: u64 = 1 << 1;
+pub(crate) const CR0_ET: u64 = 1 << 4;
+pub(crate) const CR0_NE: u64 = 1 << 5;
+pub(crate) const CR0_WP: u64 = 1 << 16;
+pub(crate) const CR0_AM: u64 = 1 << 18;
+pub(crate) const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR4_PAE: u64 = 1 << 5;
+pub(crate) const EFER_LME: u64 = 1 << 8;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_NXE: u64 = 1 << 11;
+pub(crate) const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
 
 // Multiboot header flags (Multiboot 0.6.96, 3.1.2).
 const MULTIBOOT_PAGE_ALIGN: u32 = 1 << 0;
@@ -157,7 +161,8 @@ pub enum CpuMode {
 /// The vendor-neutral first-instruction state (the backends turn it into VMCB/VMCS fields).
 /// Segment registers: CS = `code_selector`, DS = ES = SS = FS = GS = `data_selector`, all
 /// flat (base 0, limit 4 GiB) as the GDT at `gdt_base` describes; IDTR = {0, 0}; every
-/// general-purpose register not named here is 0.
+/// general-purpose register not named here is 0. `rsi` is 0 except for Linux (the address of
+/// `boot_params`, the zero page).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryState {
     pub mode: CpuMode,
@@ -167,6 +172,7 @@ pub struct EntryState {
     pub rax: u64,
     pub rbx: u64,
     pub rdi: u64,
+    pub rsi: u64,
     pub cr0: u64,
     pub cr3: u64,
     pub cr4: u64,
@@ -229,6 +235,21 @@ pub enum LoadError {
     ModulesNotSupported { format: GuestFormat },
     /// The Multiboot info (command line, module list and names) does not fit its page.
     BootInfoTooLarge { needed: u64, available: u64 },
+    /// An initial RAM disk was given to a format that has no way to pass it (only linux).
+    InitrdNotSupported { format: GuestFormat },
+    /// The image ends before a part the Linux boot protocol needs: `needed` bytes, `have`.
+    Truncated { needed: u64, have: u64 },
+    /// Not a bzImage: a signature of the Linux boot protocol is missing (which one is said).
+    NotBzImage(&'static str),
+    /// A bzImage whose boot protocol is older than 2.12 (the 64-bit entry needs `xloadflags`).
+    BootProtocolTooOld { version: u16 },
+    /// A bzImage without the 64-bit entry point (`xloadflags` bit 0, XLF_KERNEL_64).
+    No64BitEntry,
+    /// A bzImage whose setup header is inconsistent (which field is said).
+    MalformedBzImage(&'static str),
+    /// The initial RAM disk does not fit between the kernel's memory (`lowest`) and `limit`
+    /// (the end of RAM or the image's `initrd_addr_max`).
+    InitrdDoesNotFit { size: u64, lowest: u64, limit: u64 },
 }
 
 impl fmt::Display for LoadError {
@@ -312,21 +333,66 @@ impl fmt::Display for LoadError {
                 formatter,
                 "the Multiboot info (command line, module list and module names) needs {needed} bytes but only {available} fit at {BOOT_INFO_ADDRESS:#x}"
             ),
+            LoadError::InitrdNotSupported { format } => write!(
+                formatter,
+                "an initrd is given but the {} format cannot pass it (use linux)",
+                format.name()
+            ),
+            LoadError::Truncated { needed, have } => write!(
+                formatter,
+                "the bzImage is truncated: the Linux boot protocol needs {needed:#x} bytes but the file has {have:#x}"
+            ),
+            LoadError::NotBzImage(reason) => write!(
+                formatter,
+                "not a Linux bzImage: {reason}"
+            ),
+            LoadError::BootProtocolTooOld { version } => write!(
+                formatter,
+                "the bzImage speaks Linux boot protocol {}.{:02}, at least 2.12 is needed (a 64-bit kernel from Linux 3.8 or later)",
+                version >> 8,
+                version & 0xFF
+            ),
+            LoadError::No64BitEntry => write!(
+                formatter,
+                "the bzImage has no 64-bit entry point (xloadflags bit 0, XLF_KERNEL_64, is clear): a 32-bit kernel"
+            ),
+            LoadError::MalformedBzImage(reason) => {
+                write!(formatter, "malformed bzImage: {reason}")
+            }
+            LoadError::InitrdDoesNotFit { size, lowest, limit } => write!(
+                formatter,
+                "the initrd of {size:#x} bytes does not fit between the kernel's memory (up to {lowest:#x}) and {limit:#x} (the end of RAM or the kernel's initrd_addr_max)"
+            ),
         }
     }
 }
 
-/// Plans the boot of `vm` by its format.
+/// Plans the boot of `vm` by its format, with no ACPI tables announced to a Linux guest (the
+/// same as [`plan_with_acpi`] with `None`; the host tool checks images with this).
 pub fn plan<'a>(vm: &VmManifest<'a>) -> Result<BootPlan<'a>, LoadError> {
+    plan_with_acpi(vm, None)
+}
+
+/// Plans the boot of `vm` by its format. `acpi_rsdp` is the guest-physical address of the ACPI
+/// RSDP the hypervisor built for this VM, if any: a Linux guest finds it in `boot_params`
+/// (the other formats ignore it).
+pub fn plan_with_acpi<'a>(
+    vm: &VmManifest<'a>,
+    acpi_rsdp: Option<u64>,
+) -> Result<BootPlan<'a>, LoadError> {
+    if vm.format != GuestFormat::Multiboot && !vm.modules.is_empty() {
+        return Err(LoadError::ModulesNotSupported { format: vm.format });
+    }
+    if vm.format != GuestFormat::Linux && vm.initrd.is_some() {
+        return Err(LoadError::InitrdNotSupported { format: vm.format });
+    }
     match vm.format {
-        GuestFormat::Flat64 => {
-            if !vm.modules.is_empty() {
-                return Err(LoadError::ModulesNotSupported { format: vm.format });
-            }
-            plan_flat64(vm.kernel, vm.memory_bytes, vm.cmdline)
-        }
+        GuestFormat::Flat64 => plan_flat64(vm.kernel, vm.memory_bytes, vm.cmdline),
         GuestFormat::Multiboot => {
             plan_multiboot(vm.kernel, vm.memory_bytes, vm.cmdline, &vm.modules)
+        }
+        GuestFormat::Linux => {
+            crate::linux::plan_linux(vm.kernel, vm.memory_bytes, vm.cmdline, vm.initrd, acpi_rsdp)
         }
     }
 }
@@ -383,6 +449,7 @@ pub fn plan_flat64<'a>(
         rax: 0,
         rbx: 0,
         rdi: BOOT_INFO_ADDRESS,
+        rsi: 0,
         // 0x80050033 as the spec gives it (its list of names omits AM, which the value has).
         cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG,
         cr3: PML4_ADDRESS,
@@ -480,6 +547,7 @@ pub fn plan_multiboot<'a>(
         rax: u64::from(MULTIBOOT_BOOTLOADER_MAGIC),
         rbx: BOOT_INFO_ADDRESS,
         rdi: 0,
+        rsi: 0,
         cr0: CR0_PE | CR0_ET,
         cr3: 0,
         cr4: 0,
@@ -492,7 +560,7 @@ pub fn plan_multiboot<'a>(
     Ok(BootPlan { placements, entry })
 }
 
-fn check_memory(memory: u64) -> Result<(), LoadError> {
+pub(crate) fn check_memory(memory: u64) -> Result<(), LoadError> {
     if memory < MIN_MEMORY {
         return Err(LoadError::MemoryTooSmall {
             memory,
@@ -518,7 +586,7 @@ fn check_cmdline(cmdline: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
-fn align_up(address: u64) -> u64 {
+pub(crate) fn align_up(address: u64) -> u64 {
     address.saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
 }
 
@@ -536,7 +604,7 @@ fn gdt(code: u64) -> Placement<'static> {
 
 /// PML4 (0x2000) -> PDPT (0x3000) -> four PDs (0x4000-0x7FFF) of 2 MiB pages: 0-4 GiB
 /// identity-mapped, present and writable, supervisor only, executable.
-fn identity_page_tables() -> Vec<u8> {
+pub(crate) fn identity_page_tables() -> Vec<u8> {
     let mut tables = alloc::vec![0u8; (BOOT_INFO_ADDRESS - PML4_ADDRESS) as usize];
     let mut put = |address: u64, value: u64| {
         let offset = (address - PML4_ADDRESS) as usize;
@@ -568,19 +636,19 @@ struct MultibootHeader {
     flags: u32,
 }
 
-fn read_u16(bytes: &[u8], offset: u64) -> Option<u16> {
+pub(crate) fn read_u16(bytes: &[u8], offset: u64) -> Option<u16> {
     let start = usize::try_from(offset).ok()?;
     let field = bytes.get(start..start.checked_add(2)?)?;
     Some(u16::from_le_bytes([field[0], field[1]]))
 }
 
-fn read_u32(bytes: &[u8], offset: u64) -> Option<u32> {
+pub(crate) fn read_u32(bytes: &[u8], offset: u64) -> Option<u32> {
     let start = usize::try_from(offset).ok()?;
     let field = bytes.get(start..start.checked_add(4)?)?;
     Some(u32::from_le_bytes([field[0], field[1], field[2], field[3]]))
 }
 
-fn read_u64(bytes: &[u8], offset: u64) -> Option<u64> {
+pub(crate) fn read_u64(bytes: &[u8], offset: u64) -> Option<u64> {
     let low = read_u32(bytes, offset)?;
     let high = read_u32(bytes, offset.checked_add(4)?)?;
     Some(u64::from(low) | (u64::from(high) << 32))

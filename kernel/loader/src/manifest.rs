@@ -1,29 +1,31 @@
 //! The boot manifest: a compact, versioned record that `boot/` writes as the bootloader's
 //! ramdisk and the hypervisor checks before using anything in it. It carries every guest (its
-//! settings, kernel image and modules); the decoded [`Manifest`] borrows the images from the
-//! ramdisk bytes, nothing is copied.
+//! settings, kernel image, modules and initial RAM disk); the decoded [`Manifest`] borrows the
+//! images from the ramdisk bytes, nothing is copied.
 //!
-//! Layout, version 2 (all integers little-endian; every offset counts from the manifest's
-//! first byte):
+//! Layout, version 3 (all integers little-endian; every offset counts from the manifest's
+//! first byte). Version 3 added the Linux format (code 3) and the initrd: the VM record grew
+//! from 96 to 112 bytes (the initrd span at 96) and flag bit 1 says whether there is one;
+//! the header is unchanged.
 //!
 //! Header (32 bytes):
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `RZMANIF1` (unchanged since version 1) |
-//! | 8 | 4 | format version (2); at the same place as in version 1 |
+//! | 8 | 4 | format version (3); at the same place as in versions 1 and 2 |
 //! | 12 | 4 | test hook ([`TestHook`]), 0 in normal builds |
 //! | 16 | 8 | total length in bytes, header included |
 //! | 24 | 4 | number of VMs (at most [`MAX_VMS`]) |
 //! | 28 | 4 | reserved, 0 |
 //!
-//! VM table: at offset 32, one 96-byte record per VM, in run order. A *span* is a u64 offset
+//! VM table: at offset 32, one 112-byte record per VM, in run order. A *span* is a u64 offset
 //! and a u64 length of bytes in the blob area.
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | format: 1 = flat64, 2 = multiboot ([`GuestFormat`]) |
+//! | 0 | 4 | format: 1 = flat64, 2 = multiboot, 3 = linux ([`GuestFormat`]) |
 //! | 4 | 4 | paging: 0 = nested, 1 = shadow ([`Paging`]) |
 //! | 8 | 4 | vCPU count (1..=[`MAX_CPUS`]) |
-//! | 12 | 4 | flags: bit 0 = trace every exit; other bits 0 |
+//! | 12 | 4 | flags: bit 0 = trace every exit; bit 1 = has an initrd; other bits 0 |
 //! | 16 | 8 | guest memory in bytes (non-zero) |
 //! | 24 | 16 | span: name (UTF-8, 1..=[`MAX_NAME_LEN`] bytes of `[A-Za-z0-9_-]`) |
 //! | 40 | 16 | span: command line (UTF-8, at most [`MAX_CMDLINE_LEN`] bytes, no NUL) |
@@ -31,11 +33,12 @@
 //! | 72 | 8 | offset of this VM's module table |
 //! | 80 | 4 | number of modules (at most [`MAX_MODULES`]) |
 //! | 84 | 12 | reserved, 0 |
+//! | 96 | 16 | span: initrd (the initial RAM disk); offset and length both 0 when flag bit 1 is clear |
 //!
 //! Module tables: one 32-byte record per module: span of the name (UTF-8, at most
 //! [`MAX_MODULE_NAME_LEN`] bytes, no NUL), span of the module's bytes.
 //!
-//! Blob area: names, command lines, images and modules, each starting 8-byte aligned (the
+//! Blob area: names, command lines, images, modules and initrds, each starting 8-byte aligned (the
 //! encoder's choice; the decoder only needs every span to lie inside the total length).
 //!
 //! A ramdisk that does not start with the magic, names a version this hypervisor does not
@@ -48,11 +51,11 @@ use core::fmt;
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"RZMANIF1";
 /// The format version this code reads and writes.
-pub const VERSION: u32 = 2;
-/// The size of the version-2 header.
+pub const VERSION: u32 = 3;
+/// The size of the header (the same since version 1).
 pub const HEADER_LEN: usize = 32;
-/// The size of one VM record in the VM table.
-pub const VM_RECORD_LEN: usize = 96;
+/// The size of one VM record in the VM table (96 in version 2).
+pub const VM_RECORD_LEN: usize = 112;
 /// The size of one module record in a module table.
 pub const MODULE_RECORD_LEN: usize = 32;
 /// At most this many VMs in one manifest.
@@ -68,7 +71,8 @@ pub const MAX_CMDLINE_LEN: usize = 3072;
 /// Longest module name, in bytes.
 pub const MAX_MODULE_NAME_LEN: usize = 255;
 
-const FLAG_TRACE: u32 = 1;
+const FLAG_TRACE: u32 = 1 << 0;
+const FLAG_INITRD: u32 = 1 << 1;
 
 /// A test-only behaviour the hypervisor performs at boot, so the harness can prove a path
 /// (e.g. the exception report) without a special kernel build.
@@ -131,13 +135,23 @@ pub enum GuestFormat {
     Flat64,
     /// A Multiboot (version 1) kernel, entered in 32-bit protected mode.
     Multiboot,
+    /// A Linux bzImage, entered at its 64-bit entry point (the Linux x86 boot protocol).
+    Linux,
 }
 
 impl GuestFormat {
+    /// Every format, in code order.
+    pub const ALL: [GuestFormat; 3] = [
+        GuestFormat::Flat64,
+        GuestFormat::Multiboot,
+        GuestFormat::Linux,
+    ];
+
     fn code(self) -> u32 {
         match self {
             GuestFormat::Flat64 => 1,
             GuestFormat::Multiboot => 2,
+            GuestFormat::Linux => 3,
         }
     }
 
@@ -145,6 +159,7 @@ impl GuestFormat {
         match code {
             1 => Some(GuestFormat::Flat64),
             2 => Some(GuestFormat::Multiboot),
+            3 => Some(GuestFormat::Linux),
             _ => None,
         }
     }
@@ -154,12 +169,13 @@ impl GuestFormat {
         match self {
             GuestFormat::Flat64 => "flat64",
             GuestFormat::Multiboot => "multiboot",
+            GuestFormat::Linux => "linux",
         }
     }
 
     /// Parses a configuration name.
     pub fn from_name(name: &str) -> Option<Self> {
-        [GuestFormat::Flat64, GuestFormat::Multiboot]
+        GuestFormat::ALL
             .into_iter()
             .find(|format| format.name() == name)
     }
@@ -219,6 +235,8 @@ pub struct VmManifest<'a> {
     pub trace: bool,
     pub kernel: &'a [u8],
     pub modules: Vec<Module<'a>>,
+    /// The initial RAM disk (linux only; the boot plan refuses it for the other formats).
+    pub initrd: Option<&'a [u8]>,
 }
 
 /// One Multiboot module: its name (given to the guest) and its bytes.
@@ -245,6 +263,7 @@ pub enum Field {
     ModuleTable,
     ModuleName(u32),
     ModuleBytes(u32),
+    Initrd,
 }
 
 impl fmt::Display for Field {
@@ -257,6 +276,7 @@ impl fmt::Display for Field {
             Field::ModuleTable => write!(formatter, "module table"),
             Field::ModuleName(index) => write!(formatter, "module #{index} name"),
             Field::ModuleBytes(index) => write!(formatter, "module #{index} bytes"),
+            Field::Initrd => write!(formatter, "initrd"),
         }
     }
 }
@@ -429,11 +449,14 @@ impl<'a> Manifest<'a> {
             put_u32(&mut bytes, record, vm.format.code());
             put_u32(&mut bytes, record + 4, vm.paging.code());
             put_u32(&mut bytes, record + 8, vm.cpus);
-            put_u32(
-                &mut bytes,
-                record + 12,
-                if vm.trace { FLAG_TRACE } else { 0 },
-            );
+            let mut flags = 0;
+            if vm.trace {
+                flags |= FLAG_TRACE;
+            }
+            if vm.initrd.is_some() {
+                flags |= FLAG_INITRD;
+            }
+            put_u32(&mut bytes, record + 12, flags);
             put_u64(&mut bytes, record + 16, vm.memory_bytes);
             for (field_offset, data) in [
                 (24, vm.name.as_bytes()),
@@ -453,6 +476,11 @@ impl<'a> Manifest<'a> {
                     put_u64(&mut bytes, next_module_record + field_offset + 8, length);
                 }
                 next_module_record += MODULE_RECORD_LEN;
+            }
+            if let Some(initrd) = vm.initrd {
+                let (offset, length) = blob(&mut bytes, initrd);
+                put_u64(&mut bytes, record + 96, offset);
+                put_u64(&mut bytes, record + 104, length);
             }
         }
         align8(&mut bytes);
@@ -584,7 +612,7 @@ fn decode_vm<'a>(
         return Err(ManifestError::BadCpuCount { vm, cpus });
     }
     let flags = word(12)?;
-    if flags & !FLAG_TRACE != 0 {
+    if flags & !(FLAG_TRACE | FLAG_INITRD) != 0 {
         return Err(ManifestError::UnknownFlags { vm, flags });
     }
     let memory_bytes = quad(16)?;
@@ -632,6 +660,19 @@ fn decode_vm<'a>(
         let bytes = span(Field::ModuleBytes(index), module_record + 16)?;
         modules.push(Module { name, bytes });
     }
+    let initrd = if flags & FLAG_INITRD != 0 {
+        Some(span(Field::Initrd, record + 96)?)
+    } else {
+        // No initrd: the span must be all zeros.
+        for reserved in [96u64, 104] {
+            if quad(reserved)? != 0 {
+                return Err(ManifestError::ReservedNotZero {
+                    offset: record + reserved,
+                });
+            }
+        }
+        None
+    };
     Ok(VmManifest {
         name,
         format,
@@ -642,6 +683,7 @@ fn decode_vm<'a>(
         trace: flags & FLAG_TRACE != 0,
         kernel,
         modules,
+        initrd,
     })
 }
 
@@ -663,6 +705,7 @@ mod tests {
                     trace: false,
                     kernel: b"\xf4\xeb\xfe",
                     modules: Vec::new(),
+                    initrd: None,
                 },
                 VmManifest {
                     name: "mb-guest_2",
@@ -683,6 +726,31 @@ mod tests {
                             bytes: b"",
                         },
                     ],
+                    initrd: None,
+                },
+                VmManifest {
+                    name: "linux",
+                    format: GuestFormat::Linux,
+                    memory_bytes: 256 << 20,
+                    cmdline: "console=ttyS0 earlyprintk=serial",
+                    cpus: 1,
+                    paging: Paging::Nested,
+                    trace: false,
+                    kernel: b"bzImage bytes",
+                    modules: Vec::new(),
+                    initrd: Some(b"initramfs.cpio.gz bytes"),
+                },
+                VmManifest {
+                    name: "linux-empty-initrd",
+                    format: GuestFormat::Linux,
+                    memory_bytes: 64 << 20,
+                    cmdline: "",
+                    cpus: 1,
+                    paging: Paging::Shadow,
+                    trace: true,
+                    kernel: b"bzImage",
+                    modules: Vec::new(),
+                    initrd: Some(b""),
                 },
             ],
         }
@@ -715,6 +783,46 @@ mod tests {
         let range = bytes.as_ptr_range();
         assert!(range.contains(&decoded.vms[1].kernel.as_ptr()));
         assert!(range.contains(&decoded.vms[1].modules[0].bytes.as_ptr()));
+        assert!(range.contains(&decoded.vms[2].initrd.unwrap().as_ptr()));
+    }
+
+    #[test]
+    fn linux_vm_with_an_initrd() {
+        let manifest = sample();
+        let bytes = manifest.encode();
+        let decoded = Manifest::decode(&bytes).unwrap();
+        let linux = &decoded.vms[2];
+        assert_eq!(linux.format, GuestFormat::Linux);
+        assert_eq!(linux.initrd, Some(&b"initramfs.cpio.gz bytes"[..]));
+        assert_eq!(linux.cmdline, "console=ttyS0 earlyprintk=serial");
+        // An empty initrd stays distinct from none.
+        assert_eq!(decoded.vms[3].initrd, Some(&b""[..]));
+        assert_eq!(decoded.vms[0].initrd, None);
+        // On the wire: format code 3, flag bit 1, the span at 96.
+        let record = HEADER_LEN + 2 * VM_RECORD_LEN;
+        assert_eq!(bytes[record], 3);
+        assert_eq!(bytes[record + 12], 0b10);
+        assert_eq!(bytes[record + VM_RECORD_LEN + 12], 0b11);
+        let length = u64::from_le_bytes(bytes[record + 104..record + 112].try_into().unwrap());
+        assert_eq!(length, 23);
+        // Version 2 manifests are refused, not misread.
+        let mut version_2 = bytes.clone();
+        version_2[8] = 2;
+        assert_eq!(
+            Manifest::decode(&version_2),
+            Err(ManifestError::UnsupportedVersion(2))
+        );
+        // An initrd span outside the manifest.
+        let mut outside = bytes.clone();
+        patch_u64(&mut outside, record + 104, u64::MAX);
+        assert!(matches!(
+            Manifest::decode(&outside),
+            Err(ManifestError::OutOfBounds {
+                vm: 2,
+                field: Field::Initrd,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -804,7 +912,8 @@ mod tests {
             patch_u32(&mut bytes, offset, value);
             assert_eq!(Manifest::decode(&bytes), Err(expected));
         };
-        check(vm1, 3, ManifestError::UnknownFormat { vm: 1, code: 3 });
+        check(vm1, 4, ManifestError::UnknownFormat { vm: 1, code: 4 });
+        check(vm1, 0, ManifestError::UnknownFormat { vm: 1, code: 0 });
         check(vm1 + 4, 2, ManifestError::UnknownPaging { vm: 1, code: 2 });
         check(vm1 + 8, 0, ManifestError::BadCpuCount { vm: 1, cpus: 0 });
         check(
@@ -815,7 +924,22 @@ mod tests {
                 cpus: MAX_CPUS + 1,
             },
         );
-        check(vm1 + 12, 3, ManifestError::UnknownFlags { vm: 1, flags: 3 });
+        check(vm1 + 12, 5, ManifestError::UnknownFlags { vm: 1, flags: 5 });
+        // No initrd flag: the initrd span must be zero.
+        check(
+            vm1 + 100,
+            1,
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 96,
+            },
+        );
+        check(
+            vm1 + 108,
+            1,
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 104,
+            },
+        );
         check(
             vm1 + 80,
             65,
@@ -942,7 +1066,7 @@ mod tests {
             let _ = Manifest::decode(&bytes);
         }
         // Every single-byte change in the header and tables, to a few interesting values.
-        let tables_end = HEADER_LEN + 2 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN;
+        let tables_end = HEADER_LEN + 4 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN;
         for position in 0..tables_end {
             for value in [0x00, 0x01, 0x7F, 0x80, 0xFF] {
                 let mut bytes = good.clone();
@@ -962,6 +1086,11 @@ mod tests {
             Some(GuestFormat::Multiboot)
         );
         assert_eq!(GuestFormat::from_name("flat64"), Some(GuestFormat::Flat64));
+        assert_eq!(GuestFormat::from_name("linux"), Some(GuestFormat::Linux));
+        for format in GuestFormat::ALL {
+            assert_eq!(GuestFormat::from_code(format.code()), Some(format));
+            assert_eq!(GuestFormat::from_name(format.name()), Some(format));
+        }
         assert_eq!(GuestFormat::from_name("elf"), None);
         assert_eq!(Paging::from_name("shadow"), Some(Paging::Shadow));
         assert_eq!(Paging::default(), Paging::Nested);

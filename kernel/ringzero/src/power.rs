@@ -29,7 +29,8 @@ pub enum ExitStatus {
     BadManifest = 4,
     /// The platform could not be set up (e.g. no memory for the heap).
     PlatformSetupFailed = 5,
-    /// At least one VM did not end with exit-port status 0 (see its `ringzero: vm` line).
+    /// At least one VM did not pass (status 0 through the exit port or the EXIT hypercall, or an
+    /// ACPI power-off); its `ringzero: vm` line says how it ended.
     GuestFailed = 6,
 }
 

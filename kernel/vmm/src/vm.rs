@@ -100,6 +100,8 @@ pub enum VmEnd {
         access: MemoryAccess,
         rip: u64,
     },
+    /// The guest powered itself off (ACPI S5 through the PM1 control register).
+    PowerOff,
     /// The guest asked to end with the `EXIT` hypercall.
     HypercallExit { status: u32 },
     /// The hypervisor's own nested page tables were malformed (a hypervisor bug).
@@ -135,6 +137,7 @@ impl VmEnd {
         match self {
             VmEnd::ExitPort { .. } => "exit-port",
             VmEnd::HypercallExit { .. } => "hypercall-exit",
+            VmEnd::PowerOff => "poweroff",
             VmEnd::TripleFault { .. } => "triple-fault",
             VmEnd::NestedPageFault { .. } => "nested-page-fault",
             VmEnd::NestedPagingMisconfiguration { .. } => "nested-paging-misconfiguration",
@@ -152,6 +155,7 @@ impl VmEnd {
     pub fn status(&self) -> u32 {
         match self {
             VmEnd::ExitPort { status } | VmEnd::HypercallExit { status } => *status,
+            VmEnd::PowerOff => 0,
             _ => STATUS_STOPPED,
         }
     }
@@ -160,7 +164,7 @@ impl VmEnd {
     pub fn is_success(&self) -> bool {
         matches!(
             self,
-            VmEnd::ExitPort { status: 0 } | VmEnd::HypercallExit { status: 0 }
+            VmEnd::ExitPort { status: 0 } | VmEnd::HypercallExit { status: 0 } | VmEnd::PowerOff
         )
     }
 
@@ -169,6 +173,7 @@ impl VmEnd {
         match self {
             VmEnd::ExitPort { status } => format!("the guest wrote {status} to the exit port"),
             VmEnd::HypercallExit { status } => format!("the guest ended itself with the EXIT hypercall, status {status}"),
+            VmEnd::PowerOff => String::from("the guest powered itself off (ACPI S5)"),
             VmEnd::TripleFault { rip } => {
                 format!("the guest triple-faulted at rip={rip:#x} (an exception it could not deliver); VM stopped")
             }
@@ -439,7 +444,7 @@ fn handle(
 
 fn refuse_msr(vm: &mut Vm, vcpu: &mut dyn Vcpu, msr_number: u32, access: &str, rip: u64) {
     if vm.msrs_reported.insert(msr_number) {
-        log::warn!("vm {}: {access} of unknown MSR {msr_number:#x} at rip={rip:#x}: injecting #GP (reported once per MSR)", vm.name);
+        log::warn!("vm {}: {access} of MSR {msr_number:#x} at rip={rip:#x} refused (not emulated, or a value the hypervisor does not allow): injecting #GP (reported once per MSR)", vm.name);
     }
     vcpu.inject_exception(VECTOR_GENERAL_PROTECTION, Some(0));
 }
@@ -481,6 +486,7 @@ fn handle_io(
                 match event {
                     DeviceEvent::ConsoleByte(byte) => vm.console_byte(byte, platform),
                     DeviceEvent::StopVm { status } => return Some(VmEnd::ExitPort { status }),
+                    DeviceEvent::PowerOff => return Some(VmEnd::PowerOff),
                 }
             }
             access

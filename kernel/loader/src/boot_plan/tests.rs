@@ -72,6 +72,7 @@ fn flat64_small_image() {
             rax: 0,
             rbx: 0,
             rdi: 0x8000,
+            rsi: 0,
             cr0: 0x8005_0033,
             cr3: 0x2000,
             cr4: 0x20,
@@ -340,6 +341,7 @@ fn multiboot_entry(entry: u64) -> EntryState {
         rax: 0x2BAD_B002,
         rbx: 0x8000,
         rdi: 0,
+        rsi: 0,
         cr0: 0x11,
         cr3: 0,
         cr4: 0,
@@ -680,6 +682,7 @@ fn plan_dispatches_on_format() {
         trace: false,
         kernel: &flat,
         modules: Vec::new(),
+        initrd: None,
     };
     assert_eq!(plan(&vm).unwrap().entry.mode, CpuMode::Long64);
     vm.modules.push(Module {

@@ -70,7 +70,9 @@ fn hypercall(vendor: &Vendor, number: u64, a1: u64, a2: u64) -> (u64, u64, u64) 
 fn rdtsc() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: RDTSC only reads the time-stamp counter (not intercepted by ringzero).
-    unsafe { asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    };
     (u64::from(high) << 32) | u64::from(low)
 }
 
@@ -199,7 +201,10 @@ fn main(_boot_info: BootInfo) -> ! {
     println!("paravirt: the same work two ways: trapped by the hypervisor, or asked of it with hypercalls");
     let leaf0 = hw::cpuid(0, 0);
     let mut vendor_bytes = [0u8; 12];
-    for (chunk, word) in vendor_bytes.chunks_mut(4).zip([leaf0.ebx, leaf0.edx, leaf0.ecx]) {
+    for (chunk, word) in vendor_bytes
+        .chunks_mut(4)
+        .zip([leaf0.ebx, leaf0.edx, leaf0.ecx])
+    {
         chunk.copy_from_slice(&word.to_le_bytes());
     }
     let vendor = match &vendor_bytes {
@@ -214,7 +219,11 @@ fn main(_boot_info: BootInfo) -> ! {
         }
     };
     let instruction = if vendor.amd { "vmmcall" } else { "vmcall" };
-    println!("paravirt: vendor '{}': hypercalls use {}", guest_lib::fmt::Printable(&vendor_bytes), instruction);
+    println!(
+        "paravirt: vendor '{}': hypercalls use {}",
+        guest_lib::fmt::Printable(&vendor_bytes),
+        instruction
+    );
 
     let space_a = read_cr3();
     let space_b = copy_boot_tables();
@@ -225,10 +234,16 @@ fn main(_boot_info: BootInfo) -> ! {
     // SET_ADDRESS_SPACE really switches: B, read back, then A again (not measured).
     let (status, _, _) = hypercall(&vendor, SET_ADDRESS_SPACE, space_b, 0);
     let now = read_cr3();
-    expect(status == 0 && now == space_b, format_args!("SET_ADDRESS_SPACE B: status {status:#x}, cr3 {now:#x}"));
+    expect(
+        status == 0 && now == space_b,
+        format_args!("SET_ADDRESS_SPACE B: status {status:#x}, cr3 {now:#x}"),
+    );
     let (status, _, _) = hypercall(&vendor, SET_ADDRESS_SPACE, space_a, 0);
     let now = read_cr3();
-    expect(status == 0 && now == space_a, format_args!("SET_ADDRESS_SPACE A: status {status:#x}, cr3 {now:#x}"));
+    expect(
+        status == 0 && now == space_a,
+        format_args!("SET_ADDRESS_SPACE A: status {status:#x}, cr3 {now:#x}"),
+    );
 
     let mut meter = Meter {
         vendor: &vendor,
@@ -241,7 +256,10 @@ fn main(_boot_info: BootInfo) -> ! {
     );
 
     // (a) trap-and-emulate.
-    println!("paravirt: (a) trap-and-emulate: the line through the UART ports, {} MOV CR3, {} sti; hlt", SWITCHES, YIELDS);
+    println!(
+        "paravirt: (a) trap-and-emulate: the line through the UART ports, {} MOV CR3, {} sti; hlt",
+        SWITCHES, YIELDS
+    );
     let trap_console = meter.measure(&mut || serial::write_bytes(LINE));
     let trap_switches = meter.measure(&mut || {
         for index in 0..SWITCHES {
@@ -256,7 +274,10 @@ fn main(_boot_info: BootInfo) -> ! {
         }
     });
     let now = read_cr3();
-    expect(now == space_a, format_args!("after the MOV CR3 switches cr3 is {now:#x}, expected {space_a:#x}"));
+    expect(
+        now == space_a,
+        format_args!("after the MOV CR3 switches cr3 is {now:#x}, expected {space_a:#x}"),
+    );
 
     // (b) paravirtual.
     println!(
@@ -265,7 +286,12 @@ fn main(_boot_info: BootInfo) -> ! {
     );
     let mut console_result = (0, 0, 0);
     let call_console = meter.measure(&mut || {
-        console_result = hypercall(&vendor, CONSOLE_WRITE, LINE.as_ptr() as u64, LINE.len() as u64)
+        console_result = hypercall(
+            &vendor,
+            CONSOLE_WRITE,
+            LINE.as_ptr() as u64,
+            LINE.len() as u64,
+        )
     });
     let mut switch_failures = 0;
     let call_switches = meter.measure(&mut || {
@@ -285,22 +311,61 @@ fn main(_boot_info: BootInfo) -> ! {
         }
     });
     let now = read_cr3();
-    expect(now == space_a, format_args!("after the SET_ADDRESS_SPACE switches cr3 is {now:#x}, expected {space_a:#x}"));
+    expect(
+        now == space_a,
+        format_args!("after the SET_ADDRESS_SPACE switches cr3 is {now:#x}, expected {space_a:#x}"),
+    );
     expect(
         console_result.0 == 0 && console_result.1 == LINE.len() as u64,
-        format_args!("CONSOLE_WRITE returned rax={:#x} rbx={}", console_result.0, console_result.1),
+        format_args!(
+            "CONSOLE_WRITE returned rax={:#x} rbx={}",
+            console_result.0, console_result.1
+        ),
     );
-    expect(switch_failures == 0, format_args!("{switch_failures} SET_ADDRESS_SPACE calls failed"));
-    expect(yield_failures == 0, format_args!("{yield_failures} YIELD calls failed"));
+    expect(
+        switch_failures == 0,
+        format_args!("{switch_failures} SET_ADDRESS_SPACE calls failed"),
+    );
+    expect(
+        yield_failures == 0,
+        format_args!("{yield_failures} YIELD calls failed"),
+    );
 
     // What the work must cost at least, in exits.
     let line_io = serial::io_cost(LINE.len());
-    expect(trap_console.exits >= line_io, format_args!("the UART line caused {} exits, expected >= {line_io}", trap_console.exits));
-    expect(call_console.exits >= 1, format_args!("CONSOLE_WRITE caused no exit"));
-    expect(trap_switches.exits >= SWITCHES, format_args!("{} MOV CR3 caused {} exits (shadow paging: expected >= {SWITCHES})", SWITCHES, trap_switches.exits));
-    expect(call_switches.exits >= SWITCHES, format_args!("{} SET_ADDRESS_SPACE caused {} exits", SWITCHES, call_switches.exits));
-    expect(trap_yields.exits >= YIELDS, format_args!("{} HLT caused {} exits", YIELDS, trap_yields.exits));
-    expect(call_yields.exits >= YIELDS, format_args!("{} YIELD caused {} exits", YIELDS, call_yields.exits));
+    expect(
+        trap_console.exits >= line_io,
+        format_args!(
+            "the UART line caused {} exits, expected >= {line_io}",
+            trap_console.exits
+        ),
+    );
+    expect(
+        call_console.exits >= 1,
+        format_args!("CONSOLE_WRITE caused no exit"),
+    );
+    expect(
+        trap_switches.exits >= SWITCHES,
+        format_args!(
+            "{} MOV CR3 caused {} exits (shadow paging: expected >= {SWITCHES})",
+            SWITCHES, trap_switches.exits
+        ),
+    );
+    expect(
+        call_switches.exits >= SWITCHES,
+        format_args!(
+            "{} SET_ADDRESS_SPACE caused {} exits",
+            SWITCHES, call_switches.exits
+        ),
+    );
+    expect(
+        trap_yields.exits >= YIELDS,
+        format_args!("{} HLT caused {} exits", YIELDS, trap_yields.exits),
+    );
+    expect(
+        call_yields.exits >= YIELDS,
+        format_args!("{} YIELD caused {} exits", YIELDS, call_yields.exits),
+    );
 
     let rows = [
         ("console line", trap_console, call_console),
@@ -323,7 +388,10 @@ fn main(_boot_info: BootInfo) -> ! {
     println!("paravirt: elapsed TSC cycles as the guest saw them (RDTSC before and after, guest time included):");
     println!("paravirt: | work | trap-and-emulate elapsed | hypercall elapsed |");
     for (work, trap, call) in rows {
-        println!("paravirt: | {} | {} | {} |", work, trap.elapsed_cycles, call.elapsed_cycles);
+        println!(
+            "paravirt: | {} | {} | {} |",
+            work, trap.elapsed_cycles, call.elapsed_cycles
+        );
     }
 
     // SAFETY: one CPU, no interrupt handlers.

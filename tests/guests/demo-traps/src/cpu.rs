@@ -267,7 +267,7 @@ pub fn install_descriptor_tables() {
         gdt.0[2] = 0x00CF_9200_0000_FFFF; // data, DPL 0
         gdt.0[3] = 0x00CF_F200_0000_FFFF; // data, DPL 3
         gdt.0[4] = 0x00AF_FA00_0000_FFFF; // 64-bit code, DPL 3
-        // Available 64-bit TSS (type 9), present, limit 103. See: SDM Vol 3A 7.2.3.
+                                          // Available 64-bit TSS (type 9), present, limit 103. See: SDM Vol 3A 7.2.3.
         gdt.0[5] =
             103 | (tss_base & 0xFF_FFFF) << 16 | 0x89 << 40 | ((tss_base >> 24) & 0xFF) << 56;
         gdt.0[6] = tss_base >> 32;
@@ -275,9 +275,9 @@ pub fn install_descriptor_tables() {
         let stubs = &*core::ptr::addr_of!(demo_isr_table);
         for (index, &stub) in stubs.iter().enumerate() {
             let (vector, attributes): (usize, u64) = match index {
-                0..=31 => (index, 0x8E),                    // interrupt gate, DPL 0
-                32 => (EXIT_VECTOR as usize, 0xEE),         // interrupt gate, DPL 3
-                _ => (REPORT_VECTOR as usize, 0xEE),        // interrupt gate, DPL 3
+                0..=31 => (index, 0x8E),             // interrupt gate, DPL 0
+                32 => (EXIT_VECTOR as usize, 0xEE),  // interrupt gate, DPL 3
+                _ => (REPORT_VECTOR as usize, 0xEE), // interrupt gate, DPL 3
             };
             idt.0[2 * vector] = (stub & 0xFFFF)
                 | u64::from(KERNEL_CODE) << 16
@@ -503,14 +503,14 @@ global_asm!(
     "    int 0x81",
     ".global demo_user_f0",
     "demo_user_f0:",
-    "    hlt",                                   // 1 byte: F4
+    "    hlt", // 1 byte: F4
     ".global demo_user_r0",
     "demo_user_r0:",
     "    mov edi, 1",
     "    int 0x81",
     ".global demo_user_f1",
     "demo_user_f1:",
-    "    cli",                                   // 1 byte: FA
+    "    cli", // 1 byte: FA
     ".global demo_user_r1",
     "demo_user_r1:",
     "    mov edi, 2",
@@ -519,7 +519,7 @@ global_asm!(
     "    mov al, 0x33",
     ".global demo_user_f2",
     "demo_user_f2:",
-    "    out dx, al",                            // 1 byte: EE
+    "    out dx, al", // 1 byte: EE
     ".global demo_user_r2",
     "demo_user_r2:",
     "    mov edi, 3",
@@ -527,7 +527,7 @@ global_asm!(
     "    mov rax, [rip + DEMO_KERNEL_CR3]",
     ".global demo_user_f3",
     "demo_user_f3:",
-    "    mov cr3, rax",                          // 3 bytes: 0F 22 D8
+    "    mov cr3, rax", // 3 bytes: 0F 22 D8
     ".global demo_user_r3",
     "demo_user_r3:",
     "    mov edi, 4",
@@ -537,14 +537,14 @@ global_asm!(
     "    xor edx, edx",
     ".global demo_user_f4",
     "demo_user_f4:",
-    "    wrmsr",                                 // 2 bytes: 0F 30
+    "    wrmsr", // 2 bytes: 0F 30
     ".global demo_user_r4",
     "demo_user_r4:",
     "    mov edi, 5",
     "    int 0x81",
     "    xor eax, eax",
     "    xor ecx, ecx",
-    "    cpuid",                                 // exits to the hypervisor; no fault
+    "    cpuid", // exits to the hypervisor; no fault
     "    mov edi, 100",
     "    int 0x81",
     "    mov edi, 6",
