@@ -17,7 +17,8 @@ usage() {
     cat <<'USAGE'
 usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --bios            boot the BIOS image (default: UEFI through OVMF)
-  --cpu MODEL       QEMU CPU model (default: EPYC; qemu64 has SVM but no NPT, qemu64,-svm has no SVM)
+  --cpu MODEL       QEMU CPU model (default: EPYC; qemu64 has SVM but no NPT: shadow paging only;
+                    qemu64,-svm has no SVM)
   --bochs           run under Bochs with an Intel VMX CPU (corei7_skylake_x), BIOS image
   --smp N           number of CPUs of the emulated machine (default 1)
   --memory MIB      memory of the emulated machine in MiB (default 256)

@@ -7,6 +7,7 @@ use ringzero_tests::boot;
 const CLEAN: i32 = 0;
 const HYPERVISOR_EXCEPTION: i32 = 2;
 const CANNOT_VIRTUALIZE: i32 = 3;
+const GUEST_FAILED: i32 = 6;
 
 #[test]
 fn qemu_uefi_epyc_detects_svm_with_nested_paging() {
@@ -48,13 +49,28 @@ fn qemu64_without_svm_is_refused() {
 }
 
 #[test]
-fn qemu64_without_nested_paging_is_refused() {
-    // QEMU 7.2's qemu64 model has SVM but no NPT.
+fn qemu64_without_nested_paging_refuses_nested_vms_and_runs_shadow_ones() {
+    // QEMU 7.2's qemu64 model has SVM but no NPT: the machine can virtualize, but only with
+    // shadow paging. The default configuration asks for nested paging: each VM is refused with
+    // the missing bit and the fix named, and the hypervisor reports failed guests.
     let run = boot(&["--cpu", "qemu64", "--timeout", "60"]);
-    run.assert_status(CANNOT_VIRTUALIZE);
+    run.assert_status(GUEST_FAILED);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=0");
     run.assert_serial_contains("CPUID.8000000Ah:EDX.NP[bit 0] is 0");
-    run.assert_serial_contains("ringzero: poweroff status=3");
+    run.assert_serial_contains("paging = \"shadow\"");
+    run.assert_serial_contains("ringzero: vm basic exit=unsupported-paging-mode status=255");
+    // The same guest with shadow paging runs on it.
+    let run = boot(&[
+        "--bios",
+        "--cpu",
+        "qemu64",
+        "--config",
+        "tests/configs/basic-shadow.toml",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0");
 }
 
 #[test]

@@ -23,6 +23,7 @@ use ringzero_vmm::Platform;
 use ringzero_vmx::vcpu::{Bitmaps, HostState};
 use ringzero_vmx::{PagingSetup as VmxPagingSetup, VmxFrames, VmxVcpu};
 use ringzero_x86::caps::vmx::VmxCapabilities;
+use ringzero_x86::caps::{nested_paging_missing, Vendor};
 use ringzero_x86::hw;
 
 /// Host memory for the pure crates: frames from the kernel's allocator, reached through the
@@ -105,6 +106,7 @@ enum Backend {
         maps: PermissionMaps,
         features: SvmFeatures,
         asids: u32,
+        nested_paging: bool,
     },
     Vmx {
         bitmaps: Bitmaps,
@@ -182,6 +184,7 @@ impl Backend {
                         decode_assists: capabilities.decode_assists,
                     },
                     asids: capabilities.asids,
+                    nested_paging: capabilities.nested_paging,
                 })
             }
             Extension::Vmx(capabilities) => {
@@ -230,6 +233,16 @@ impl Backend {
         }
     }
 
+    /// Whether VMs may use nested paging here (NPT; EPT with unrestricted guest).
+    fn nested_paging_supported(&self) -> bool {
+        match self {
+            Backend::Svm { nested_paging, .. } => *nested_paging,
+            Backend::Vmx { capabilities, .. } => {
+                capabilities.ept && capabilities.unrestricted_guest
+            }
+        }
+    }
+
     fn nested_format(&self) -> NestedFormat {
         match self {
             Backend::Svm { .. } => NestedFormat::Npt,
@@ -254,6 +267,7 @@ impl Backend {
                 maps,
                 features,
                 asids,
+                ..
             } => {
                 // ASIDs 1.. rotate over the VMs; each vCPU flushes the TLB before its first run.
                 let asid = 1 + (index as u32 % asids.saturating_sub(1).max(1));
@@ -500,6 +514,19 @@ fn run_one(
         }
     }
     let shadow = vm_manifest.paging == Paging::Shadow;
+    if !shadow && !backend.nested_paging_supported() {
+        let vendor = match backend {
+            Backend::Svm { .. } => Vendor::Amd,
+            Backend::Vmx { .. } => Vendor::Intel,
+        };
+        log::error!(
+            "vm {name}: cannot run with paging = \"nested\": {}; VM not started",
+            nested_paging_missing(vendor)
+        );
+        ram.release(&mut host);
+        end_line(name, "unsupported-paging-mode", vm::STATUS_STOPPED, 0);
+        return false;
+    }
     let paging = if shadow {
         let visible = GuestPagingState {
             cr0: plan.entry.cr0,

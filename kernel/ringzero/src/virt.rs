@@ -119,7 +119,10 @@ pub fn detect(cpus: u32) -> Result<Extension, Refusal> {
         return Err(Refusal::NoVirtualizationExtension { vendor });
     };
     if !(summary.ept || summary.npt) {
-        return Err(Refusal::NoNestedPaging { vendor });
+        log::warn!(
+            "no nested paging on this CPU: only VMs with paging = \"shadow\" can run ({})",
+            ringzero_x86::caps::nested_paging_missing(vendor)
+        );
     }
     match &extension {
         Extension::Vmx(capabilities) => {

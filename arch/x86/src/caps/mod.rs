@@ -143,9 +143,6 @@ pub enum Refusal {
     VmxLockedOffByFirmware { feature_control: u64 },
     /// VM_CR (0xC001_0114) SVMDIS (bit 4) set and LOCK (bit 3) set.
     SvmLockedOffByFirmware { vm_cr: u64 },
-    /// VT-x without EPT, or SVM without nested paging. Every guest runs on nested paging until
-    /// shadow paging exists, so such a CPU cannot run guests yet.
-    NoNestedPaging { vendor: Vendor },
 }
 
 impl Refusal {
@@ -156,8 +153,7 @@ impl Refusal {
         match self {
             Refusal::NoVirtualizationExtension { .. }
             | Refusal::VmxLockedOffByFirmware { .. }
-            | Refusal::SvmLockedOffByFirmware { .. }
-            | Refusal::NoNestedPaging { .. } => CANNOT_VIRTUALIZE_EXIT_STATUS,
+            | Refusal::SvmLockedOffByFirmware { .. } => CANNOT_VIRTUALIZE_EXIT_STATUS,
         }
     }
 }
@@ -205,20 +201,25 @@ impl fmt::Display for Refusal {
                  SVMDIS (bit 4) and LOCK (bit 3) set, so EFER.SVME cannot be set until the next \
                  reset. Enable AMD-V (SVM) in the firmware setup and reboot.",
             ),
-            // See: APM Vol 2 15.25 (Nested Paging: CPUID Fn8000_000A_EDX[NP] bit 0)
-            Refusal::NoNestedPaging { vendor: Vendor::Amd } => formatter.write_str(
-                "this AMD CPU has SVM but no nested paging: CPUID.8000000Ah:EDX.NP[bit 0] is 0, and \
-                 ringzero runs guests on nested paging (shadow paging is not built yet). Under QEMU \
-                 use -cpu EPYC or -cpu max (qemu64 has SVM without NPT); on real hardware use a CPU \
-                 with RVI/NPT (every AMD CPU since family 10h has it).",
-            ),
-            // See: SDM Vol 3C 29.3 (EPT) and Vol 3D A.3.3 (secondary control bit 1)
-            Refusal::NoNestedPaging { .. } => formatter.write_str(
-                "this Intel CPU has VT-x but no EPT: the secondary processor-based control 'enable \
-                 EPT' (IA32_VMX_PROCBASED_CTLS2 bit 33) cannot be set, and ringzero runs guests on \
-                 nested paging (shadow paging is not built yet). Under Bochs use cpu model \
-                 corei7_skylake_x; on real hardware use a CPU with EPT (Nehalem or later).",
-            ),
+        }
+    }
+}
+
+/// Why a VM that asks for nested paging cannot run on this CPU, and what to change. A CPU
+/// without NPT/EPT still virtualizes: its guests use shadow paging.
+pub fn nested_paging_missing(vendor: Vendor) -> &'static str {
+    match vendor {
+        // See: APM Vol 2 15.25 (Nested Paging: CPUID Fn8000_000A_EDX[NP] bit 0)
+        Vendor::Amd => {
+            "this CPU has SVM but no nested paging (CPUID.8000000Ah:EDX.NP[bit 0] is 0): give the VM \
+             paging = \"shadow\" in its configuration, or use a CPU with nested paging (under QEMU \
+             -cpu EPYC or -cpu max; every AMD CPU since family 10h has it)"
+        }
+        // See: SDM Vol 3C 29.3 (EPT), Vol 3D A.3.3 (secondary controls bit 1 and bit 7)
+        _ => {
+            "this CPU has VT-x without EPT and unrestricted guest (IA32_VMX_PROCBASED_CTLS2 bits 33 \
+             and 39): give the VM paging = \"shadow\" in its configuration, or use a CPU with EPT \
+             (under Bochs cpu model corei7_skylake_x; Nehalem or later)"
         }
     }
 }
@@ -377,12 +378,6 @@ mod tests {
                 feature_control: 0x1,
             },
             Refusal::SvmLockedOffByFirmware { vm_cr: 0x18 },
-            Refusal::NoNestedPaging {
-                vendor: Vendor::Amd,
-            },
-            Refusal::NoNestedPaging {
-                vendor: Vendor::Intel,
-            },
         ];
         for refusal in refusals {
             assert_eq!(refusal.exit_status(), 3, "{refusal}");
@@ -391,21 +386,12 @@ mod tests {
 
     #[test]
     fn missing_nested_paging_names_the_bit_and_the_fix() {
-        let amd = format!(
-            "{}",
-            Refusal::NoNestedPaging {
-                vendor: Vendor::Amd
-            }
-        );
+        let amd = nested_paging_missing(Vendor::Amd);
         assert!(amd.contains("CPUID.8000000Ah:EDX.NP[bit 0]"), "{amd}");
+        assert!(amd.contains("paging = \"shadow\""), "{amd}");
         assert!(amd.contains("-cpu EPYC"), "{amd}");
-        let intel = format!(
-            "{}",
-            Refusal::NoNestedPaging {
-                vendor: Vendor::Intel
-            }
-        );
-        assert!(intel.contains("enable EPT"), "{intel}");
+        let intel = nested_paging_missing(Vendor::Intel);
+        assert!(intel.contains("EPT"), "{intel}");
         assert!(intel.contains("corei7_skylake_x"), "{intel}");
     }
 
