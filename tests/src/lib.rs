@@ -81,6 +81,27 @@ impl Run {
             .unwrap_or_else(|| panic!("no serial line contains {needle:?}\n{}", self.report()))
     }
 
+    /// The basic guest's last line reports how many CPUID, I/O, RDMSR and HLT instructions it
+    /// executed (counting the report itself and its exit); asserts the hypervisor's exit
+    /// statistics say the same.
+    pub fn assert_basic_guest_counts_match(&self) {
+        let report = self.line_with("basic: report ");
+        for (guest_key, reason) in [
+            ("cpuid=", "cpuid"),
+            ("io=", "io"),
+            ("msr=", "msr-read"),
+            ("hlt=", "hlt"),
+        ] {
+            let guest_count = field_after(report, guest_key).expect("report field");
+            assert_eq!(
+                guest_count,
+                self.exit_count(reason),
+                "guest and hypervisor disagree on {reason}\n{}",
+                self.report()
+            );
+        }
+    }
+
     /// The count column of the exit-statistics row for `reason` (first table in the run).
     pub fn exit_count(&self, reason: &str) -> u64 {
         let row = self

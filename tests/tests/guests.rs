@@ -21,21 +21,7 @@ fn basic_guest_counts_match_the_hypervisor_statistics(backend: &[&str]) {
     run.assert_serial_contains("basic | basic: check cpuid-hypervisor-bit ok");
     run.assert_serial_contains("basic | basic: all checks passed");
     run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0 exits=");
-    let report = run.line_with("basic: report ");
-    for (guest_key, reason) in [
-        ("cpuid=", "cpuid"),
-        ("io=", "io"),
-        ("msr=", "msr-read"),
-        ("hlt=", "hlt"),
-    ] {
-        let guest_count = field_after(report, guest_key).expect("report field");
-        assert_eq!(
-            guest_count,
-            run.exit_count(reason),
-            "guest and hypervisor disagree on {reason}\n{}",
-            run.report()
-        );
-    }
+    run.assert_basic_guest_counts_match();
     // One unowned port (0x510), reported once.
     run.assert_serial_contains("read of port 0x510 (size 1) that no device owns");
 }

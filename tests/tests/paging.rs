@@ -1,7 +1,7 @@
 //! Memory virtualization on both backends: the page-table torture guest with nested and with
 //! shadow paging, the other guest tests with shadow paging, and overcommit (QEMU).
 
-use ringzero_tests::{boot, field_after, on_both_backends, with};
+use ringzero_tests::{boot, on_both_backends, with};
 
 const CLEAN: i32 = 0;
 const GUEST_FAILED: i32 = 6;
@@ -78,21 +78,7 @@ fn basic_guest_counts_match_with_shadow_paging(backend: &[&str]) {
     ));
     run.assert_status(CLEAN);
     run.assert_serial_contains("basic | basic: all checks passed");
-    let report = run.line_with("basic: report ");
-    for (guest_key, reason) in [
-        ("cpuid=", "cpuid"),
-        ("io=", "io"),
-        ("msr=", "msr-read"),
-        ("hlt=", "hlt"),
-    ] {
-        let guest_count = field_after(report, guest_key).expect("report field");
-        assert_eq!(
-            guest_count,
-            run.exit_count(reason),
-            "guest and hypervisor disagree on {reason}\n{}",
-            run.report()
-        );
-    }
+    run.assert_basic_guest_counts_match();
     // Shadow paging costs page-fault exits the guest never sees.
     assert!(run.exit_count("page-fault") > 0, "{}", run.report());
 }

@@ -25,8 +25,8 @@ pub struct Frame {
 }
 
 /// The I/O bitmaps (A: ports 0-0x7FFF, B: 0x8000-0xFFFF) and the MSR bitmap, shared by every
-/// vCPU of this CPU: all ones, so every port access and every RDMSR/WRMSR exits.
-/// See: SDM Vol 3C 25.6.4, 25.6.9.
+/// vCPU of this CPU: all ones, so every port access and every RDMSR/WRMSR exits, except the
+/// MSRs of [`PASS_THROUGH_MSRS`]. See: SDM Vol 3C 25.6.4, 25.6.9.
 pub struct Bitmaps {
     io_a: HostPhysAddr,
     io_b: HostPhysAddr,
@@ -34,7 +34,8 @@ pub struct Bitmaps {
 }
 
 impl Bitmaps {
-    /// Fills the three pages with ones (intercept everything).
+    /// Fills the three pages with ones (intercept everything), then lets the guest reach the
+    /// [`PASS_THROUGH_MSRS`] directly.
     ///
     /// # Safety
     /// Each frame is a 4 KiB page reserved for its bitmap, mapped writable.
@@ -43,13 +44,49 @@ impl Bitmaps {
             // SAFETY: the caller guarantees each page is ours.
             unsafe { core::ptr::write_bytes(frame.virtual_address.as_ptr(), 0xFF, 4096) };
         }
-        Bitmaps {
+        let mut bitmaps = Bitmaps {
             io_a: io_a.physical,
             io_b: io_b.physical,
             msr: msr.physical,
+        };
+        // SAFETY: the MSR bitmap page is ours (the caller's guarantee above).
+        unsafe { bitmaps.pass_through(msr, &PASS_THROUGH_MSRS) };
+        bitmaps
+    }
+
+    /// Clears the read and write intercepts of `msrs` (all in 0xC000_0000..=0xC000_1FFF). The
+    /// bitmap is four 1 KiB quarters: reads of low MSRs, reads of high MSRs, writes of low,
+    /// writes of high. See: SDM Vol 3C 25.6.9.
+    ///
+    /// # Safety
+    /// `page` is the MSR bitmap's page, mapped writable.
+    unsafe fn pass_through(&mut self, page: Frame, msrs: &[u32]) {
+        for &msr in msrs {
+            let bit = (msr - 0xC000_0000) as usize;
+            for quarter in [1024usize, 3072] {
+                let byte = quarter + bit / 8;
+                // SAFETY: `byte` < 4096 for MSRs in the high range; the page is ours.
+                unsafe {
+                    let pointer = page.virtual_address.as_ptr().add(byte);
+                    pointer.write(pointer.read() & !(1u8 << (bit % 8)));
+                }
+            }
         }
     }
 }
+
+/// The SYSCALL MSRs (STAR, LSTAR, CSTAR, SFMASK) and KERNEL_GS_BASE: the guest reads and writes
+/// them directly (no exit). ringzero itself uses neither SYSCALL nor SWAPGS, so the guest's
+/// values may live in the real MSRs while it runs; each new vCPU starts them at 0. (SVM keeps the
+/// same MSRs in the VMCB through VMLOAD/VMSAVE.) With several vCPUs per CPU they will have to be
+/// saved and restored on a switch.
+const PASS_THROUGH_MSRS: [u32; 5] = [
+    0xC000_0081,
+    0xC000_0082,
+    0xC000_0083,
+    0xC000_0084,
+    0xC000_0102,
+];
 
 /// The page one vCPU owns.
 #[derive(Clone, Copy, Debug)]
@@ -225,6 +262,11 @@ impl VmxVcpu {
             visible: None,
             flush_pending: false,
         };
+        // A fresh vCPU must not see the MSRs of a VM that ran here before.
+        for msr in PASS_THROUGH_MSRS {
+            // SAFETY: these MSRs exist on every 64-bit CPU and the hypervisor does not use them.
+            unsafe { ringzero_x86::hw::write_msr(msr, 0) };
+        }
         // Step 2: execution, exit and entry controls. See: SDM Vol 3C 25.6-25.8.
         write(vmcs::PIN_BASED_CONTROLS, u64::from(controls.pin))?;
         write(
