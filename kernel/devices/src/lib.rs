@@ -19,6 +19,7 @@ pub mod bus;
 pub mod exit_port;
 pub mod ioapic;
 pub mod lapic;
+pub mod mmio;
 pub mod pci;
 pub mod pic;
 pub mod rtc;
@@ -29,6 +30,7 @@ pub use bus::{access_width, all_ones, DeviceEvent, PortAccess, PortBus, PortDevi
 pub use exit_port::ExitPort;
 pub use ioapic::{Delivery, DeliveryMode, DestinationMode, IoApic};
 pub use lapic::{ApicEvent, IpiDelivery, IpiDestination, LocalApic, TimerClock, APIC_BASE};
+pub use mmio::{MmioBus, MmioDevice, MmioOverlap};
 pub use pci::{
     HostBridge, PciBar, PciBarError, PciBus, PciConfigSpace, PciDevice, PciIdentity, PciSlotError,
 };

@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod decode;
 pub mod exit;
 pub mod hypercall;
+pub mod mmio;
 pub mod msr;
 pub mod paging;
 pub mod stats;

@@ -15,7 +15,7 @@ use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use ringzero_devices::{DeviceEvent, ExitPort, PortBus, Uart16550};
+use ringzero_devices::{DeviceEvent, ExitPort, MmioBus, PortBus, Uart16550};
 use ringzero_memory::{GuestPhysAddr, GuestRam, HostMemory};
 
 /// The status reported for a VM the hypervisor stopped (triple fault, bad access, ...).
@@ -31,6 +31,8 @@ pub struct Vm {
     pub name: String,
     pub ram: GuestRam,
     pub bus: PortBus,
+    /// Memory-mapped devices (empty unless the VM's platform adds some).
+    pub mmio: MmioBus,
     pub stats: ExitStats,
     /// How guest-physical memory is translated (nested or shadow tables).
     pub paging: GuestPaging,
@@ -54,6 +56,7 @@ impl Vm {
             name: name.to_string(),
             ram,
             bus,
+            mmio: MmioBus::new(),
             stats: ExitStats::default(),
             paging,
             lazy: LazyStats::default(),
@@ -127,6 +130,8 @@ pub enum VmEnd {
     OutOfHostMemory { guest_physical: GuestPhysAddr },
     /// A guest paging mode shadow paging does not support (32-bit paging).
     UnsupportedPaging { detail: String },
+    /// An access to a memory-mapped device by an instruction the hypervisor does not emulate.
+    UnsupportedMmio { address: u64, rip: u64 },
     /// String or REP port I/O, which is not emulated yet.
     UnsupportedIo { io: IoExit, rip: u64 },
 }
@@ -146,6 +151,7 @@ impl VmEnd {
             VmEnd::Undecodable { .. } => "undecodable-instruction",
             VmEnd::Unhandled { .. } => "unhandled-exit",
             VmEnd::UnsupportedIo { .. } => "unsupported-io",
+            VmEnd::UnsupportedMmio { .. } => "unsupported-mmio",
             VmEnd::OutOfHostMemory { .. } => "out-of-host-memory",
             VmEnd::UnsupportedPaging { .. } => "unsupported-paging-mode",
         }
@@ -203,6 +209,9 @@ impl VmEnd {
             VmEnd::UnsupportedPaging { detail } => {
                 format!("the guest switched to a paging mode shadow paging does not support ({detail}); VM stopped")
             }
+            VmEnd::UnsupportedMmio { address, rip } => format!(
+                "the instruction at rip={rip:#x} accessed the device registers at {address:#x} in a way the hypervisor does not emulate; VM stopped"
+            ),
             VmEnd::UnsupportedIo { io, rip } => format!(
                 "string/REP port I/O on port {:#x} at rip={rip:#x} is not emulated; VM stopped",
                 io.port
@@ -388,6 +397,10 @@ fn handle(
         } => match paging::nested_page_fault(vm, host, *guest_physical) {
             Some(Ok(())) => None,
             Some(Err(end)) => Some(end),
+            // A device's registers: emulate the instruction that touched them.
+            None if vm.mmio.owns(guest_physical.0) => {
+                crate::mmio::emulate(vm, vcpu, platform, host, guest_physical.0).err()
+            }
             None => Some(VmEnd::NestedPageFault {
                 guest_physical: *guest_physical,
                 access: *access,

@@ -1199,3 +1199,124 @@ fn rep_io_is_unsupported() {
         }
     );
 }
+
+/// An MMIO device for the tests: one 32-bit register file, recording every access.
+struct RecordingDevice {
+    value: u64,
+    writes: std::rc::Rc<std::cell::RefCell<Vec<(u64, u8, u64)>>>,
+}
+
+impl ringzero_devices::MmioDevice for RecordingDevice {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    fn range(&self) -> (u64, u64) {
+        (0xFEE0_0000, 0x1000)
+    }
+    fn read(&mut self, _offset: u64, _size: u8) -> u64 {
+        self.value
+    }
+    fn write(
+        &mut self,
+        offset: u64,
+        size: u8,
+        value: u64,
+        _events: &mut Vec<ringzero_devices::DeviceEvent>,
+    ) {
+        self.writes.borrow_mut().push((offset, size, value));
+        self.value = value;
+    }
+}
+
+fn mmio_fault(address: u64, write: bool) -> VmExit {
+    VmExit::NestedPageFault {
+        guest_physical: GuestPhysAddr(address),
+        access: MemoryAccess {
+            write,
+            execute: false,
+            present: false,
+        },
+    }
+}
+
+#[test]
+fn mmio_mov_forms_are_emulated_on_the_device() {
+    // mov [eax], ebx; mov ecx, [eax]; movzx edx, byte [eax]; movsx esi, byte [eax];
+    // mov dword [eax], 0x80 (C7 00 imm32); mov ah, [eax]
+    let code = [
+        0x89, 0x18, 0x8B, 0x08, 0x0F, 0xB6, 0x10, 0x0F, 0xBE, 0x30, 0xC7, 0x00, 0x80, 0x00, 0x00,
+        0x00, 0x8A, 0x20,
+    ];
+    let address = 0xFEE0_0080;
+    let mut h = Harness::new(vec![
+        step(
+            &[(Register::Rax, address), (Register::Rbx, 0xFFFF_FFF5)],
+            mmio_fault(address, true),
+        ),
+        step(&[(Register::Rcx, u64::MAX)], mmio_fault(address, false)),
+        step(&[(Register::Rdx, u64::MAX)], mmio_fault(address, false)),
+        step(&[], mmio_fault(address, false)),
+        step(&[], mmio_fault(address, true)),
+        step(&[], mmio_fault(address, false)),
+    ]);
+    let writes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    h.vm.mmio
+        .add(Box::new(RecordingDevice {
+            value: 0,
+            writes: writes.clone(),
+        }))
+        .expect("an empty bus");
+    h.flat_32bit_without_next_rip(0x2000);
+    h.write_ram(0x2000, &code);
+    assert_eq!(h.run(), success());
+    assert_eq!(
+        writes.borrow()[0],
+        (0x80, 4, 0xFFFF_FFF5),
+        "mov [eax], ebx stores 4 bytes"
+    );
+    assert_eq!(
+        h.vcpu.after_step(1).get(Register::Rcx),
+        0xFFFF_FFF5,
+        "a 32-bit load zero-extends"
+    );
+    assert_eq!(h.vcpu.after_step(2).get(Register::Rdx), 0xF5, "movzx");
+    assert_eq!(
+        h.vcpu.after_step(3).get(Register::Rsi) & 0xFFFF_FFFF,
+        0xFFFF_FFF5,
+        "movsx sign-extends"
+    );
+    assert_eq!(writes.borrow()[1], (0x80, 4, 0x80), "mov with an immediate");
+    assert_eq!(
+        h.vcpu.after_step(5).get(Register::Rax) & 0xFFFF,
+        (address & 0xFF) | 0x8000,
+        "mov ah keeps al"
+    );
+    let rips: Vec<u64> = (1..=6).map(|entry| h.vcpu.rip_at_entry(entry)).collect();
+    assert_eq!(
+        rips,
+        [0x2002, 0x2004, 0x2007, 0x200A, 0x2010, 0x2012],
+        "RIP after each instruction"
+    );
+}
+
+#[test]
+fn mmio_access_by_other_instructions_stops_the_vm_with_a_report() {
+    // add [eax], ebx
+    let mut h = Harness::new(vec![step(
+        &[(Register::Rax, 0xFEE0_0080)],
+        mmio_fault(0xFEE0_0080, true),
+    )]);
+    let writes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    h.vm.mmio
+        .add(Box::new(RecordingDevice { value: 0, writes }))
+        .expect("an empty bus");
+    h.flat_32bit_without_next_rip(0x2000);
+    h.write_ram(0x2000, &[0x01, 0x18]);
+    assert_eq!(
+        h.run(),
+        VmEnd::UnsupportedMmio {
+            address: 0xFEE0_0080,
+            rip: 0x2000
+        }
+    );
+}
