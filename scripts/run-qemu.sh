@@ -26,7 +26,7 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --no-guests       boot without guests (detection and smoke test only)
   --demo NAME       run a teaching demo (traps, paravirt, shadow) and explain it
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
-  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state)
+  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state, linux-experimental)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text

@@ -432,7 +432,8 @@ pub fn run_all(manifest: &Manifest<'_>, extension: &Extension, own: &HypervisorM
     let mut all_passed = true;
     for (index, vm_manifest) in manifest.vms.iter().enumerate() {
         let corrupt = test_hook == TestHook::InvalidGuestState && index == 0;
-        let passed = run_one(vm_manifest, index, &backend, corrupt);
+        let linux_experimental = test_hook == TestHook::LinuxExperimental;
+        let passed = run_one(vm_manifest, index, &backend, corrupt, linux_experimental);
         all_passed &= passed;
         match check.verify() {
             None => log::info!(
@@ -461,6 +462,7 @@ fn run_one(
     index: usize,
     backend: &Backend,
     corrupt_for_test: bool,
+    linux_experimental: bool,
 ) -> bool {
     let name = vm_manifest.name;
     let mut host = KernelHostMemory;
@@ -476,15 +478,32 @@ fn run_one(
             ""
         }
     );
-    if vm_manifest.format == GuestFormat::Linux {
+    if vm_manifest.format == GuestFormat::Linux && !linux_experimental {
         // The loader builds a correct boot plan, but a Linux guest also needs the platform it
         // probes (local APIC and its timer, I/O APIC, ACPI tables, RTC, PCI): those device
         // models exist (kernel/devices, kernel/acpi) but are not wired into the run loop yet.
-        log::error!("vm {name}: Linux guests are validated and packed, but not run yet: their platform devices are not wired in; VM not started");
+        log::error!(
+            "vm {name}: Linux guests are validated and packed, but not run yet: interrupt delivery (timer, I/O APIC) is not wired in; VM not started (test hook linux-experimental runs it anyway)"
+        );
         end_line(name, "unsupported-format", vm::STATUS_STOPPED, 0);
         return false;
     }
-    let plan = match boot_plan::plan(vm_manifest) {
+    // Linux guests find their platform through ACPI tables the hypervisor builds, in the
+    // BIOS area below 1 MiB (the boot parameters point at the RSDP).
+    let acpi = if vm_manifest.format == GuestFormat::Linux {
+        ringzero_acpi::build(
+            &ringzero_acpi::PlatformDescription::pc(1),
+            ACPI_TABLES_ADDRESS,
+        )
+        .ok()
+    } else {
+        None
+    };
+    let plan = match boot_plan::plan_with_acpi(
+        vm_manifest,
+        acpi.as_ref()
+            .map(|tables| ACPI_TABLES_ADDRESS + tables.rsdp_offset as u64),
+    ) {
         Ok(plan) => plan,
         Err(error) => {
             log::error!("vm {name}: cannot load the image: {error}");
@@ -508,6 +527,16 @@ fn run_one(
             &placement.data,
         ) {
             log::error!("vm {name}: cannot load the boot plan ({error:?})");
+            ram.release(&mut host);
+            end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
+            return false;
+        }
+    }
+    if let Some(tables) = &acpi {
+        if let Err(error) =
+            ram.write_allocating(&mut host, GuestPhysAddr(ACPI_TABLES_ADDRESS), &tables.bytes)
+        {
+            log::error!("vm {name}: cannot place the ACPI tables ({error:?})");
             ram.release(&mut host);
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
             return false;
@@ -581,6 +610,9 @@ fn run_one(
         vcpu.corrupt_guest_state_for_test();
     }
     let mut vm = Vm::new(name, ram, paging, vm_manifest.trace);
+    if vm_manifest.format == GuestFormat::Linux {
+        attach_pc_platform(&mut vm);
+    }
     let end = vm::run(&mut vm, vcpu.as_vcpu(), &mut KernelPlatform, &mut host);
     report(&vm, &end);
 
@@ -647,4 +679,98 @@ fn report(vm: &Vm, end: &VmEnd) {
         );
     }
     end_line(&vm.name, end.reason(), end.status(), vm.stats.total_exits());
+}
+
+/// Where a Linux guest's ACPI tables go (the BIOS area the kernel may also scan).
+const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
+
+/// The PC platform a Linux guest probes: local APIC and I/O APIC on the MMIO bus, RTC, PCI
+/// configuration space, the two (masked) PICs and the ACPI PM block on the port bus, matching
+/// `ringzero_acpi::PlatformDescription::pc`. Interrupt delivery from them is not wired yet.
+fn attach_pc_platform(vm: &mut Vm) {
+    use alloc::boxed::Box;
+    // TODO(issue 7): the TSC frequency should come from calibration (or CPUID 0x15/0x16).
+    let clock = ringzero_devices::TimerClock {
+        tsc_hz: 2_600_000_000,
+        apic_timer_hz: 1_000_000_000,
+    };
+    let results = [
+        vm.mmio
+            .add(Box::new(LocalApicOnMmio(ringzero_devices::LocalApic::new(
+                0, true, clock,
+            ))))
+            .is_ok(),
+        vm.mmio
+            .add(Box::new(IoApicOnMmio(ringzero_devices::IoApic::new(1))))
+            .is_ok(),
+        vm.bus.add(Box::new(ringzero_devices::Rtc::new(0))).is_ok(),
+        vm.bus
+            .add(Box::new(ringzero_devices::PciBus::new()))
+            .is_ok(),
+        vm.bus
+            .add(Box::new(ringzero_devices::Pic::master()))
+            .is_ok(),
+        vm.bus.add(Box::new(ringzero_devices::Pic::slave())).is_ok(),
+        vm.bus
+            .add(Box::new(ringzero_devices::AcpiPm::new(0x600)))
+            .is_ok(),
+    ];
+    if results.contains(&false) {
+        log::warn!(
+            "vm {}: a platform device overlaps another; the guest may miss it",
+            vm.name
+        );
+    }
+}
+
+/// The local APIC model on the MMIO bus, timed by the host TSC.
+struct LocalApicOnMmio(ringzero_devices::LocalApic);
+
+impl ringzero_devices::MmioDevice for LocalApicOnMmio {
+    fn name(&self) -> &'static str {
+        "local-apic"
+    }
+    fn range(&self) -> (u64, u64) {
+        (ringzero_devices::APIC_BASE, 0x1000)
+    }
+    fn read(&mut self, offset: u64, _size: u8) -> u64 {
+        u64::from(self.0.read_mmio(offset as u32, hw::rdtsc()))
+    }
+    fn write(
+        &mut self,
+        offset: u64,
+        _size: u8,
+        value: u64,
+        _events: &mut alloc::vec::Vec<ringzero_devices::DeviceEvent>,
+    ) {
+        // TODO(issue 7): deliver the APIC's events (IPIs, EOIs) and its timer.
+        let mut apic_events = alloc::vec::Vec::new();
+        self.0
+            .write_mmio(offset as u32, value as u32, hw::rdtsc(), &mut apic_events);
+    }
+}
+
+/// The I/O APIC model on the MMIO bus.
+struct IoApicOnMmio(ringzero_devices::IoApic);
+
+impl ringzero_devices::MmioDevice for IoApicOnMmio {
+    fn name(&self) -> &'static str {
+        "io-apic"
+    }
+    fn range(&self) -> (u64, u64) {
+        (ringzero_devices::IoApic::BASE, 0x1000)
+    }
+    fn read(&mut self, offset: u64, size: u8) -> u64 {
+        u64::from(self.0.read_mmio(offset, size))
+    }
+    fn write(
+        &mut self,
+        offset: u64,
+        size: u8,
+        value: u64,
+        _events: &mut alloc::vec::Vec<ringzero_devices::DeviceEvent>,
+    ) {
+        // TODO(issue 7): deliver what the I/O APIC routes.
+        let _ = self.0.write_mmio(offset, size, value as u32);
+    }
 }

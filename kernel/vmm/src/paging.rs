@@ -60,8 +60,8 @@ pub fn nested_page_fault(
     let GuestPaging::Nested(tables) = &mut vm.paging else {
         return None;
     };
-    if guest_physical.0 >= vm.ram.size() || vm.ram.is_backed(guest_physical) {
-        // Outside RAM, or a backed page the tables refused: the caller reports it.
+    if guest_physical.0 >= vm.ram.size() {
+        // Outside RAM: the caller decides (a device's registers, or the end of the VM).
         return None;
     }
     let page = GuestPhysAddr(guest_physical.0 & !0xFFF);
