@@ -218,47 +218,22 @@ pub fn smoke_test(extension: &Extension) -> Result<(), SmokeError> {
 }
 
 fn vmx_on_off(capabilities: &VmxCapabilities) -> Result<(), SmokeError> {
-    // Step 1: CR0 must already satisfy the fixed bits (it does in long mode with paging).
-    // See: SDM Vol 3D A.7 "VMX-fixed bits in CR0".
-    let cr0 = hw::read_cr0();
-    let (fixed0, fixed1) = (capabilities.cr0_fixed0, capabilities.cr0_fixed1);
-    if cr0 & fixed0 != fixed0 || cr0 & !fixed1 != 0 {
-        return Err(SmokeError::Cr0NotVmxCompatible {
-            cr0,
-            fixed0,
-            fixed1,
-        });
-    }
-    // Step 2: the VMXON region: one 4 KiB frame starting with the VMCS revision identifier.
-    // See: SDM Vol 3C 25.11.5 "VMXON Region".
+    // Step 1: enter VMX root operation the way the backend will (CR0/CR4 fixed bits, a
+    // revision-tagged VMXON region, VMXON).
     let region = memory::allocate_frame().ok_or(SmokeError::NoMemory)?;
-    // SAFETY: the frame was just allocated to us and the physical window maps it.
-    unsafe {
-        memory::physical_window(region)
-            .cast::<u32>()
-            .write(capabilities.revision_id)
-    };
-    // Step 3: CR4.VMXE on (with CR4's other fixed-1 bits). See: SDM Vol 3D A.8.
     let saved_cr4 = hw::read_cr4();
-    let cr4 = (saved_cr4 | hw::CR4_VMXE | capabilities.cr4_fixed0) & capabilities.cr4_fixed1;
-    // SAFETY: this only adds VMXE and bits the CPU requires in VMX operation; PAE and the
-    // other long-mode bits stay as they are (they are allowed by CR4_FIXED1).
-    unsafe { hw::write_cr4(cr4) };
-    // Step 4: VMXON, then VMXOFF straight away.
-    // SAFETY: feature control is locked on, CR0/CR4 satisfy the fixed bits, and the region
-    // is a dedicated, revision-tagged 4 KiB frame.
-    let result = unsafe { hw::vmxon(region.0) }
-        .map_err(SmokeError::Vmxon)
-        .and_then(|()| {
-            log::info!(
-                "vmx: VMXON succeeded (region at {:#x}); the CPU is in VMX root operation",
-                region.0
-            );
-            // SAFETY: VMXON just succeeded and no VMCS was loaded.
-            unsafe { hw::vmxoff() }.map_err(SmokeError::Vmxoff)
-        });
-    // Step 5: back to the state before.
-    // SAFETY: restores the CR4 value the hypervisor was running with.
+    let result = enter_vmx_operation(capabilities, region).and_then(|()| {
+        log::info!(
+            "vmx: VMXON succeeded (region at {:#x}); the CPU is in VMX root operation",
+            region.0
+        );
+        // Step 2: and leave it straight away.
+        // SAFETY: VMXON just succeeded and no VMCS was loaded.
+        unsafe { hw::vmxoff() }.map_err(SmokeError::Vmxoff)
+    });
+    // Step 3: back to the state before.
+    // SAFETY: restores the CR4 value the hypervisor was running with (VMX is off again, or
+    // VMXON failed and never turned it on).
     unsafe { hw::write_cr4(saved_cr4) };
     memory::free_frame(region);
     result.map(|()| log::info!("vmx: VMXOFF succeeded; VT-x works on this CPU"))
@@ -291,8 +266,10 @@ fn svm_on_off() -> Result<(), SmokeError> {
     Ok(())
 }
 
-/// Puts this CPU in VMX root operation for good (until power-off): CR4.VMXE and the other
-/// fixed CR4 bits on, VMXON with `region` (revision-tagged here). See: SDM Vol 3C 24.7, 25.11.5.
+/// Puts this CPU in VMX root operation: checks CR0 against the fixed bits (SDM Vol 3D A.7),
+/// turns on CR4.VMXE and the other fixed CR4 bits (A.8), and executes VMXON with `region`
+/// (tagged here with the VMCS revision identifier). See: SDM Vol 3C 24.7, 25.11.5. The smoke
+/// test leaves again at once; the backend stays until power-off.
 pub fn enter_vmx_operation(
     capabilities: &VmxCapabilities,
     region: HostPhysAddr,
