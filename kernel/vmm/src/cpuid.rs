@@ -81,13 +81,15 @@ mod tests {
 
     /// CPUID values of QEMU 7.2 `-cpu EPYC` under TCG (leaf 1 and 0x80000001), as seen by
     /// ringzero's boot log, plus SVM leaf 0x8000000A = {1, 16, 0, 1}.
+    /// Leaf 1 ECX has the hypervisor bit (31, which QEMU sets for its own guests) cleared and VMX
+    /// set, as on bare metal, so the test sees the policy change both.
     fn epyc(leaf: u32, _subleaf: u32) -> [u32; 4] {
         match leaf {
             0 => [0xD, 0x6874_7541, 0x444D_4163, 0x6974_6E65],
             1 => [
                 0x0080_0F12,
                 0x0000_0800,
-                0xF6D8_3203 | LEAF1_ECX_XSAVE,
+                (0xF6D8_3203 & !LEAF1_ECX_HYPERVISOR) | LEAF1_ECX_XSAVE | LEAF1_ECX_VMX,
                 0x078B_FBFF,
             ],
             0x8000_0001 => [0x0080_0F12, 0, 0x0000_0075, 0x2FD3_FBFF],
