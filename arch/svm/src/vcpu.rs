@@ -245,6 +245,19 @@ impl SvmVcpu {
 }
 
 impl Vcpu for SvmVcpu {
+    // Stubs for the scheduler's interface; the real implementations follow (issue 6).
+    fn activate(&mut self) {}
+    fn deactivate(&mut self) {}
+    fn can_inject_interrupt(&self) -> bool {
+        false
+    }
+    fn inject_interrupt(&mut self, _vector: u8) {}
+    fn request_interrupt_window(&mut self, _enabled: bool) {}
+    fn start_at_startup_vector(&mut self, _vector: u8) {}
+    fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
+        false
+    }
+
     fn run(&mut self) -> VmExit {
         let first_run = core::mem::replace(&mut self.first_run, false);
         // Flush the whole TLB before this vCPU's first run (its ASID may have belonged to a

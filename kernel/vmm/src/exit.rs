@@ -97,8 +97,13 @@ pub enum VmExit {
     TripleFault,
     /// The guest executed a virtualization instruction (VMRUN, VMLAUNCH, ...): it gets #UD.
     VirtualizationInstruction { mnemonic: &'static str },
-    /// A physical interrupt or NMI arrived while the guest ran (nothing to do for the guest).
+    /// A physical interrupt or NMI arrived while the guest ran (nothing to do for the guest;
+    /// the host takes the interrupt after the exit).
     ExternalInterrupt,
+    /// The guest can now take an interrupt (requested with `Vcpu::request_interrupt_window`).
+    InterruptWindow,
+    /// The hardware preemption timer expired (`Vcpu::set_preemption_timer`): the slice is over.
+    PreemptionTimer,
     /// The hardware refused to enter the guest; `reason` says why in the vendor's words.
     EntryFailed { reason: &'static str, detail: u64 },
     /// An exit this hypervisor does not handle.
@@ -124,6 +129,8 @@ impl VmExit {
             VmExit::TripleFault => Reason::TripleFault,
             VmExit::VirtualizationInstruction { .. } => Reason::VirtualizationInstruction,
             VmExit::ExternalInterrupt => Reason::ExternalInterrupt,
+            VmExit::InterruptWindow => Reason::InterruptWindow,
+            VmExit::PreemptionTimer => Reason::PreemptionTimer,
             VmExit::EntryFailed { .. } => Reason::EntryFailed,
             VmExit::Unhandled { .. } => Reason::Unhandled,
         }
@@ -146,12 +153,14 @@ pub enum Reason {
     TripleFault,
     VirtualizationInstruction,
     ExternalInterrupt,
+    InterruptWindow,
+    PreemptionTimer,
     EntryFailed,
     Unhandled,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Cpuid,
         Reason::Io,
         Reason::MsrRead,
@@ -165,6 +174,8 @@ impl Reason {
         Reason::TripleFault,
         Reason::VirtualizationInstruction,
         Reason::ExternalInterrupt,
+        Reason::InterruptWindow,
+        Reason::PreemptionTimer,
         Reason::EntryFailed,
         Reason::Unhandled,
     ];
@@ -184,6 +195,8 @@ impl Reason {
             Reason::TripleFault => "triple-fault",
             Reason::VirtualizationInstruction => "virt-instruction",
             Reason::ExternalInterrupt => "interrupt",
+            Reason::InterruptWindow => "interrupt-window",
+            Reason::PreemptionTimer => "preemption-timer",
             Reason::EntryFailed => "entry-failed",
             Reason::Unhandled => "unhandled",
         }

@@ -126,4 +126,30 @@ pub trait Vcpu {
     /// Nested paging only: loads the guest's CR3 as a MOV to CR3 would (the `SET_ADDRESS_SPACE`
     /// hypercall), flushing the guest's non-global translations.
     fn set_guest_cr3(&mut self, value: u64);
+
+    /// Makes this vCPU the one the hardware uses on this CPU. The scheduler calls it before
+    /// `run` (and before any other method) whenever another vCPU may have run on this CPU since
+    /// this one last did. VMX: VMPTRLD of its VMCS and the guest's pass-through MSRs loaded;
+    /// SVM: the VMCB's clean bits cleared (another VMCB ran here).
+    fn activate(&mut self);
+    /// The scheduler is about to run another vCPU on this CPU: save what of this guest lives in
+    /// the CPU itself (VMX: the pass-through SYSCALL MSRs and KERNEL_GS_BASE).
+    fn deactivate(&mut self);
+    /// Whether the guest can take an external interrupt at the next entry: RFLAGS.IF set, no
+    /// STI / MOV SS interrupt shadow, and no event already queued for injection.
+    fn can_inject_interrupt(&self) -> bool;
+    /// Delivers external interrupt `vector` at the next entry, as the local APIC would (the
+    /// caller checked `can_inject_interrupt`). See: SDM Vol 3C 27.6, APM Vol 2 15.20.
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Asks for an exit ([`VmExit::InterruptWindow`]) as soon as the guest can take an
+    /// interrupt (`true`), or stops asking (`false`).
+    fn request_interrupt_window(&mut self, enabled: bool);
+    /// INIT followed by a startup IPI with `vector`: the vCPU starts in real mode at
+    /// CS:IP = (vector << 8):0000 (CS base vector << 12), with the rest of its state as after
+    /// INIT. See: SDM Vol 3A 9.1.1 Table 9-1, 10.4.4.1 (MP initialization), 11.6.1 (SIPI).
+    fn start_at_startup_vector(&mut self, vector: u8);
+    /// Bounds the next guest runs to about `tsc_cycles` of guest time with the hardware's own
+    /// preemption timer (VMX preemption timer), or removes the bound (`None`). Returns false when
+    /// there is no such timer (SVM: the scheduler relies on the host timer interrupt instead).
+    fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool;
 }

@@ -441,7 +441,7 @@ fn handle(
             vcpu.inject_exception(VECTOR_INVALID_OPCODE, None);
             None
         }
-        VmExit::ExternalInterrupt => None,
+        VmExit::ExternalInterrupt | VmExit::InterruptWindow | VmExit::PreemptionTimer => None,
         VmExit::EntryFailed { reason, detail } => Some(VmEnd::EntryFailed {
             reason,
             detail: *detail,

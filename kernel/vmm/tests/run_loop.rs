@@ -158,6 +158,19 @@ impl FakeVcpu {
 }
 
 impl Vcpu for FakeVcpu {
+    // Stubs for the scheduler's interface; the real implementations follow (issue 6).
+    fn activate(&mut self) {}
+    fn deactivate(&mut self) {}
+    fn can_inject_interrupt(&self) -> bool {
+        false
+    }
+    fn inject_interrupt(&mut self, _vector: u8) {}
+    fn request_interrupt_window(&mut self, _enabled: bool) {}
+    fn start_at_startup_vector(&mut self, _vector: u8) {}
+    fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
+        false
+    }
+
     fn run(&mut self) -> VmExit {
         self.entries.push(self.registers);
         match self.script.pop_front() {
