@@ -35,7 +35,7 @@ pub enum DeviceEvent {
 /// A device on the I/O-port bus. Sizes are 1, 2 or 4 bytes; `port` is the first port accessed
 /// (inside `ports()` when called through the bus). Implementations must not panic for any
 /// `port`, `size` or `value`: all three come from the guest.
-pub trait PortDevice {
+pub trait PortDevice: Send {
     /// A short fixed name for logs ("uart16550").
     fn name(&self) -> &'static str;
     /// The ports this device owns. Must not change while the device is on a bus.

@@ -8,7 +8,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 /// A device on the MMIO bus. `offset` is relative to the device's base; sizes are 1, 2, 4 or 8.
-pub trait MmioDevice {
+pub trait MmioDevice: Send {
     fn name(&self) -> &'static str;
     /// Base guest-physical address and length in bytes of the registers.
     fn range(&self) -> (u64, u64);

@@ -78,7 +78,7 @@ const STATUS_CAPABILITIES_LIST: u32 = 1 << 20;
 
 /// One function's configuration registers, as the guest reaches them through the bus. All
 /// arguments come from the guest; implementations must not panic on any of them.
-pub trait PciDevice {
+pub trait PciDevice: Send {
     /// A short fixed name for logs ("i440fx-host-bridge").
     fn name(&self) -> &'static str;
     /// The 32-bit register at `offset` (a multiple of 4 below 0x100).

@@ -31,6 +31,11 @@ pub fn init() {
     log::set_max_level(log::LevelFilter::Info);
 }
 
+/// The TSC when the hypervisor started (the time base of the log lines).
+pub fn boot_tsc() -> u64 {
+    *BOOT_TSC.get().unwrap_or(&0)
+}
+
 /// Writes one unprefixed line (for the fixed, greppable summary lines).
 pub fn print_line(args: fmt::Arguments<'_>) {
     let mut serial = SERIAL.lock();

@@ -64,7 +64,7 @@ impl HostMemory for KernelHostMemory {
 }
 
 /// The machine as the VM core sees it.
-struct KernelPlatform;
+pub struct KernelPlatform;
 
 impl Platform for KernelPlatform {
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -101,12 +101,11 @@ fn vmx_frame(physical: HostPhysAddr) -> ringzero_vmx::vcpu::Frame {
 
 /// This CPU's virtualization backend, chosen once from the detected extension: the only
 /// place where the vendor matters (the run loop sees `dyn Vcpu`).
-enum Backend {
+pub enum Backend {
     Svm {
         maps: PermissionMaps,
         features: SvmFeatures,
         asids: u32,
-        nested_paging: bool,
     },
     Vmx {
         bitmaps: Bitmaps,
@@ -115,28 +114,65 @@ enum Backend {
     },
 }
 
+/// What VM building needs to know of the vendor before any CPU's backend exists.
+pub struct BackendKind {
+    vendor: Vendor,
+    nested: bool,
+}
+
+impl BackendKind {
+    pub fn of(extension: &Extension) -> BackendKind {
+        match extension {
+            Extension::Svm(capabilities) => BackendKind {
+                vendor: Vendor::Amd,
+                nested: capabilities.nested_paging,
+            },
+            Extension::Vmx(capabilities) => BackendKind {
+                vendor: Vendor::Intel,
+                nested: capabilities.ept && capabilities.unrestricted_guest,
+            },
+        }
+    }
+
+    /// Whether VMs may use nested paging here (NPT; EPT with unrestricted guest).
+    fn nested_paging_supported(&self) -> bool {
+        self.nested
+    }
+
+    fn nested_format(&self) -> NestedFormat {
+        match self.vendor {
+            Vendor::Intel => NestedFormat::Ept,
+            _ => NestedFormat::Npt,
+        }
+    }
+
+    fn vendor(&self) -> Vendor {
+        self.vendor
+    }
+}
+
 /// A vCPU of either vendor, with what tearing it down needs.
-enum AnyVcpu {
+pub enum AnyVcpu {
     Svm(SvmVcpu),
     Vmx(VmxVcpu),
 }
 
 impl AnyVcpu {
-    fn as_vcpu(&mut self) -> &mut dyn Vcpu {
+    pub fn as_vcpu(&mut self) -> &mut dyn Vcpu {
         match self {
             AnyVcpu::Svm(vcpu) => vcpu,
             AnyVcpu::Vmx(vcpu) => vcpu,
         }
     }
 
-    fn corrupt_guest_state_for_test(&mut self) {
+    pub fn corrupt_guest_state_for_test(&mut self) {
         match self {
             AnyVcpu::Svm(vcpu) => vcpu.corrupt_guest_state_for_test(),
             AnyVcpu::Vmx(vcpu) => vcpu.corrupt_guest_state_for_test(),
         }
     }
 
-    fn tear_down(self) {
+    pub fn tear_down(self) {
         match self {
             AnyVcpu::Svm(vcpu) => {
                 let frames = vcpu.into_frames();
@@ -154,7 +190,7 @@ const IA32_FS_BASE: u32 = 0xC000_0100;
 const IA32_GS_BASE: u32 = 0xC000_0101;
 
 impl Backend {
-    fn new(extension: &Extension) -> Result<Backend, String> {
+    pub fn new(extension: &Extension) -> Result<Backend, String> {
         match extension {
             Extension::Svm(capabilities) => {
                 let no_memory =
@@ -184,7 +220,6 @@ impl Backend {
                         decode_assists: capabilities.decode_assists,
                     },
                     asids: capabilities.asids,
-                    nested_paging: capabilities.nested_paging,
                 })
             }
             Extension::Vmx(capabilities) => {
@@ -233,26 +268,9 @@ impl Backend {
         }
     }
 
-    /// Whether VMs may use nested paging here (NPT; EPT with unrestricted guest).
-    fn nested_paging_supported(&self) -> bool {
-        match self {
-            Backend::Svm { nested_paging, .. } => *nested_paging,
-            Backend::Vmx { capabilities, .. } => {
-                capabilities.ept && capabilities.unrestricted_guest
-            }
-        }
-    }
-
-    fn nested_format(&self) -> NestedFormat {
-        match self {
-            Backend::Svm { .. } => NestedFormat::Npt,
-            Backend::Vmx { .. } => NestedFormat::Ept,
-        }
-    }
-
     /// Creates the vCPU of VM number `index`: on nested tables rooted at `nested_root`, or
     /// (None) on shadow tables the core loads before the first run.
-    fn create_vcpu(
+    pub fn create_vcpu(
         &self,
         index: usize,
         nested_root: Option<HostPhysAddr>,
@@ -316,7 +334,7 @@ impl Backend {
 }
 
 /// What the hypervisor checks after each VM: its own memory must be as it was.
-struct IntegrityCheck {
+pub struct IntegrityCheck {
     kernel_start: u64,
     kernel_length: u64,
     kernel_hash: u64,
@@ -340,7 +358,7 @@ fn fnv1a(bytes_at: u64, length: u64) -> u64 {
 }
 
 impl IntegrityCheck {
-    fn new(
+    pub fn new(
         kernel_start: u64,
         kernel_length: u64,
         heap_start: HostPhysAddr,
@@ -370,7 +388,7 @@ impl IntegrityCheck {
     }
 
     /// Returns a description of what is wrong, or None when everything is intact.
-    fn verify(&self) -> Option<&'static str> {
+    pub fn verify(&self) -> Option<&'static str> {
         if fnv1a(self.kernel_start, self.kernel_length) != self.kernel_hash {
             return Some("the hypervisor's kernel image changed");
         }
@@ -405,69 +423,36 @@ pub struct HypervisorMemory {
     pub heap_size: u64,
 }
 
-/// Runs every VM of the manifest. Returns true when every VM passed (exit port or EXIT
-/// hypercall with status 0, or an ACPI power-off).
-pub fn run_all(manifest: &Manifest<'_>, extension: &Extension, own: &HypervisorMemory) -> bool {
-    let test_hook = manifest.test_hook;
-    if manifest.vms.is_empty() {
-        log::info!("no guests configured");
-        return true;
-    }
-    let backend = match Backend::new(extension) {
-        Ok(backend) => backend,
-        Err(error) => {
-            log::error!("{error}; no VM can run");
-            return false;
-        }
-    };
-    let Some(check) = IntegrityCheck::new(
-        own.kernel_start,
-        own.kernel_length,
-        own.heap_start,
-        own.heap_size,
-    ) else {
-        log::error!("no memory for the integrity canary");
-        return false;
-    };
-    let mut all_passed = true;
-    for (index, vm_manifest) in manifest.vms.iter().enumerate() {
-        let corrupt = test_hook == TestHook::InvalidGuestState && index == 0;
-        let linux_experimental = test_hook == TestHook::LinuxExperimental;
-        let passed = run_one(vm_manifest, index, &backend, corrupt, linux_experimental);
-        all_passed &= passed;
-        match check.verify() {
-            None => log::info!(
-                "memory check after vm {}: hypervisor memory intact (kernel image hash, canary page, no guest marker in the heap); {} frames in use",
-                vm_manifest.name,
-                memory::allocated_frames()
-            ),
-            Some(problem) => {
-                log::error!("memory check after vm {}: {problem}!", vm_manifest.name);
-                all_passed = false;
-            }
-        }
-    }
-    all_passed
+/// A VM ready to run: its shared state and what its vCPUs are created from.
+pub struct BuiltVm {
+    pub vm: Vm,
+    /// The nested page tables' root (None: shadow paging).
+    pub nested_root: Option<HostPhysAddr>,
+    /// vCPU 0's first instruction state (the others start through INIT/SIPI).
+    pub entry: boot_plan::EntryState,
 }
 
-fn end_line(name: &str, reason: &str, status: u32, exits: u64) {
+pub fn end_line(name: &str, reason: &str, status: u32, exits: u64) {
     console::print_line(format_args!(
         "ringzero: vm {name} exit={reason} status={status} exits={exits}"
     ));
 }
 
-/// Builds, runs and tears down one VM. Returns whether it passed.
-fn run_one(
+/// Builds VM number `index` of the manifest: its boot plan, RAM (promised, backed on touch),
+/// the image, its nested page tables or shadow paging engine, and its platform devices. On
+/// failure the VM's end line is printed and None returned.
+pub fn build_vm(
     vm_manifest: &VmManifest<'_>,
     index: usize,
-    backend: &Backend,
-    corrupt_for_test: bool,
+    backend: &BackendKind,
     linux_experimental: bool,
-) -> bool {
+    clock: ringzero_devices::TimerClock,
+) -> Option<BuiltVm> {
     let name = vm_manifest.name;
     let mut host = KernelHostMemory;
+    let vcpus = (vm_manifest.cpus as usize).max(1);
     log::info!(
-        "vm {name}: {} guest, {} MiB, paging {}, cmdline '{}'{}",
+        "vm {name}: {} guest, {} MiB, {vcpus} vCPU(s), paging {}, cmdline '{}'{}",
         vm_manifest.format.name(),
         vm_manifest.memory_bytes >> 20,
         vm_manifest.paging.name(),
@@ -486,13 +471,13 @@ fn run_one(
             "vm {name}: Linux guests are validated and packed, but not run yet: interrupt delivery (timer, I/O APIC) is not wired in; VM not started (test hook linux-experimental runs it anyway)"
         );
         end_line(name, "unsupported-format", vm::STATUS_STOPPED, 0);
-        return false;
+        return None;
     }
     // Linux guests find their platform through ACPI tables the hypervisor builds, in the
     // BIOS area below 1 MiB (the boot parameters point at the RSDP).
     let acpi = if vm_manifest.format == GuestFormat::Linux {
         ringzero_acpi::build(
-            &ringzero_acpi::PlatformDescription::pc(1),
+            &ringzero_acpi::PlatformDescription::pc(vcpus as u32),
             ACPI_TABLES_ADDRESS,
         )
         .ok()
@@ -508,13 +493,8 @@ fn run_one(
         Err(error) => {
             log::error!("vm {name}: cannot load the image: {error}");
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
-            return false;
+            return None;
         }
-    };
-    let out_of_memory = |what: &str| {
-        log::error!("vm {name}: out of host memory while allocating {what}; VM not started");
-        end_line(name, "out-of-host-memory", vm::STATUS_STOPPED, 0);
-        false
     };
     // RAM is promised, not allocated: a frame is taken on the first touch of each page
     // (overcommit). Loading the image touches the pages it fills.
@@ -529,7 +509,7 @@ fn run_one(
             log::error!("vm {name}: cannot load the boot plan ({error:?})");
             ram.release(&mut host);
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
-            return false;
+            return None;
         }
     }
     if let Some(tables) = &acpi {
@@ -539,22 +519,19 @@ fn run_one(
             log::error!("vm {name}: cannot place the ACPI tables ({error:?})");
             ram.release(&mut host);
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
-            return false;
+            return None;
         }
     }
     let shadow = vm_manifest.paging == Paging::Shadow;
+    let format = backend.nested_format();
     if !shadow && !backend.nested_paging_supported() {
-        let vendor = match backend {
-            Backend::Svm { .. } => Vendor::Amd,
-            Backend::Vmx { .. } => Vendor::Intel,
-        };
         log::error!(
             "vm {name}: cannot run with paging = \"nested\": {}; VM not started",
-            nested_paging_missing(vendor)
+            nested_paging_missing(backend.vendor())
         );
         ram.release(&mut host);
         end_line(name, "unsupported-paging-mode", vm::STATUS_STOPPED, 0);
-        return false;
+        return None;
     }
     let paging = if shadow {
         let visible = GuestPagingState {
@@ -570,11 +547,15 @@ fn run_one(
         }
     } else {
         // The nested tables map the pages backed so far; the rest is mapped on first touch.
-        match NestedPageTables::build(&ram, backend.nested_format(), &mut host) {
+        match NestedPageTables::build(&ram, format, &mut host) {
             Ok(tables) => GuestPaging::Nested(tables),
             Err(OutOfHostMemory) => {
                 ram.release(&mut host);
-                return out_of_memory("its nested page tables");
+                log::error!(
+                    "vm {name}: out of host memory while allocating its nested page tables; VM not started"
+                );
+                end_line(name, "out-of-host-memory", vm::STATUS_STOPPED, 0);
+                return None;
             }
         }
     };
@@ -582,44 +563,45 @@ fn run_one(
         GuestPaging::Nested(tables) => Some(tables.root()),
         GuestPaging::Shadow { .. } => None,
     };
-    let mut vcpu = match backend.create_vcpu(index, nested_root, &plan.entry) {
-        Ok(vcpu) => vcpu,
-        Err(error) => {
-            log::error!("vm {name}: {error}; VM not started");
-            release_paging(paging, &mut host);
-            ram.release(&mut host);
-            end_line(name, "vcpu-creation-failed", vm::STATUS_STOPPED, 0);
-            return false;
-        }
-    };
     log::info!(
         "vm {name}: {} MiB promised, {} KiB backed after loading, {} paging, entry rip={:#x}",
         ram.promised_pages() >> 8,
         ram.backed_pages() * 4,
         if shadow {
             "shadow"
-        } else if backend.nested_format() == NestedFormat::Npt {
+        } else if format == NestedFormat::Npt {
             "nested (NPT)"
         } else {
             "nested (EPT)"
         },
         plan.entry.rip
     );
-    if corrupt_for_test {
-        log::warn!("test hook: breaking vm {name}'s guest state before its first entry");
-        vcpu.corrupt_guest_state_for_test();
-    }
-    let mut vm = Vm::new(name, ram, paging, vm_manifest.trace);
+    let mut vm = Vm::with_vcpus(name, ram, paging, vm_manifest.trace, vcpus, clock);
+    vm.id = index;
     if vm_manifest.format == GuestFormat::Linux {
         attach_pc_platform(&mut vm);
+        vm.interrupt_sources = true;
     }
-    let end = vm::run(&mut vm, vcpu.as_vcpu(), &mut KernelPlatform, &mut host);
-    report(&vm, &end);
+    Some(BuiltVm {
+        vm,
+        nested_root,
+        entry: plan.entry,
+    })
+}
 
-    let Vm { ram, paging, .. } = vm;
-    vcpu.tear_down();
-    release_paging(paging, &mut host);
-    ram.release(&mut host);
+/// When the VM's last vCPU is done: the report, the end line, its memory given back. Returns
+/// whether it passed.
+pub fn finish_vm(vm: &mut Vm) -> bool {
+    let mut host = KernelHostMemory;
+    let end = vm.end.clone().unwrap_or(VmEnd::HaltedForever { rip: 0 });
+    report(vm, &end);
+    // The VM stays in its slot (for its statistics); its memory goes back now.
+    let released = GuestPaging::Shadow {
+        engine: ShadowPaging::new(1),
+        visible: GuestPagingState::default(),
+    };
+    release_paging(core::mem::replace(&mut vm.paging, released), &mut host);
+    core::mem::replace(&mut vm.ram, GuestRam::new_lazy(0)).release(&mut host);
     end.is_success()
 }
 

@@ -7,7 +7,7 @@
 //! 4. host ACPI tables: CPU count, power-off registers;
 //! 5. the boot manifest from the ramdisk (packed by `boot/`);
 //! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off;
-//! 7. run the manifest's VMs one after another (`guests`);
+//! 7. run the manifest's VMs, concurrently on every CPU (`scheduler`, `guests`);
 //! 8. power off with a status (see `power`).
 #![no_std]
 #![no_main]
@@ -21,6 +21,7 @@ mod guests;
 mod memory;
 mod platform;
 mod power;
+mod scheduler;
 mod virt;
 
 use bootloader_api::config::Mapping;
@@ -114,7 +115,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         heap_start: summary.heap_start,
         heap_size: summary.heap_size,
     };
-    let all_passed = guests::run_all(&manifest, &extension, &own);
+    let all_passed = scheduler::run_all(&manifest, extension.clone(), &own);
 
     // Step 8.
     if all_passed {

@@ -13,6 +13,7 @@ use ringzero_x86::caps::{Refusal, Vendor, VirtSummary};
 use ringzero_x86::hw;
 
 /// The virtualization extension this machine offers, decoded.
+#[derive(Clone)]
 pub enum Extension {
     Vmx(VmxCapabilities),
     Svm(SvmCapabilities),

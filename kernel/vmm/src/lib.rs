@@ -14,6 +14,7 @@ pub mod hypercall;
 pub mod mmio;
 pub mod msr;
 pub mod paging;
+pub mod smp;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
@@ -26,4 +27,13 @@ pub trait Platform {
     fn timestamp(&self) -> u64;
     /// One complete line a VM wrote to its console, to be shown with the VM's name.
     fn console_line(&mut self, vm_name: &str, line: &str);
+    /// A host interrupt made the guest exit: let the host take it now (the kernel opens the
+    /// interrupt flag for one instruction).
+    fn take_host_interrupts(&mut self) {}
+    /// Something happened to vCPU `vcpu` of VM `vm_id` (an IPI, a startup IPI): if it waits or
+    /// runs on another physical CPU, that CPU should look at it soon.
+    fn wake(&mut self, _vm_id: usize, _vcpu: usize) {}
+    /// Just before a guest entry and just after the exit (the kernel counts CPUs in guests).
+    fn guest_entering(&mut self) {}
+    fn guest_left(&mut self) {}
 }

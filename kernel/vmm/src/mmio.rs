@@ -18,6 +18,15 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 use ringzero_devices::DeviceEvent;
 use ringzero_memory::HostMemory;
 
+/// Whose registers the access touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A device on the VM's MMIO bus.
+    Bus,
+    /// The local APIC of this vCPU (every vCPU sees its own at the same address).
+    LocalApic(usize),
+}
+
 /// Where a loaded value goes: a register, and which of its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Destination {
@@ -137,6 +146,7 @@ fn access_of(instruction: &Instruction, vcpu: &dyn Vcpu) -> Result<Access, &'sta
 /// device on `vm.mmio`), and moves RIP past it.
 pub fn emulate(
     vm: &mut Vm,
+    target: Target,
     vcpu: &mut dyn Vcpu,
     platform: &mut dyn Platform,
     host: &dyn HostMemory,
@@ -157,6 +167,21 @@ pub fn emulate(
         VmEnd::UnsupportedMmio { address, rip }
     })?;
     match access {
+        Access::Store { size, value } if target != Target::Bus => {
+            let Target::LocalApic(index) = target else {
+                unreachable!()
+            };
+            let now = platform.timestamp();
+            let mut events = Vec::new();
+            vm.vcpus[index].apic.write_mmio(
+                (address - crate::smp::APIC_PAGE) as u32,
+                value as u32,
+                now,
+                &mut events,
+            );
+            let _ = size;
+            crate::smp::apic_events(vm, index, events, platform, now);
+        }
         Access::Store { size, value } => {
             let mut events = Vec::new();
             vm.mmio.write(address, size, value, &mut events);
@@ -173,10 +198,20 @@ pub fn emulate(
             destination,
             sign_extend: extend,
         } => {
-            let raw = vm
-                .mmio
-                .read(address, size)
-                .unwrap_or(ringzero_devices::mmio::size_mask(size));
+            let raw = match target {
+                Target::Bus => vm
+                    .mmio
+                    .read(address, size)
+                    .unwrap_or(ringzero_devices::mmio::size_mask(size)),
+                Target::LocalApic(index) => {
+                    let now = platform.timestamp();
+                    u64::from(
+                        vm.vcpus[index]
+                            .apic
+                            .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
+                    ) & ringzero_devices::mmio::size_mask(size)
+                }
+            };
             let value = if extend { sign_extend(raw, size) } else { raw };
             write_destination(vcpu, destination, value);
         }

@@ -7,6 +7,7 @@ use crate::decode;
 use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
 use crate::msr::{self, MsrRead, MsrWrite};
 use crate::paging::{self, GuestPaging, LazyStats};
+use crate::smp::{self, Activity, VcpuState};
 use crate::stats::ExitStats;
 use crate::vcpu::{Register, Vcpu};
 use crate::Platform;
@@ -15,7 +16,9 @@ use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use ringzero_devices::{DeviceEvent, ExitPort, MmioBus, PortBus, Uart16550};
+use core::cell::{RefCell, RefMut};
+use core::ops::DerefMut;
+use ringzero_devices::{DeviceEvent, ExitPort, MmioBus, PortBus, TimerClock, Uart16550};
 use ringzero_memory::{GuestPhysAddr, GuestRam, HostMemory};
 
 /// The status reported for a VM the hypervisor stopped (triple fault, bad access, ...).
@@ -40,6 +43,19 @@ pub struct Vm {
     pub lazy: LazyStats,
     /// Log every exit (the trap trace).
     pub trace: bool,
+    /// The kernel's number for this VM (for `Platform::wake`).
+    pub id: usize,
+    /// Each vCPU's state seen by the others: local APIC, activity, statistics.
+    pub vcpus: Vec<VcpuState>,
+    /// How the VM ended, once it has: set by the vCPU whose exit ended it (or the time limit);
+    /// the other vCPUs stop at their next exit.
+    pub end: Option<VmEnd>,
+    /// The TSC after which the VM is stopped (its configured time limit), and that limit.
+    pub deadline: Option<u64>,
+    pub time_limit_seconds: u32,
+    /// Something other than the vCPUs can interrupt them (devices with interrupt lines): an
+    /// HLT then waits even with one vCPU and no APIC timer.
+    pub interrupt_sources: bool,
     console_line: Vec<u8>,
     msrs_reported: BTreeSet<u32>,
 }
@@ -47,6 +63,18 @@ pub struct Vm {
 impl Vm {
     /// A VM with the standard devices: a 16550 UART at COM1 and the test exit port.
     pub fn new(name: &str, ram: GuestRam, paging: GuestPaging, trace: bool) -> Vm {
+        Vm::with_vcpus(name, ram, paging, trace, 1, smp::DEFAULT_CLOCK)
+    }
+
+    /// A VM with `vcpus` vCPUs whose APIC timers count against `clock`.
+    pub fn with_vcpus(
+        name: &str,
+        ram: GuestRam,
+        paging: GuestPaging,
+        trace: bool,
+        vcpus: usize,
+        clock: TimerClock,
+    ) -> Vm {
         let mut bus = PortBus::new();
         bus.add(Box::new(Uart16550::new(Uart16550::COM1)))
             .expect("empty bus");
@@ -61,6 +89,14 @@ impl Vm {
             paging,
             lazy: LazyStats::default(),
             trace,
+            id: 0,
+            vcpus: (0..vcpus.max(1))
+                .map(|index| VcpuState::new(index, clock))
+                .collect(),
+            end: None,
+            deadline: None,
+            time_limit_seconds: 0,
+            interrupt_sources: false,
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
@@ -134,6 +170,8 @@ pub enum VmEnd {
     UnsupportedMmio { address: u64, rip: u64 },
     /// String or REP port I/O, which is not emulated yet.
     UnsupportedIo { io: IoExit, rip: u64 },
+    /// The VM ran longer than its configured time limit.
+    TimeLimit { seconds: u32 },
 }
 
 impl VmEnd {
@@ -154,6 +192,7 @@ impl VmEnd {
             VmEnd::UnsupportedMmio { .. } => "unsupported-mmio",
             VmEnd::OutOfHostMemory { .. } => "out-of-host-memory",
             VmEnd::UnsupportedPaging { .. } => "unsupported-paging-mode",
+            VmEnd::TimeLimit { .. } => "time-limit",
         }
     }
 
@@ -216,38 +255,179 @@ impl VmEnd {
                 "string/REP port I/O on port {:#x} at rip={rip:#x} is not emulated; VM stopped",
                 io.port
             ),
+            VmEnd::TimeLimit { seconds } => format!(
+                "the VM was still running after its time limit of {seconds} s; VM stopped"
+            ),
         }
     }
 }
 
-/// Runs the VM's vCPU until the VM ends. Statistics accumulate in `vm.stats`.
+/// Access to a VM that several vCPUs share: the VM is locked while an exit is handled and
+/// unlocked while the guest runs. `spin::Mutex<Vm>` for the kernel's concurrent vCPUs; a
+/// `RefCell<&mut Vm>` for one vCPU on one thread ([`run`]).
+pub trait LockVm {
+    type Guard<'a>: DerefMut<Target = Vm>
+    where
+        Self: 'a;
+    fn lock_vm(&self) -> Self::Guard<'_>;
+}
+
+impl LockVm for spin::Mutex<Vm> {
+    type Guard<'a> = spin::MutexGuard<'a, Vm>;
+    fn lock_vm(&self) -> Self::Guard<'_> {
+        self.lock()
+    }
+}
+
+impl<'v> LockVm for RefCell<&'v mut Vm> {
+    type Guard<'a>
+        = RefMut<'a, Vm>
+    where
+        Self: 'a;
+    fn lock_vm(&self) -> Self::Guard<'_> {
+        RefMut::map(self.borrow_mut(), |vm| &mut **vm)
+    }
+}
+
+/// How a slice of one vCPU's time ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// The VM has ended (`vm.end` says how): this vCPU is done.
+    VmEnded,
+    /// The vCPU halted or waits for a startup IPI: run it again once
+    /// [`smp::is_runnable`] says so.
+    Blocked,
+    /// The slice's time is up and the vCPU could go on: the scheduler may run another.
+    Preempted,
+}
+
+/// Before a vCPU's first run: under shadow paging, build the shadow tables for its first
+/// instruction.
+pub fn prepare_first_run(
+    vm: &mut Vm,
+    vcpu: &mut dyn Vcpu,
+    host: &mut dyn HostMemory,
+) -> Result<(), VmEnd> {
+    paging::start(vm, vcpu, host)
+}
+
+/// Runs the VM's only vCPU until the VM ends (one thread, no other vCPU, no preemption).
+/// Statistics accumulate in `vm.stats`.
 pub fn run(
     vm: &mut Vm,
     vcpu: &mut dyn Vcpu,
     platform: &mut dyn Platform,
     host: &mut dyn HostMemory,
 ) -> VmEnd {
-    // Step 0: under shadow paging, build the shadow for the guest's first instruction.
-    if let Err(end) = paging::start(vm, vcpu, host) {
+    if let Err(end) = prepare_first_run(vm, vcpu, host) {
         return end;
     }
+    let cell = RefCell::new(vm);
     loop {
-        // Step 1: enter the guest; the backend's world switch returns at the next exit.
+        match run_slice(&cell, 0, vcpu, platform, host, u64::MAX) {
+            SliceEnd::VmEnded => break,
+            SliceEnd::Preempted => {}
+            // A halted vCPU waits for its APIC timer (nothing else can wake it here).
+            SliceEnd::Blocked => {
+                while !smp::is_runnable(&mut cell.borrow_mut(), 0, platform.timestamp()) {
+                    if cell.borrow().vcpus[0].activity == Activity::WaitingForStartup {
+                        break;
+                    }
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+    let vm = cell.into_inner();
+    vm.end.clone().unwrap_or(VmEnd::HaltedForever {
+        rip: vcpu.register(Register::Rip),
+    })
+}
+
+/// Runs vCPU `index` of the VM until its slice ends: until the VM ends, the vCPU blocks (HLT,
+/// waiting for a startup IPI), or an exit comes after the TSC passed `slice_end` (the
+/// scheduler's preemption: a host timer interrupt or the hardware preemption timer makes sure
+/// an exit comes). The VM is locked while an exit is handled, not while the guest runs.
+pub fn run_slice<L: LockVm + ?Sized>(
+    shared: &L,
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+    slice_end: u64,
+) -> SliceEnd {
+    loop {
+        // Step 1: under the lock, see whether the VM still runs and what this vCPU must do:
+        // start (SIPI), stay blocked, or take an interrupt at entry.
+        {
+            let mut vm = shared.lock_vm();
+            let now = platform.timestamp();
+            if vm.end.is_some() {
+                return SliceEnd::VmEnded;
+            }
+            if vm.deadline.is_some_and(|deadline| now >= deadline) {
+                let seconds = vm.time_limit_seconds;
+                vm.end = Some(VmEnd::TimeLimit { seconds });
+                vm.flush_console(platform);
+                return SliceEnd::VmEnded;
+            }
+            let state = &mut vm.vcpus[index];
+            match state.activity {
+                Activity::WaitingForStartup => return SliceEnd::Blocked,
+                Activity::Halted { since } => {
+                    state.apic.advance_timer(now);
+                    if state.apic.pending_vector().is_none() {
+                        return SliceEnd::Blocked;
+                    }
+                    state.stats.halted_cycles += now.saturating_sub(since);
+                    state.activity = Activity::Running;
+                }
+                Activity::Running | Activity::StartupPending { .. } => {}
+            }
+            smp::prepare_entry(&mut vm, index, vcpu, now);
+        }
+        // Step 2: enter the guest; the backend's world switch returns at the next exit.
+        platform.guest_entering();
         let entered = platform.timestamp();
         let exit = vcpu.run();
         let exited = platform.timestamp();
-        vm.stats.guest_cycles += exited.wrapping_sub(entered);
-        // Step 2: (optionally) show the trap, then handle it.
+        platform.guest_left();
+        if exit == VmExit::ExternalInterrupt {
+            // A host interrupt (timer tick, a kick from another CPU) made the guest exit: the
+            // host takes it now, outside the VM's lock.
+            platform.take_host_interrupts();
+        }
+        // Step 3: under the lock again, (optionally) show the trap, then handle it.
+        let mut vm = shared.lock_vm();
+        let vm = &mut *vm;
+        let guest_cycles = exited.wrapping_sub(entered);
+        vm.stats.guest_cycles += guest_cycles;
+        let stats = &mut vm.vcpus[index].stats;
+        stats.guest_cycles += guest_cycles;
+        stats.exits += 1;
+        stats.first_entry.get_or_insert(entered);
+        stats.last_exit = exited;
+        if vm.end.is_some() {
+            // Another vCPU ended the VM while this one ran: this exit no longer matters.
+            return SliceEnd::VmEnded;
+        }
         if vm.trace {
             trace_exit(vm, vcpu, host, &exit);
         }
-        let outcome = handle(vm, vcpu, platform, host, &exit);
-        // Step 3: account the time spent in the hypervisor for this exit.
-        vm.stats
-            .record(exit.reason(), platform.timestamp().wrapping_sub(exited));
+        let outcome = handle(vm, index, vcpu, platform, host, &exit);
+        // Step 4: account the time spent in the hypervisor for this exit.
+        let now = platform.timestamp();
+        vm.stats.record(exit.reason(), now.wrapping_sub(exited));
         if let Some(end) = outcome {
             vm.flush_console(platform);
-            return end;
+            vm.end = Some(end);
+            return SliceEnd::VmEnded;
+        }
+        if matches!(vm.vcpus[index].activity, Activity::Halted { .. }) {
+            return SliceEnd::Blocked;
+        }
+        if now >= slice_end {
+            return SliceEnd::Preempted;
         }
     }
 }
@@ -307,6 +487,7 @@ fn skip_instruction(vm: &Vm, vcpu: &mut dyn Vcpu, host: &dyn HostMemory) -> Resu
 
 fn handle(
     vm: &mut Vm,
+    index: usize,
     vcpu: &mut dyn Vcpu,
     platform: &mut dyn Platform,
     host: &mut dyn HostMemory,
@@ -319,7 +500,15 @@ fn handle(
             let leaf = vcpu.register(Register::Rax) as u32;
             let subleaf = vcpu.register(Register::Rcx) as u32;
             let host_cpuid = |leaf, subleaf| platform.host_cpuid(leaf, subleaf);
-            let [eax, ebx, ecx, edx] = guest_cpuid(&host_cpuid, leaf, subleaf);
+            let [eax, mut ebx, ecx, mut edx] = guest_cpuid(&host_cpuid, leaf, subleaf);
+            // The APIC ID the guest sees is its vCPU number, not the host CPU's.
+            // See: SDM Vol 2A CPUID leaf 01H EBX[31:24], leaves 0BH/1FH EDX (x2APIC ID).
+            let apic_id = vm.vcpus[index].apic.id();
+            match leaf {
+                0x1 => ebx = (ebx & 0x00FF_FFFF) | (apic_id << 24),
+                0xB | 0x1F => edx = apic_id,
+                _ => {}
+            }
             vcpu.set_register(Register::Rax, u64::from(eax));
             vcpu.set_register(Register::Rbx, u64::from(ebx));
             vcpu.set_register(Register::Rcx, u64::from(ecx));
@@ -331,7 +520,10 @@ fn handle(
         // RDMSR/WRMSR: the few emulated MSRs, the backend's state-area MSRs, else #GP.
         VmExit::MsrRead => {
             let msr_number = vcpu.register(Register::Rcx) as u32;
-            let value = match msr::read(msr_number, platform.timestamp()) {
+            let now = platform.timestamp();
+            let value = match msr::read(msr_number, now) {
+                // The local APIC's MSRs (base, TSC deadline, x2APIC registers) are this vCPU's.
+                _ if is_apic_msr(msr_number) => vm.vcpus[index].apic.read_msr(msr_number, now),
                 MsrRead::Value(value) => Some(value),
                 MsrRead::Hardware if msr_number == msr::IA32_EFER => {
                     paging::read_efer(vm).or_else(|| vcpu.hardware_msr(msr_number))
@@ -355,6 +547,23 @@ fn handle(
             let value =
                 (vcpu.register(Register::Rdx) << 32) | (vcpu.register(Register::Rax) & 0xFFFF_FFFF);
             let accepted = match msr::write(msr_number, value) {
+                // The APIC may be switched between xAPIC and x2APIC mode or disabled, not moved:
+                // its registers are emulated at the architectural base only.
+                _ if msr_number == ringzero_devices::lapic::MSR_APIC_BASE
+                    && value & 0x000F_FFFF_FFFF_F000 != smp::APIC_PAGE =>
+                {
+                    false
+                }
+                _ if is_apic_msr(msr_number) => {
+                    let now = platform.timestamp();
+                    let mut events = Vec::new();
+                    let accepted =
+                        vm.vcpus[index]
+                            .apic
+                            .write_msr(msr_number, value, now, &mut events);
+                    smp::apic_events(vm, index, events, platform, now);
+                    accepted
+                }
                 MsrWrite::Ignore => true,
                 MsrWrite::Hardware
                     if msr_number == msr::IA32_EFER
@@ -375,11 +584,17 @@ fn handle(
                 None
             }
         }
-        // HLT: with no interrupt source yet, an HLT with interrupts enabled resumes at once (as
-        // if an event had arrived); with interrupts disabled it could never resume.
+        // HLT with interrupts enabled: the vCPU waits for an interrupt (its APIC timer, an IPI)
+        // and the scheduler gives the CPU to others; it goes on at once when an interrupt is
+        // already pending, or when nothing could ever wake it (`smp::halt`). With interrupts
+        // disabled it could never resume.
         VmExit::Halt => {
             if vcpu.snapshot().interrupts_enabled() {
-                skip_instruction(vm, vcpu, host).err()
+                let end = skip_instruction(vm, vcpu, host).err();
+                if end.is_none() {
+                    smp::halt(vm, index, platform.timestamp());
+                }
+                end
             } else {
                 Some(VmEnd::HaltedForever { rip })
             }
@@ -397,10 +612,26 @@ fn handle(
         } => match paging::nested_page_fault(vm, host, *guest_physical) {
             Some(Ok(())) => None,
             Some(Err(end)) => Some(end),
+            // This vCPU's local APIC registers: emulate the instruction on its APIC model.
+            None if guest_physical.0 & !0xFFF == smp::APIC_PAGE => crate::mmio::emulate(
+                vm,
+                crate::mmio::Target::LocalApic(index),
+                vcpu,
+                platform,
+                host,
+                guest_physical.0,
+            )
+            .err(),
             // A device's registers: emulate the instruction that touched them.
-            None if vm.mmio.owns(guest_physical.0) => {
-                crate::mmio::emulate(vm, vcpu, platform, host, guest_physical.0).err()
-            }
+            None if vm.mmio.owns(guest_physical.0) => crate::mmio::emulate(
+                vm,
+                crate::mmio::Target::Bus,
+                vcpu,
+                platform,
+                host,
+                guest_physical.0,
+            )
+            .err(),
             None => Some(VmEnd::NestedPageFault {
                 guest_physical: *guest_physical,
                 access: *access,
@@ -453,6 +684,15 @@ fn handle(
             rip,
         }),
     }
+}
+
+/// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers: the vCPU's local APIC.
+/// See: SDM Vol 3A 11.4.4, 11.5.4.1, 11.12.1.2.
+fn is_apic_msr(msr_number: u32) -> bool {
+    msr_number == ringzero_devices::lapic::MSR_APIC_BASE
+        || msr_number == ringzero_devices::lapic::MSR_TSC_DEADLINE
+        || (ringzero_devices::lapic::MSR_X2APIC_FIRST..=ringzero_devices::lapic::MSR_X2APIC_LAST)
+            .contains(&msr_number)
 }
 
 fn refuse_msr(vm: &mut Vm, vcpu: &mut dyn Vcpu, msr_number: u32, access: &str, rip: u64) {

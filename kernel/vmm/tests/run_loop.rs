@@ -979,7 +979,7 @@ fn nested_page_fault_ends_the_vm_with_the_address() {
     let mut h = Harness::new(vec![step(
         &[],
         VmExit::NestedPageFault {
-            guest_physical: GuestPhysAddr(0xFEE0_0030),
+            guest_physical: GuestPhysAddr(0xFEB0_0030),
             access,
         },
     )]);
@@ -987,14 +987,14 @@ fn nested_page_fault_ends_the_vm_with_the_address() {
     assert_eq!(
         end,
         VmEnd::NestedPageFault {
-            guest_physical: GuestPhysAddr(0xFEE0_0030),
+            guest_physical: GuestPhysAddr(0xFEB0_0030),
             access,
             rip: START_RIP
         }
     );
     assert_eq!(end.reason(), "nested-page-fault");
     assert_eq!(end.status(), STATUS_STOPPED);
-    assert!(end.describe().contains("0xfee00030"), "{}", end.describe());
+    assert!(end.describe().contains("0xfeb00030"), "{}", end.describe());
     assert!(end.describe().contains("write"), "{}", end.describe());
 }
 
@@ -1216,7 +1216,7 @@ fn rep_io_is_unsupported() {
 /// An MMIO device for the tests: one 32-bit register file, recording every access.
 struct RecordingDevice {
     value: u64,
-    writes: std::rc::Rc<std::cell::RefCell<Vec<(u64, u8, u64)>>>,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<(u64, u8, u64)>>>,
 }
 
 impl ringzero_devices::MmioDevice for RecordingDevice {
@@ -1224,7 +1224,7 @@ impl ringzero_devices::MmioDevice for RecordingDevice {
         "recording"
     }
     fn range(&self) -> (u64, u64) {
-        (0xFEE0_0000, 0x1000)
+        (0xFEB0_0000, 0x1000)
     }
     fn read(&mut self, _offset: u64, _size: u8) -> u64 {
         self.value
@@ -1236,7 +1236,7 @@ impl ringzero_devices::MmioDevice for RecordingDevice {
         value: u64,
         _events: &mut Vec<ringzero_devices::DeviceEvent>,
     ) {
-        self.writes.borrow_mut().push((offset, size, value));
+        self.writes.lock().unwrap().push((offset, size, value));
         self.value = value;
     }
 }
@@ -1260,7 +1260,7 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
         0x89, 0x18, 0x8B, 0x08, 0x0F, 0xB6, 0x10, 0x0F, 0xBE, 0x30, 0xC7, 0x00, 0x80, 0x00, 0x00,
         0x00, 0x8A, 0x20,
     ];
-    let address = 0xFEE0_0080;
+    let address = 0xFEB0_0080;
     let mut h = Harness::new(vec![
         step(
             &[(Register::Rax, address), (Register::Rbx, 0xFFFF_FFF5)],
@@ -1272,7 +1272,7 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
         step(&[], mmio_fault(address, true)),
         step(&[], mmio_fault(address, false)),
     ]);
-    let writes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     h.vm.mmio
         .add(Box::new(RecordingDevice {
             value: 0,
@@ -1283,7 +1283,7 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
     h.write_ram(0x2000, &code);
     assert_eq!(h.run(), success());
     assert_eq!(
-        writes.borrow()[0],
+        writes.lock().unwrap()[0],
         (0x80, 4, 0xFFFF_FFF5),
         "mov [eax], ebx stores 4 bytes"
     );
@@ -1298,7 +1298,7 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
         0xFFFF_FFF5,
         "movsx sign-extends"
     );
-    assert_eq!(writes.borrow()[1], (0x80, 4, 0x80), "mov with an immediate");
+    assert_eq!(writes.lock().unwrap()[1], (0x80, 4, 0x80), "mov with an immediate");
     assert_eq!(
         h.vcpu.after_step(5).get(Register::Rax) & 0xFFFF,
         (address & 0xFF) | 0x8000,
@@ -1316,10 +1316,10 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
 fn mmio_access_by_other_instructions_stops_the_vm_with_a_report() {
     // add [eax], ebx
     let mut h = Harness::new(vec![step(
-        &[(Register::Rax, 0xFEE0_0080)],
-        mmio_fault(0xFEE0_0080, true),
+        &[(Register::Rax, 0xFEB0_0080)],
+        mmio_fault(0xFEB0_0080, true),
     )]);
-    let writes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     h.vm.mmio
         .add(Box::new(RecordingDevice { value: 0, writes }))
         .expect("an empty bus");
@@ -1328,7 +1328,7 @@ fn mmio_access_by_other_instructions_stops_the_vm_with_a_report() {
     assert_eq!(
         h.run(),
         VmEnd::UnsupportedMmio {
-            address: 0xFEE0_0080,
+            address: 0xFEB0_0080,
             rip: 0x2000
         }
     );
