@@ -80,6 +80,8 @@ impl VmConfig {
             memory_bytes: self.memory_mib << 20,
             cmdline: &self.cmdline,
             cpus: self.cpus,
+            pin: &[],
+            time_limit_seconds: None,
             paging: self.paging,
             trace: self.trace,
             kernel: &self.kernel,
