@@ -543,9 +543,9 @@ impl<'a> Manifest<'a> {
             }
             put_u64(&mut bytes, record + 72, next_module_record as u64);
             put_u32(&mut bytes, record + 80, vm.modules.len() as u32);
-            // A pin list longer than the record holds is cut to an invalid count (refused on
-            // decode), never written past the record.
-            let pin_count = if vm.pin.len() <= MAX_PIN_ENTRIES {
+            // A pin list longer than the record's room is written as its count alone (which
+            // decode refuses: it exceeds any valid vCPU count), never past the record.
+            let pin_bytes = if vm.pin.len() <= MAX_PIN_ENTRIES {
                 vm.pin.len()
             } else {
                 0
@@ -555,7 +555,7 @@ impl<'a> Manifest<'a> {
                 record + 84,
                 u32::try_from(vm.pin.len()).unwrap_or(u32::MAX),
             );
-            bytes[record + 112..record + 112 + pin_count].copy_from_slice(&vm.pin[..pin_count]);
+            bytes[record + 112..record + 112 + pin_bytes].copy_from_slice(&vm.pin[..pin_bytes]);
             put_u32(&mut bytes, record + 88, vm.time_limit_seconds.unwrap_or(0));
             for module in &vm.modules {
                 for (field_offset, data) in [(0, module.name.as_bytes()), (16, module.bytes)] {
@@ -1169,6 +1169,24 @@ mod tests {
                 .collect(),
         };
         assert_eq!(Manifest::decode(&full.encode()), Ok(full));
+        // An unchecked pin list longer than the record's room is refused, not written over
+        // the next record.
+        let long = Manifest {
+            test_hook: TestHook::None,
+            vms: alloc::vec![VmManifest {
+                cpus: MAX_CPUS,
+                pin: &[1; MAX_CPUS as usize + 1],
+                ..manifest.vms[0].clone()
+            }],
+        };
+        assert_eq!(
+            Manifest::decode(&long.encode()),
+            Err(ManifestError::BadPinCount {
+                vm: 0,
+                count: MAX_CPUS + 1,
+                cpus: MAX_CPUS
+            })
+        );
     }
 
     #[test]
