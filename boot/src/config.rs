@@ -10,10 +10,15 @@
 //! cmdline = "..."           # optional, default ""; at most 3072 bytes (linux: the kernel's cmdline_size)
 //! modules = ["a", "b"]      # optional list of paths (relative to the config file), multiboot only
 //! initrd = "path"           # optional initial RAM disk (relative to the config file), linux only
-//! cpus = 1                  # optional, default 1; only 1 is accepted for now
+//! cpus = 1                  # optional, default 1; 1..=16 vCPUs (above 1 needs paging = "nested")
+//! pin = [0, 1]              # optional: host CPUs 0..=63, one (all vCPUs) or `cpus` entries (vCPU i on pin[i])
 //! paging = "nested"         # optional: "nested" (default) | "shadow"
 //! trace = false             # optional: log every exit
+//! time_limit = 60           # optional: stop the VM after 1..=86400 seconds of wall time
 //! ```
+//!
+//! Over all VMs, at most 64 vCPUs ([`MAX_TOTAL_CPUS`]). Whether a pinned CPU exists is only
+//! known at boot; the hypervisor refuses that then.
 //!
 //! Validation is by hand over `toml::Table` (not serde) so that every error names the file, the
 //! VM (`vm "NAME"`, or `[[vm]] #N` when it has no usable name) and the key, in one line:
@@ -25,7 +30,7 @@
 use ringzero_loader::boot_plan::{self, LoadError};
 use ringzero_loader::manifest::{
     is_valid_vm_name, GuestFormat, Manifest, Module, Paging, TestHook, VmManifest, MAX_CMDLINE_LEN,
-    MAX_MODULES,
+    MAX_CPUS, MAX_HOST_CPU, MAX_MODULES, MAX_TIME_LIMIT_SECONDS, MAX_TOTAL_CPUS,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -36,8 +41,19 @@ pub const MIN_MEMORY_MIB: i64 = 2;
 /// Largest accepted `memory`, in MiB (4 GiB: the boot protocols' address limit).
 pub const MAX_MEMORY_MIB: i64 = 4096;
 /// The keys a `[[vm]]` table may have.
-pub const VM_KEYS: [&str; 10] = [
-    "name", "kernel", "format", "memory", "cmdline", "modules", "initrd", "cpus", "paging", "trace",
+pub const VM_KEYS: [&str; 12] = [
+    "name",
+    "kernel",
+    "format",
+    "memory",
+    "cmdline",
+    "modules",
+    "initrd",
+    "cpus",
+    "pin",
+    "paging",
+    "trace",
+    "time_limit",
 ];
 
 /// One checked guest, with its image and modules read into memory.
@@ -47,7 +63,12 @@ pub struct VmConfig {
     pub format: GuestFormat,
     pub memory_mib: u64,
     pub cmdline: String,
+    /// vCPUs, 1..=[`MAX_CPUS`].
     pub cpus: u32,
+    /// Host CPUs the vCPUs run on: empty (not pinned), one, or `cpus` entries.
+    pub pin: Vec<u8>,
+    /// Seconds of wall time after which the hypervisor stops the VM.
+    pub time_limit_seconds: Option<u32>,
     pub paging: Paging,
     pub trace: bool,
     pub kernel_path: PathBuf,
@@ -80,6 +101,8 @@ impl VmConfig {
             memory_bytes: self.memory_mib << 20,
             cmdline: &self.cmdline,
             cpus: self.cpus,
+            pin: &self.pin,
+            time_limit_seconds: self.time_limit_seconds,
             paging: self.paging,
             trace: self.trace,
             kernel: &self.kernel,
@@ -248,11 +271,38 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, Vec<ConfigEr
             vms.push(vm);
         }
     }
+    let total_cpus = total_cpus(&table);
+    if total_cpus > u64::from(MAX_TOTAL_CPUS) {
+        errors.push(
+            None,
+            Some("cpus"),
+            format!(
+                "{total_cpus} vCPUs over all [[vm]] tables: at most {MAX_TOTAL_CPUS} fit the boot manifest"
+            ),
+        );
+    }
     if errors.list.is_empty() {
         Ok(Config { vms })
     } else {
         Err(errors.list)
     }
+}
+
+/// The vCPUs the `[[vm]]` tables ask for, counting a missing or invalid `cpus` as 1 (the
+/// invalid ones are reported on their VM).
+fn total_cpus(table: &Table) -> u64 {
+    let Some(Value::Array(vms)) = table.get("vm") else {
+        return 0;
+    };
+    vms.iter()
+        .filter_map(Value::as_table)
+        .map(|vm| match vm.get("cpus") {
+            Some(Value::Integer(count)) if (1..=i64::from(MAX_CPUS)).contains(count) => {
+                *count as u64
+            }
+            _ => 1,
+        })
+        .sum()
 }
 
 struct Errors<'a> {
@@ -504,20 +554,76 @@ fn check_vm(
         }
     });
 
+    // `None` when `cpus` is given but not valid (then `pin`'s length is not checked).
     let cpus = match check.integer("cpus", false) {
-        None | Some(1) => 1,
-        Some(count) if count < 1 => {
-            check.error("cpus", format!("{count} is not a valid vCPU count"));
-            1
-        }
-        Some(count) => {
-            check.error(
-                "cpus",
-                format!("cpus = {count}: only 1 is accepted for now (several vCPUs arrive with the multi-core issue)"),
-            );
-            1
-        }
+        None => Some(1),
+        Some(count) => match u32::try_from(count) {
+            Ok(count) if (1..=MAX_CPUS).contains(&count) => Some(count),
+            _ => {
+                check.error(
+                    "cpus",
+                    format!("{count} is not a valid vCPU count (1..={MAX_CPUS})"),
+                );
+                None
+            }
+        },
     };
+
+    let mut pin = Vec::new();
+    match table.get("pin") {
+        None => {}
+        Some(Value::Array(entries)) => {
+            for (index, entry) in entries.iter().enumerate() {
+                let number = index + 1;
+                match entry {
+                    Value::Integer(cpu) => match u8::try_from(*cpu) {
+                        Ok(cpu) if cpu <= MAX_HOST_CPU => pin.push(cpu),
+                        _ => check.error(
+                            "pin",
+                            format!(
+                                "entry {number}: {cpu} is not a valid CPU number (0..={MAX_HOST_CPU})"
+                            ),
+                        ),
+                    },
+                    other => {
+                        let message = format!(
+                            "entry {number}: expected an integer (a CPU number), found {}",
+                            with_article(other.type_str())
+                        );
+                        check.error("pin", message);
+                    }
+                }
+            }
+            if let Some(cpus) = cpus {
+                let count = entries.len();
+                if count != 1 && count != cpus as usize {
+                    check.error(
+                        "pin",
+                        format!(
+                            "{count} entries for cpus = {cpus}: give one CPU (every vCPU runs on it) or exactly {cpus} (vCPU i runs on entry i)"
+                        ),
+                    );
+                }
+            }
+        }
+        Some(other) => check.wrong_type("pin", "an array of CPU numbers", other),
+    }
+
+    let time_limit_seconds =
+        check
+            .integer("time_limit", false)
+            .and_then(|seconds| match u32::try_from(seconds) {
+                Ok(seconds) if (1..=MAX_TIME_LIMIT_SECONDS).contains(&seconds) => Some(seconds),
+                _ => {
+                    check.error(
+                        "time_limit",
+                        format!(
+                        "{seconds} seconds is not a valid time limit (1..={MAX_TIME_LIMIT_SECONDS})"
+                    ),
+                    );
+                    None
+                }
+            });
 
     let paging = match check.string("paging", false).as_deref() {
         None | Some("nested") => Paging::Nested,
@@ -530,6 +636,14 @@ fn check_vm(
             Paging::Nested
         }
     };
+    if let Some(count @ 2..) = cpus.filter(|_| paging == Paging::Shadow) {
+        check.error(
+            "cpus",
+            format!(
+                "cpus = {count} with paging = \"shadow\": guest SMP needs paging = \"nested\"; shadow page tables are kept per VM and not synchronised between vCPUs"
+            ),
+        );
+    }
 
     let trace = match table.get("trace") {
         None => false,
@@ -543,8 +657,8 @@ fn check_vm(
     if check.failed {
         return None;
     }
-    let (Some(name), Some(format), Some(memory_mib), Some((kernel_path, kernel))) =
-        (name, format, memory_mib, kernel)
+    let (Some(name), Some(format), Some(memory_mib), Some((kernel_path, kernel)), Some(cpus)) =
+        (name, format, memory_mib, kernel, cpus)
     else {
         return None;
     };
@@ -554,6 +668,8 @@ fn check_vm(
         memory_mib,
         cmdline,
         cpus,
+        pin,
+        time_limit_seconds,
         paging,
         trace,
         kernel_path,

@@ -91,7 +91,7 @@ fn build(options: &Options) -> Result<(), Failure> {
         .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
     for vm in &guests.vms {
         println!(
-            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} vCPU, paging {}{}",
+            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} vCPU{}, paging {}{}{}",
             vm.name,
             vm.format.name(),
             vm.memory_mib,
@@ -103,8 +103,24 @@ fn build(options: &Options) -> Result<(), Failure> {
                 None => String::new(),
             },
             vm.cpus,
+            if vm.pin.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " pinned to CPU {}",
+                    vm.pin
+                        .iter()
+                        .map(u8::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            },
             vm.paging.name(),
-            if vm.trace { ", trace" } else { "" }
+            if vm.trace { ", trace" } else { "" },
+            match vm.time_limit_seconds {
+                Some(seconds) => format!(", time limit {seconds} s"),
+                None => String::new(),
+            }
         );
     }
 

@@ -224,7 +224,31 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
     ),
     (
         "cpus",
-        "vm \"basic\": key \"cpus\": cpus = 2: only 1 is accepted for now",
+        "vm \"basic\": key \"cpus\": 17 is not a valid vCPU count (1..=16)",
+    ),
+    (
+        "smp-shadow",
+        "vm \"basic\": key \"cpus\": cpus = 2 with paging = \"shadow\": guest SMP needs paging = \"nested\"",
+    ),
+    (
+        "too-many-vcpus",
+        "key \"cpus\": 65 vCPUs over all [[vm]] tables: at most 64",
+    ),
+    (
+        "pin-length",
+        "vm \"basic\": key \"pin\": 3 entries for cpus = 2",
+    ),
+    (
+        "pin-cpu",
+        "vm \"basic\": key \"pin\": entry 1: 64 is not a valid CPU number (0..=63)",
+    ),
+    (
+        "time-limit",
+        "vm \"basic\": key \"time_limit\": 0 seconds is not a valid time limit (1..=86400)",
+    ),
+    (
+        "time-limit-not-integer",
+        "vm \"basic\": key \"time_limit\": expected an integer, found a string",
     ),
     ("missing", "cannot read the configuration"),
 ];

@@ -217,7 +217,7 @@ fn unknown_key() {
     let line = one_error(&scratch, &format!("{BASIC}colour = \"red\"\n"));
     assert_eq!(
         line,
-        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, paging, trace)"
+        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, pin, paging, trace, time_limit)"
     );
 }
 
@@ -418,15 +418,188 @@ fn too_many_modules() {
 #[test]
 fn cpus() {
     let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    for value in ["0", "17", "-1", "4294967297"] {
+        assert_eq!(
+            one_error(&scratch, &format!("{BASIC}cpus = {value}\n")),
+            format!("DIR/vms.toml: vm \"basic\": key \"cpus\": {value} is not a valid vCPU count (1..=16)")
+        );
+    }
+    for count in [1, 2, 16] {
+        let config = scratch.load(&format!("{BASIC}cpus = {count}\n")).unwrap();
+        assert_eq!(config.vms[0].cpus, count);
+        assert!(config.vms[0].pin.is_empty());
+    }
     assert_eq!(
-        one_error(&scratch, &format!("{BASIC}cpus = 2\n")),
-        "DIR/vms.toml: vm \"basic\": key \"cpus\": cpus = 2: only 1 is accepted for now (several vCPUs arrive with the multi-core issue)"
+        one_error(&scratch, &format!("{BASIC}cpus = \"2\"\n")),
+        "DIR/vms.toml: vm \"basic\": key \"cpus\": expected an integer, found a string"
     );
+}
+
+#[test]
+fn smp_needs_nested_paging() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
     assert_eq!(
-        one_error(&scratch, &format!("{BASIC}cpus = 0\n")),
-        "DIR/vms.toml: vm \"basic\": key \"cpus\": 0 is not a valid vCPU count"
+        one_error(&scratch, &format!("{BASIC}cpus = 2\npaging = \"shadow\"\n")),
+        "DIR/vms.toml: vm \"basic\": key \"cpus\": cpus = 2 with paging = \"shadow\": guest SMP needs paging = \"nested\"; shadow page tables are kept per VM and not synchronised between vCPUs"
     );
-    assert!(scratch.load(&format!("{BASIC}cpus = 1\n")).is_ok());
+    assert!(scratch
+        .load(&format!("{BASIC}cpus = 1\npaging = \"shadow\"\n"))
+        .is_ok());
+    assert!(scratch
+        .load(&format!("{BASIC}cpus = 16\npaging = \"nested\"\n"))
+        .is_ok());
+    // An invalid count is reported once, not again as SMP on shadow paging.
+    assert_eq!(
+        one_error(
+            &scratch,
+            &format!("{BASIC}cpus = 17\npaging = \"shadow\"\n")
+        ),
+        "DIR/vms.toml: vm \"basic\": key \"cpus\": 17 is not a valid vCPU count (1..=16)"
+    );
+}
+
+#[test]
+fn pin() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    for (keys, pin) in [
+        ("pin = [3]", vec![3]),
+        ("cpus = 4\npin = [5]", vec![5]),
+        ("cpus = 3\npin = [0, 63, 0]", vec![0, 63, 0]),
+    ] {
+        let config = scratch.load(&format!("{BASIC}{keys}\n")).unwrap();
+        assert_eq!(config.vms[0].pin, pin, "{keys}");
+    }
+    let cases = [
+        (
+            "cpus = 2\npin = [0, 1, 2]",
+            "3 entries for cpus = 2: give one CPU (every vCPU runs on it) or exactly 2 (vCPU i runs on entry i)",
+        ),
+        (
+            "cpus = 4\npin = [0, 1]",
+            "2 entries for cpus = 4: give one CPU (every vCPU runs on it) or exactly 4 (vCPU i runs on entry i)",
+        ),
+        (
+            "pin = [0, 1]",
+            "2 entries for cpus = 1: give one CPU (every vCPU runs on it) or exactly 1 (vCPU i runs on entry i)",
+        ),
+        (
+            "cpus = 2\npin = []",
+            "0 entries for cpus = 2: give one CPU (every vCPU runs on it) or exactly 2 (vCPU i runs on entry i)",
+        ),
+        ("pin = [64]", "entry 1: 64 is not a valid CPU number (0..=63)"),
+        (
+            "cpus = 2\npin = [1, -1]",
+            "entry 2: -1 is not a valid CPU number (0..=63)",
+        ),
+        (
+            "cpus = 2\npin = [0, \"1\"]",
+            "entry 2: expected an integer (a CPU number), found a string",
+        ),
+        ("pin = [1.0]", "entry 1: expected an integer (a CPU number), found a float"),
+        ("pin = 3", "expected an array of CPU numbers, found an integer"),
+    ];
+    for (keys, expected) in cases {
+        assert_eq!(
+            one_error(&scratch, &format!("{BASIC}{keys}\n")),
+            format!("DIR/vms.toml: vm \"basic\": key \"pin\": {expected}"),
+            "{keys}"
+        );
+    }
+    // With an invalid cpus, only cpus is reported.
+    assert_eq!(
+        one_error(&scratch, &format!("{BASIC}cpus = 0\npin = [1, 2]\n")),
+        "DIR/vms.toml: vm \"basic\": key \"cpus\": 0 is not a valid vCPU count (1..=16)"
+    );
+}
+
+#[test]
+fn time_limit() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    for seconds in [1, 60, 86_400] {
+        let config = scratch
+            .load(&format!("{BASIC}time_limit = {seconds}\n"))
+            .unwrap();
+        assert_eq!(config.vms[0].time_limit_seconds, Some(seconds));
+    }
+    assert_eq!(scratch.load(BASIC).unwrap().vms[0].time_limit_seconds, None);
+    for value in ["0", "86401", "-5", "99999999999"] {
+        assert_eq!(
+            one_error(&scratch, &format!("{BASIC}time_limit = {value}\n")),
+            format!("DIR/vms.toml: vm \"basic\": key \"time_limit\": {value} seconds is not a valid time limit (1..=86400)")
+        );
+    }
+    for (value, found) in [
+        ("1.5", "a float"),
+        ("\"1h\"", "a string"),
+        ("true", "a boolean"),
+    ] {
+        assert_eq!(
+            one_error(&scratch, &format!("{BASIC}time_limit = {value}\n")),
+            format!("DIR/vms.toml: vm \"basic\": key \"time_limit\": expected an integer, found {found}")
+        );
+    }
+}
+
+#[test]
+fn total_vcpus_are_bounded() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let vms = |counts: &[u32]| -> String {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(index, count)| {
+                BASIC.replace("basic", &format!("vm{index}")) + &format!("cpus = {count}\n")
+            })
+            .collect()
+    };
+    // 64 in all is the most.
+    let config = scratch.load(&vms(&[16, 16, 16, 15, 1])).unwrap();
+    let total: u32 = config.vms.iter().map(|vm| vm.cpus).sum();
+    assert_eq!(total, 64);
+    assert_eq!(
+        scratch.errors(&vms(&[16, 16, 16, 16, 1])),
+        ["DIR/vms.toml: key \"cpus\": 65 vCPUs over all [[vm]] tables: at most 64 fit the boot manifest"]
+    );
+    // 64 VMs without cpus are 64 vCPUs; an invalid count counts as 1 (and is reported on its VM).
+    let mut text = vms(&[1; 63]);
+    text += &BASIC.replace("basic", "last");
+    assert!(scratch.load(&text).is_ok());
+    let errors =
+        scratch.errors(&(vms(&[1; 62]) + &vms(&[0, 2]).replace("vm0", "x").replace("vm1", "y")));
+    assert_eq!(
+        errors,
+        [
+            "DIR/vms.toml: vm \"x\": key \"cpus\": 0 is not a valid vCPU count (1..=16)",
+            "DIR/vms.toml: key \"cpus\": 65 vCPUs over all [[vm]] tables: at most 64 fit the boot manifest",
+        ]
+    );
+}
+
+#[test]
+fn smp_settings_round_trip_through_the_manifest() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let config = scratch
+        .load(&format!(
+            "{BASIC}cpus = 4\npin = [2, 3, 0, 1]\ntime_limit = 30\n{}",
+            BASIC.replace("basic", "other") + "cpus = 2\npin = [7]\n"
+        ))
+        .unwrap();
+    let manifest = config.manifest(TestHook::None);
+    let bytes = manifest.encode();
+    let decoded = Manifest::decode(&bytes).unwrap();
+    assert_eq!(decoded, manifest);
+    let first = &decoded.vms[0];
+    assert_eq!(
+        (first.cpus, first.pin, first.time_limit_seconds),
+        (4, &[2, 3, 0, 1][..], Some(30))
+    );
+    assert_eq!(first.pinned_cpu(3), Some(1));
+    let second = &decoded.vms[1];
+    assert_eq!(
+        (second.cpus, second.pin, second.time_limit_seconds),
+        (2, &[7][..], None)
+    );
+    assert_eq!(second.pinned_cpu(1), Some(7));
 }
 
 #[test]
@@ -466,7 +639,7 @@ fn every_error_is_collected() {
     let scratch = Scratch::new(&[("tiny.bin", TINY)]);
     let text = "extra = 1\n\
         [[vm]]\nname = \"one\"\nkernel = \"tiny.bin\"\nformat = \"flat64\"\nmemory = 0\nbogus = true\n\
-        [[vm]]\nkernel = \"missing.bin\"\nformat = \"pe\"\nmemory = 16\ncpus = 4\n\
+        [[vm]]\nkernel = \"missing.bin\"\nformat = \"pe\"\nmemory = 16\ncpus = 40\n\
         [[vm]]\nname = \"one\"\nkernel = \"tiny.bin\"\nformat = \"flat64\"\nmemory = 8\npaging = \"tlb\"\n";
     let errors = scratch.errors(text);
     let expected_starts = [
@@ -476,7 +649,7 @@ fn every_error_is_collected() {
         "DIR/vms.toml: [[vm]] #2: key \"name\": missing",
         "DIR/vms.toml: [[vm]] #2: key \"format\": unknown format \"pe\"",
         "DIR/vms.toml: [[vm]] #2: key \"kernel\": cannot read \"DIR/missing.bin\"",
-        "DIR/vms.toml: [[vm]] #2: key \"cpus\": cpus = 4: only 1",
+        "DIR/vms.toml: [[vm]] #2: key \"cpus\": 40 is not a valid vCPU count (1..=16)",
         "DIR/vms.toml: [[vm]] #3: key \"name\": \"one\" is already the name of [[vm]] #1",
         "DIR/vms.toml: vm \"one\": key \"paging\": unknown paging \"tlb\"",
     ];

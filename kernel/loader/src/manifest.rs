@@ -3,28 +3,30 @@
 //! settings, kernel image, modules and initial RAM disk); the decoded [`Manifest`] borrows the
 //! images from the ramdisk bytes, nothing is copied.
 //!
-//! Layout, version 3 (all integers little-endian; every offset counts from the manifest's
+//! Layout, version 4 (all integers little-endian; every offset counts from the manifest's
 //! first byte). Version 3 added the Linux format (code 3) and the initrd: the VM record grew
-//! from 96 to 112 bytes (the initrd span at 96) and flag bit 1 says whether there is one;
-//! the header is unchanged.
+//! from 96 to 112 bytes (the initrd span at 96) and flag bit 1 says whether there is one.
+//! Version 4 added guest SMP: the vCPU count is 1..=[`MAX_CPUS`] (16; it was 1..=256 and
+//! only 1 was ever written), the pin count and the time limit took reserved bytes 84 and 88,
+//! and the record grew from 112 to 128 bytes (the pin list at 112). The header is unchanged.
 //!
 //! Header (32 bytes):
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `RZMANIF1` (unchanged since version 1) |
-//! | 8 | 4 | format version (3); at the same place as in versions 1 and 2 |
+//! | 8 | 4 | format version (4); at the same place as in versions 1 to 3 |
 //! | 12 | 4 | test hook ([`TestHook`]), 0 in normal builds |
 //! | 16 | 8 | total length in bytes, header included |
 //! | 24 | 4 | number of VMs (at most [`MAX_VMS`]) |
 //! | 28 | 4 | reserved, 0 |
 //!
-//! VM table: at offset 32, one 112-byte record per VM, in run order. A *span* is a u64 offset
+//! VM table: at offset 32, one 128-byte record per VM, in run order. A *span* is a u64 offset
 //! and a u64 length of bytes in the blob area.
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | format: 1 = flat64, 2 = multiboot, 3 = linux ([`GuestFormat`]) |
 //! | 4 | 4 | paging: 0 = nested, 1 = shadow ([`Paging`]) |
-//! | 8 | 4 | vCPU count (1..=[`MAX_CPUS`]) |
+//! | 8 | 4 | vCPU count (1..=[`MAX_CPUS`]; above 1 only with nested paging); at most [`MAX_TOTAL_CPUS`] over all VMs |
 //! | 12 | 4 | flags: bit 0 = trace every exit; bit 1 = has an initrd; other bits 0 |
 //! | 16 | 8 | guest memory in bytes (non-zero) |
 //! | 24 | 16 | span: name (UTF-8, 1..=[`MAX_NAME_LEN`] bytes of `[A-Za-z0-9_-]`) |
@@ -32,8 +34,11 @@
 //! | 56 | 16 | span: kernel image |
 //! | 72 | 8 | offset of this VM's module table |
 //! | 80 | 4 | number of modules (at most [`MAX_MODULES`]) |
-//! | 84 | 12 | reserved, 0 |
+//! | 84 | 4 | pin count: 0 (not pinned: the hypervisor places the vCPUs), 1 (every vCPU on the one CPU) or the vCPU count (vCPU i on entry i) |
+//! | 88 | 4 | time limit in seconds of wall time: 0 = none, else 1..=[`MAX_TIME_LIMIT_SECONDS`] |
+//! | 92 | 4 | reserved, 0 |
 //! | 96 | 16 | span: initrd (the initial RAM disk); offset and length both 0 when flag bit 1 is clear |
+//! | 112 | 16 | pin list: one byte per entry, a host CPU index 0..=[`MAX_HOST_CPU`]; the bytes past the pin count are 0 |
 //!
 //! Module tables: one 32-byte record per module: span of the name (UTF-8, at most
 //! [`MAX_MODULE_NAME_LEN`] bytes, no NUL), span of the module's bytes.
@@ -51,25 +56,35 @@ use core::fmt;
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"RZMANIF1";
 /// The format version this code reads and writes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The size of the header (the same since version 1).
 pub const HEADER_LEN: usize = 32;
-/// The size of one VM record in the VM table (96 in version 2).
-pub const VM_RECORD_LEN: usize = 112;
+/// The size of one VM record in the VM table (96 in version 2, 112 in version 3).
+pub const VM_RECORD_LEN: usize = 128;
 /// The size of one module record in a module table.
 pub const MODULE_RECORD_LEN: usize = 32;
 /// At most this many VMs in one manifest.
 pub const MAX_VMS: usize = 64;
 /// At most this many modules per VM.
 pub const MAX_MODULES: usize = 64;
-/// At most this many vCPUs per VM (the manifest's limit; the hypervisor may accept fewer).
-pub const MAX_CPUS: u32 = 256;
+/// At most this many vCPUs per VM (`cpus` in the configuration).
+pub const MAX_CPUS: u32 = 16;
+/// At most this many vCPUs over all the VMs of one manifest.
+pub const MAX_TOTAL_CPUS: u32 = 64;
+/// The largest host CPU index a pin entry may name (0-based logical CPU numbers). Whether
+/// that CPU exists is only known at boot: the hypervisor refuses a pin to a missing CPU then.
+pub const MAX_HOST_CPU: u8 = 63;
+/// The longest time limit, in seconds of wall time (one day).
+pub const MAX_TIME_LIMIT_SECONDS: u32 = 86_400;
 /// Longest VM name, in bytes.
 pub const MAX_NAME_LEN: usize = 32;
 /// Longest command line, in bytes (the boot protocols' limit, see docs/specs/guest-boot.md).
 pub const MAX_CMDLINE_LEN: usize = 3072;
 /// Longest module name, in bytes.
 pub const MAX_MODULE_NAME_LEN: usize = 255;
+
+/// The pin list's room in the VM record: one byte per vCPU.
+const MAX_PIN_ENTRIES: usize = MAX_CPUS as usize;
 
 const FLAG_TRACE: u32 = 1 << 0;
 const FLAG_INITRD: u32 = 1 << 1;
@@ -237,13 +252,36 @@ pub struct VmManifest<'a> {
     pub format: GuestFormat,
     pub memory_bytes: u64,
     pub cmdline: &'a str,
+    /// The number of vCPUs, 1..=[`MAX_CPUS`]; above 1 only with [`Paging::Nested`].
     pub cpus: u32,
+    /// Host CPU indices (each 0..=[`MAX_HOST_CPU`]) the vCPUs run on: empty = not pinned (the
+    /// hypervisor places them), one entry = every vCPU on that CPU, else exactly `cpus`
+    /// entries, vCPU i on `pin[i]`. [`VmManifest::pinned_cpu`] reads it per vCPU.
+    pub pin: &'a [u8],
+    /// Seconds of wall time (1..=[`MAX_TIME_LIMIT_SECONDS`]) after which the hypervisor stops
+    /// the VM with a report; `None` = no limit.
+    pub time_limit_seconds: Option<u32>,
     pub paging: Paging,
     pub trace: bool,
     pub kernel: &'a [u8],
     pub modules: Vec<Module<'a>>,
     /// The initial RAM disk (linux only; the boot plan refuses it for the other formats).
     pub initrd: Option<&'a [u8]>,
+}
+
+impl VmManifest<'_> {
+    /// The host CPU vCPU `vcpu` (counting from 0) is pinned to, or `None` when the VM is not
+    /// pinned (or `vcpu` is not below `cpus`).
+    pub fn pinned_cpu(&self, vcpu: u32) -> Option<u8> {
+        if vcpu >= self.cpus {
+            return None;
+        }
+        match self.pin {
+            [] => None,
+            [cpu] => Some(*cpu),
+            list => list.get(usize::try_from(vcpu).ok()?).copied(),
+        }
+    }
 }
 
 /// One Multiboot module: its name (given to the guest) and its bytes.
@@ -321,6 +359,16 @@ pub enum ManifestError {
     UnknownFlags { vm: u32, flags: u32 },
     /// A vCPU count of 0 or above [`MAX_CPUS`].
     BadCpuCount { vm: u32, cpus: u32 },
+    /// More than one vCPU with shadow paging (shadow page tables are per VM, not per vCPU).
+    SmpNeedsNestedPaging { vm: u32, cpus: u32 },
+    /// More vCPUs over all VMs than [`MAX_TOTAL_CPUS`].
+    TooManyCpus { total: u64 },
+    /// A pin count that is neither 0, 1 nor the vCPU count.
+    BadPinCount { vm: u32, count: u32, cpus: u32 },
+    /// A pin entry above [`MAX_HOST_CPU`].
+    BadPinCpu { vm: u32, entry: u32, cpu: u8 },
+    /// A time limit above [`MAX_TIME_LIMIT_SECONDS`] (0 means none).
+    BadTimeLimit { vm: u32, seconds: u32 },
     /// A guest memory size of 0.
     ZeroMemory { vm: u32 },
     /// More modules than [`MAX_MODULES`].
@@ -368,6 +416,25 @@ impl fmt::Display for ManifestError {
             ManifestError::BadCpuCount { vm, cpus } => {
                 write!(formatter, "manifest vm #{vm}: {cpus} vCPUs is not in 1..={MAX_CPUS}")
             }
+            ManifestError::SmpNeedsNestedPaging { vm, cpus } => write!(
+                formatter,
+                "manifest vm #{vm}: {cpus} vCPUs with shadow paging (guest SMP needs nested paging)"
+            ),
+            ManifestError::TooManyCpus { total } => {
+                write!(formatter, "manifest lists {total} vCPUs over all VMs, at most {MAX_TOTAL_CPUS} are allowed")
+            }
+            ManifestError::BadPinCount { vm, count, cpus } => write!(
+                formatter,
+                "manifest vm #{vm}: {count} pin entries for {cpus} vCPUs (0, 1 or {cpus} are allowed)"
+            ),
+            ManifestError::BadPinCpu { vm, entry, cpu } => write!(
+                formatter,
+                "manifest vm #{vm}: pin entry #{entry} is host CPU {cpu}, not in 0..={MAX_HOST_CPU}"
+            ),
+            ManifestError::BadTimeLimit { vm, seconds } => write!(
+                formatter,
+                "manifest vm #{vm}: time limit of {seconds} seconds is above {MAX_TIME_LIMIT_SECONDS}"
+            ),
             ManifestError::ZeroMemory { vm } => write!(formatter, "manifest vm #{vm}: guest memory size is 0"),
             ManifestError::TooManyModules { vm, count } => {
                 write!(formatter, "manifest vm #{vm}: {count} modules, at most {MAX_MODULES} are allowed")
@@ -419,7 +486,7 @@ impl<'a> Reader<'a> {
 impl<'a> Manifest<'a> {
     /// Serializes the manifest (done on the host by `boot/`). The host validates the VMs
     /// first (`boot/src/config.rs`); a manifest built from unchecked values may be refused
-    /// by [`Manifest::decode`].
+    /// by [`Manifest::decode`] (and `time_limit_seconds: Some(0)` reads back as `None`).
     pub fn encode(&self) -> Vec<u8> {
         fn align8(bytes: &mut Vec<u8>) {
             while !bytes.len().is_multiple_of(8) {
@@ -476,6 +543,20 @@ impl<'a> Manifest<'a> {
             }
             put_u64(&mut bytes, record + 72, next_module_record as u64);
             put_u32(&mut bytes, record + 80, vm.modules.len() as u32);
+            // A pin list longer than the record's room is written as its count alone (which
+            // decode refuses: it exceeds any valid vCPU count), never past the record.
+            let pin_bytes = if vm.pin.len() <= MAX_PIN_ENTRIES {
+                vm.pin.len()
+            } else {
+                0
+            };
+            put_u32(
+                &mut bytes,
+                record + 84,
+                u32::try_from(vm.pin.len()).unwrap_or(u32::MAX),
+            );
+            bytes[record + 112..record + 112 + pin_bytes].copy_from_slice(&vm.pin[..pin_bytes]);
+            put_u32(&mut bytes, record + 88, vm.time_limit_seconds.unwrap_or(0));
             for module in &vm.modules {
                 for (field_offset, data) in [(0, module.name.as_bytes()), (16, module.bytes)] {
                     let (offset, length) = blob(&mut bytes, data);
@@ -548,6 +629,10 @@ impl<'a> Manifest<'a> {
             let record = HEADER_LEN as u64 + u64::from(vm) * VM_RECORD_LEN as u64;
             vms.push(decode_vm(&reader, vm, record, claimed)?);
         }
+        let total_cpus: u64 = vms.iter().map(|vm| u64::from(vm.cpus)).sum();
+        if total_cpus > u64::from(MAX_TOTAL_CPUS) {
+            return Err(ManifestError::TooManyCpus { total: total_cpus });
+        }
         Ok(Manifest { test_hook, vms })
     }
 }
@@ -618,6 +703,9 @@ fn decode_vm<'a>(
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(ManifestError::BadCpuCount { vm, cpus });
     }
+    if cpus > 1 && paging == Paging::Shadow {
+        return Err(ManifestError::SmpNeedsNestedPaging { vm, cpus });
+    }
     let flags = word(12)?;
     if flags & !(FLAG_TRACE | FLAG_INITRD) != 0 {
         return Err(ManifestError::UnknownFlags { vm, flags });
@@ -637,13 +725,46 @@ fn decode_vm<'a>(
     let kernel = span(Field::Kernel, record + 56)?;
     let module_table = quad(72)?;
     let module_count = word(80)?;
-    for reserved in [84u64, 88, 92] {
-        if word(reserved)? != 0 {
-            return Err(ManifestError::ReservedNotZero {
-                offset: record + reserved,
-            });
+    if word(92)? != 0 {
+        return Err(ManifestError::ReservedNotZero {
+            offset: record + 92,
+        });
+    }
+    let pin_count = word(84)?;
+    if pin_count > 1 && pin_count != cpus {
+        return Err(ManifestError::BadPinCount {
+            vm,
+            count: pin_count,
+            cpus,
+        });
+    }
+    // cpus <= MAX_CPUS, so the list fits its 16 bytes.
+    let pin_bytes =
+        reader
+            .slice(record + 112, MAX_PIN_ENTRIES as u64)
+            .ok_or(ManifestError::OutOfBounds {
+                vm,
+                field: Field::VmTable,
+                offset: record + 112,
+                length: MAX_PIN_ENTRIES as u64,
+                total,
+            })?;
+    let (pin, unused) = pin_bytes.split_at(pin_count as usize);
+    for (entry, &cpu) in (0u32..).zip(pin) {
+        if cpu > MAX_HOST_CPU {
+            return Err(ManifestError::BadPinCpu { vm, entry, cpu });
         }
     }
+    if let Some(at) = unused.iter().position(|&byte| byte != 0) {
+        return Err(ManifestError::ReservedNotZero {
+            offset: record + 112 + (pin.len() + at) as u64,
+        });
+    }
+    let time_limit_seconds = match word(88)? {
+        0 => None,
+        seconds if seconds <= MAX_TIME_LIMIT_SECONDS => Some(seconds),
+        seconds => return Err(ManifestError::BadTimeLimit { vm, seconds }),
+    };
     if module_count as usize > MAX_MODULES {
         return Err(ManifestError::TooManyModules {
             vm,
@@ -686,6 +807,8 @@ fn decode_vm<'a>(
         memory_bytes,
         cmdline,
         cpus,
+        pin,
+        time_limit_seconds,
         paging,
         trace: flags & FLAG_TRACE != 0,
         kernel,
@@ -708,6 +831,8 @@ mod tests {
                     memory_bytes: 16 << 20,
                     cmdline: "",
                     cpus: 1,
+                    pin: &[],
+                    time_limit_seconds: None,
                     paging: Paging::Nested,
                     trace: false,
                     kernel: b"\xf4\xeb\xfe",
@@ -719,8 +844,10 @@ mod tests {
                     format: GuestFormat::Multiboot,
                     memory_bytes: 64 << 20,
                     cmdline: "console=ttyS0 quiet",
-                    cpus: 2,
-                    paging: Paging::Shadow,
+                    cpus: 4,
+                    pin: &[3, 0, MAX_HOST_CPU, 1],
+                    time_limit_seconds: Some(MAX_TIME_LIMIT_SECONDS),
+                    paging: Paging::Nested,
                     trace: true,
                     kernel: b"ELF image bytes",
                     modules: alloc::vec![
@@ -740,7 +867,9 @@ mod tests {
                     format: GuestFormat::Linux,
                     memory_bytes: 256 << 20,
                     cmdline: "console=ttyS0 earlyprintk=serial",
-                    cpus: 1,
+                    cpus: 2,
+                    pin: &[5],
+                    time_limit_seconds: Some(1),
                     paging: Paging::Nested,
                     trace: false,
                     kernel: b"bzImage bytes",
@@ -753,6 +882,8 @@ mod tests {
                     memory_bytes: 64 << 20,
                     cmdline: "",
                     cpus: 1,
+                    pin: &[],
+                    time_limit_seconds: Some(600),
                     paging: Paging::Shadow,
                     trace: true,
                     kernel: b"bzImage",
@@ -812,13 +943,15 @@ mod tests {
         assert_eq!(bytes[record + VM_RECORD_LEN + 12], 0b11);
         let length = u64::from_le_bytes(bytes[record + 104..record + 112].try_into().unwrap());
         assert_eq!(length, 23);
-        // Version 2 manifests are refused, not misread.
-        let mut version_2 = bytes.clone();
-        version_2[8] = 2;
-        assert_eq!(
-            Manifest::decode(&version_2),
-            Err(ManifestError::UnsupportedVersion(2))
-        );
+        // Version 2 and 3 manifests are refused, not misread.
+        for old in [2, 3] {
+            let mut old_version = bytes.clone();
+            old_version[8] = old;
+            assert_eq!(
+                Manifest::decode(&old_version),
+                Err(ManifestError::UnsupportedVersion(u32::from(old)))
+            );
+        }
         // An initrd span outside the manifest.
         let mut outside = bytes.clone();
         patch_u64(&mut outside, record + 104, u64::MAX);
@@ -953,10 +1086,10 @@ mod tests {
             ManifestError::TooManyModules { vm: 1, count: 65 },
         );
         check(
-            vm1 + 88,
+            vm1 + 92,
             1,
             ManifestError::ReservedNotZero {
-                offset: vm1 as u64 + 88,
+                offset: vm1 as u64 + 92,
             },
         );
         let mut zero_memory = good.clone();
@@ -984,6 +1117,198 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn smp_fields_round_trip_and_sit_where_the_layout_says() {
+        let manifest = sample();
+        let bytes = manifest.encode();
+        let decoded = Manifest::decode(&bytes).unwrap();
+        assert_eq!(decoded, manifest);
+        let smp = &decoded.vms[1];
+        assert_eq!(smp.cpus, 4);
+        assert_eq!(smp.pin, [3, 0, 63, 1]);
+        assert_eq!(smp.time_limit_seconds, Some(86_400));
+        // The pin list is borrowed from the VM record.
+        assert!(bytes.as_ptr_range().contains(&smp.pin.as_ptr()));
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        assert_eq!(bytes[vm1 + 8], 4);
+        assert_eq!(bytes[vm1 + 84], 4);
+        assert_eq!(&bytes[vm1 + 88..vm1 + 92], &86_400u32.to_le_bytes());
+        assert_eq!(
+            &bytes[vm1 + 112..vm1 + 128],
+            &[3, 0, 63, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // Not pinned, no limit: all zero.
+        let vm0 = HEADER_LEN;
+        assert_eq!(decoded.vms[0].pin, [] as [u8; 0]);
+        assert_eq!(decoded.vms[0].time_limit_seconds, None);
+        assert!(bytes[vm0 + 84..vm0 + 92].iter().all(|&byte| byte == 0));
+        assert!(bytes[vm0 + 112..vm0 + 128].iter().all(|&byte| byte == 0));
+        // One entry pins every vCPU; none pins nothing.
+        let linux = &decoded.vms[2];
+        assert_eq!(linux.time_limit_seconds, Some(1));
+        assert_eq!(
+            [0, 1, 2].map(|vcpu| linux.pinned_cpu(vcpu)),
+            [Some(5), Some(5), None]
+        );
+        assert_eq!(
+            [0, 1, 2, 3, 4].map(|vcpu| smp.pinned_cpu(vcpu)),
+            [Some(3), Some(0), Some(63), Some(1), None]
+        );
+        assert_eq!(decoded.vms[0].pinned_cpu(0), None);
+        // The most vCPUs a manifest may carry.
+        let full = Manifest {
+            test_hook: TestHook::None,
+            vms: (0..4)
+                .map(|_| VmManifest {
+                    cpus: MAX_CPUS,
+                    pin: &[7; MAX_CPUS as usize],
+                    ..manifest.vms[0].clone()
+                })
+                .collect(),
+        };
+        assert_eq!(Manifest::decode(&full.encode()), Ok(full));
+        // An unchecked pin list longer than the record's room is refused, not written over
+        // the next record.
+        let long = Manifest {
+            test_hook: TestHook::None,
+            vms: alloc::vec![VmManifest {
+                cpus: MAX_CPUS,
+                pin: &[1; MAX_CPUS as usize + 1],
+                ..manifest.vms[0].clone()
+            }],
+        };
+        assert_eq!(
+            Manifest::decode(&long.encode()),
+            Err(ManifestError::BadPinCount {
+                vm: 0,
+                count: MAX_CPUS + 1,
+                cpus: MAX_CPUS
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_smp_fields() {
+        let good = sample().encode();
+        let vm0 = HEADER_LEN;
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        let vm3 = HEADER_LEN + 3 * VM_RECORD_LEN;
+        let check = |patches: &[(usize, u32)], expected: ManifestError| {
+            let mut bytes = good.clone();
+            for &(offset, value) in patches {
+                patch_u32(&mut bytes, offset, value);
+            }
+            assert_eq!(Manifest::decode(&bytes), Err(expected));
+        };
+        check(
+            &[(vm1 + 8, MAX_CPUS + 1)],
+            ManifestError::BadCpuCount {
+                vm: 1,
+                cpus: MAX_CPUS + 1,
+            },
+        );
+        // vm #3 has shadow paging.
+        check(
+            &[(vm3 + 8, 2)],
+            ManifestError::SmpNeedsNestedPaging { vm: 3, cpus: 2 },
+        );
+        check(
+            &[(vm1 + 84, 3)],
+            ManifestError::BadPinCount {
+                vm: 1,
+                count: 3,
+                cpus: 4,
+            },
+        );
+        check(
+            &[(vm1 + 84, 17)],
+            ManifestError::BadPinCount {
+                vm: 1,
+                count: 17,
+                cpus: 4,
+            },
+        );
+        check(
+            &[(vm1 + 84, u32::MAX)],
+            ManifestError::BadPinCount {
+                vm: 1,
+                count: u32::MAX,
+                cpus: 4,
+            },
+        );
+        // Two entries for one vCPU.
+        check(
+            &[(vm0 + 84, 2)],
+            ManifestError::BadPinCount {
+                vm: 0,
+                count: 2,
+                cpus: 1,
+            },
+        );
+        // Fewer vCPUs than pin entries.
+        check(
+            &[(vm1 + 8, 3)],
+            ManifestError::BadPinCount {
+                vm: 1,
+                count: 4,
+                cpus: 3,
+            },
+        );
+        check(
+            &[(vm1 + 112, 0x0040_0000)],
+            ManifestError::BadPinCpu {
+                vm: 1,
+                entry: 2,
+                cpu: 64,
+            },
+        );
+        check(
+            &[(vm1 + 112, 0xFF)],
+            ManifestError::BadPinCpu {
+                vm: 1,
+                entry: 0,
+                cpu: 255,
+            },
+        );
+        // Bytes past the pin count are reserved.
+        check(
+            &[(vm1 + 124, 1 << 24)],
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 127,
+            },
+        );
+        check(
+            &[(vm0 + 112, 1)],
+            ManifestError::ReservedNotZero {
+                offset: vm0 as u64 + 112,
+            },
+        );
+        check(
+            &[(vm1 + 88, MAX_TIME_LIMIT_SECONDS + 1)],
+            ManifestError::BadTimeLimit {
+                vm: 1,
+                seconds: MAX_TIME_LIMIT_SECONDS + 1,
+            },
+        );
+        check(
+            &[(vm1 + 88, u32::MAX)],
+            ManifestError::BadTimeLimit {
+                vm: 1,
+                seconds: u32::MAX,
+            },
+        );
+        // At most MAX_TOTAL_CPUS over all VMs (4 VMs of 16 are fine, see above): 5 of 13 is 65.
+        let basic = sample().vms.swap_remove(0);
+        let too_many = Manifest {
+            test_hook: TestHook::None,
+            vms: alloc::vec![VmManifest { cpus: 13, ..basic }; 5],
+        };
+        assert_eq!(
+            Manifest::decode(&too_many.encode()),
+            Err(ManifestError::TooManyCpus { total: 65 })
+        );
     }
 
     #[test]
@@ -1044,6 +1369,45 @@ mod tests {
             alloc::format!("{error}"),
             "manifest vm #2: module #1 bytes at offset 0x40 length 0x10 lies outside the manifest's 0x20 bytes"
         );
+        for (error, text) in [
+            (
+                ManifestError::SmpNeedsNestedPaging { vm: 3, cpus: 2 },
+                "manifest vm #3: 2 vCPUs with shadow paging (guest SMP needs nested paging)",
+            ),
+            (
+                ManifestError::TooManyCpus { total: 65 },
+                "manifest lists 65 vCPUs over all VMs, at most 64 are allowed",
+            ),
+            (
+                ManifestError::BadPinCount {
+                    vm: 1,
+                    count: 3,
+                    cpus: 4,
+                },
+                "manifest vm #1: 3 pin entries for 4 vCPUs (0, 1 or 4 are allowed)",
+            ),
+            (
+                ManifestError::BadPinCpu {
+                    vm: 1,
+                    entry: 2,
+                    cpu: 64,
+                },
+                "manifest vm #1: pin entry #2 is host CPU 64, not in 0..=63",
+            ),
+            (
+                ManifestError::BadTimeLimit {
+                    vm: 0,
+                    seconds: 86_401,
+                },
+                "manifest vm #0: time limit of 86401 seconds is above 86400",
+            ),
+            (
+                ManifestError::BadCpuCount { vm: 0, cpus: 17 },
+                "manifest vm #0: 17 vCPUs is not in 1..=16",
+            ),
+        ] {
+            assert_eq!(alloc::format!("{error}"), text);
+        }
     }
 
     #[test]

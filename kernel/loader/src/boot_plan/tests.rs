@@ -678,6 +678,8 @@ fn plan_dispatches_on_format() {
         memory_bytes: 2 * MIB,
         cmdline: "x",
         cpus: 1,
+        pin: &[],
+        time_limit_seconds: None,
         paging: Paging::Nested,
         trace: false,
         kernel: &flat,

@@ -561,6 +561,8 @@ fn plan_dispatches_linux_and_refuses_misplaced_initrds() {
         memory_bytes: 32 * MIB,
         cmdline: "console=ttyS0",
         cpus: 1,
+        pin: &[],
+        time_limit_seconds: None,
         paging: Paging::Nested,
         trace: false,
         kernel: &image,
