@@ -9,7 +9,7 @@ use crate::virt::Extension;
 use alloc::string::String;
 use core::ptr::NonNull;
 use ringzero_loader::boot_plan;
-use ringzero_loader::manifest::{GuestFormat, Manifest, Paging, TestHook, VmManifest};
+use ringzero_loader::manifest::{GuestFormat, Paging, VmManifest};
 use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
 use ringzero_memory::{
     GuestPhysAddr, GuestRam, HostMemory, NestedFormat, NestedPageTables, OutOfHostMemory,

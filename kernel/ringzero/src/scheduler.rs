@@ -26,10 +26,9 @@ use crate::{console, memory};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use ringzero_loader::boot_plan::EntryState;
-use ringzero_loader::manifest::{Manifest, Paging, TestHook, VmManifest};
+use ringzero_loader::manifest::{Manifest, Paging, TestHook};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::smp;
-use ringzero_vmm::vcpu::Vcpu;
 use ringzero_vmm::vm::{self, SliceEnd, Vm, VmEnd};
 use ringzero_vmm::Platform;
 use ringzero_x86::hw;
@@ -185,7 +184,11 @@ pub fn run_all(
     let mut tags = 0;
     for (index, vm_manifest) in manifest.vms.iter().enumerate() {
         let vcpus = (vm_manifest.cpus as usize).max(1);
-        let pin = pinned_cpus(vm_manifest);
+        let pin: Vec<usize> = vm_manifest
+            .pin
+            .iter()
+            .map(|&cpu| usize::from(cpu))
+            .collect();
         if let Some(&missing) = pin.iter().find(|&&cpu| cpu >= online) {
             log::error!(
                 "vm {}: pinned to cpu{missing}, but only {online} CPU(s) are online (cpu0..cpu{}); VM not started",
@@ -204,7 +207,7 @@ pub fn run_all(
         let slot = slots.len();
         let mut vm = built.vm;
         vm.id = slot;
-        if let Some(seconds) = time_limit_seconds(vm_manifest) {
+        if let Some(seconds) = vm_manifest.time_limit_seconds {
             vm.time_limit_seconds = seconds;
         }
         let mut cpus_of_vm = Vec::new();
@@ -287,16 +290,6 @@ pub fn run_all(
     schedule.all_passed.load(Ordering::SeqCst)
 }
 
-/// The physical CPUs the configuration pins the VM's vCPUs to (empty: spread them).
-fn pinned_cpus(_vm_manifest: &VmManifest<'_>) -> Vec<usize> {
-    Vec::new()
-}
-
-/// The VM's time limit, if it has one.
-fn time_limit_seconds(_vm_manifest: &VmManifest<'_>) -> Option<u32> {
-    None
-}
-
 /// The APIC timer input clock guests see (1 GHz: one count per nanosecond before division).
 const GUEST_APIC_TIMER_HZ: u64 = 1_000_000_000;
 
@@ -354,9 +347,9 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
     let mut vcpus: Vec<Option<AnyVcpu>> = Vec::new();
     for placement in mine {
         let slot = &schedule.slots[placement.slot];
-        let created = backend.as_ref().map(|backend| {
-            backend.create_vcpu(placement.tag, slot.nested_root, &slot.entry)
-        });
+        let created = backend
+            .as_ref()
+            .map(|backend| backend.create_vcpu(placement.tag, slot.nested_root, &slot.entry));
         let mut vcpu = match created {
             Some(Ok(vcpu)) => vcpu,
             Some(Err(error)) => {
@@ -542,9 +535,10 @@ fn since_boot(tsc: u64) -> u64 {
 fn report_vcpus(vm: &Vm) {
     for (index, state) in vm.vcpus.iter().enumerate() {
         let stats = &state.stats;
-        let cpu = stats
-            .cpu
-            .map_or_else(|| alloc::string::String::from("none"), |cpu| alloc::format!("{cpu}"));
+        let cpu = stats.cpu.map_or_else(
+            || alloc::string::String::from("none"),
+            |cpu| alloc::format!("{cpu}"),
+        );
         console::print_line(format_args!(
             "ringzero: vcpu {}/{index} cpu={cpu} start={} end={} exits={} guest_cycles={} halted_cycles={} preemptions={} interrupts={}",
             vm.name,

@@ -228,3 +228,151 @@ fn deliver_ipi(
         platform.wake(vm.id, target);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paging::GuestPaging;
+    use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
+    use ringzero_memory::GuestRam;
+
+    /// Records the wakes the core asks for.
+    #[derive(Default)]
+    struct Wakes(Vec<(usize, usize)>);
+
+    impl Platform for Wakes {
+        fn host_cpuid(&self, _leaf: u32, _subleaf: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn timestamp(&self) -> u64 {
+            0
+        }
+        fn console_line(&mut self, _vm_name: &str, _line: &str) {}
+        fn wake(&mut self, vm_id: usize, vcpu: usize) {
+            self.0.push((vm_id, vcpu));
+        }
+    }
+
+    fn vm(vcpus: usize) -> Vm {
+        let paging = GuestPaging::Shadow {
+            engine: ShadowPaging::new(1),
+            visible: GuestPagingState::default(),
+        };
+        let mut vm = Vm::with_vcpus(
+            "smp",
+            GuestRam::new_lazy(1 << 20),
+            paging,
+            false,
+            vcpus,
+            DEFAULT_CLOCK,
+        );
+        vm.id = 7;
+        vm
+    }
+
+    /// The ICR write of vCPU `source` (xAPIC: high word first, the low word sends).
+    fn send(vm: &mut Vm, source: usize, low: u32, destination: u8) -> Wakes {
+        let mut platform = Wakes::default();
+        let mut events = Vec::new();
+        vm.vcpus[source]
+            .apic
+            .write_mmio(0x310, u32::from(destination) << 24, 0, &mut events);
+        vm.vcpus[source].apic.write_mmio(0x300, low, 0, &mut events);
+        apic_events(vm, source, events, &mut platform, 0);
+        platform
+    }
+
+    fn enable_apic(vm: &mut Vm, index: usize) {
+        let mut events = Vec::new();
+        vm.vcpus[index].apic.write_mmio(0xF0, 0x1FF, 0, &mut events);
+    }
+
+    #[test]
+    fn the_bootstrap_vcpu_runs_and_the_others_wait_for_a_startup_ipi() {
+        let mut vm = vm(3);
+        assert_eq!(vm.vcpus[0].activity, Activity::Running);
+        assert_eq!(vm.vcpus[1].activity, Activity::WaitingForStartup);
+        assert!(is_runnable(&mut vm, 0, 0));
+        assert!(!is_runnable(&mut vm, 1, 0));
+        assert_eq!(vm.vcpus[2].apic.id(), 2);
+    }
+
+    #[test]
+    fn init_then_startup_starts_exactly_the_addressed_vcpu() {
+        let mut vm = vm(3);
+        // INIT (delivery mode 101, level assert), then SIPI vector 0x10 (mode 110) to APIC 1.
+        let wakes = send(&mut vm, 0, 0x0000_4500, 1);
+        assert_eq!(wakes.0, [(7, 1)]);
+        assert_eq!(vm.vcpus[1].activity, Activity::WaitingForStartup);
+        send(&mut vm, 0, 0x0000_4610, 1);
+        assert_eq!(
+            vm.vcpus[1].activity,
+            Activity::StartupPending { vector: 0x10 }
+        );
+        assert!(is_runnable(&mut vm, 1, 0));
+        assert_eq!(vm.vcpus[2].activity, Activity::WaitingForStartup);
+        // A second SIPI (the MP protocol sends two) changes nothing once the vCPU left the
+        // wait-for-SIPI state.
+        vm.vcpus[1].activity = Activity::Running;
+        send(&mut vm, 0, 0x0000_4611, 1);
+        assert_eq!(vm.vcpus[1].activity, Activity::Running);
+    }
+
+    #[test]
+    fn a_fixed_ipi_wakes_a_halted_vcpu_and_becomes_its_pending_interrupt() {
+        let mut vm = vm(2);
+        vm.vcpus[1].activity = Activity::Running;
+        enable_apic(&mut vm, 1);
+        assert!(halt(&mut vm, 1, 100), "two vCPUs: the other can wake it");
+        assert!(!is_runnable(&mut vm, 1, 200));
+        let wakes = send(&mut vm, 0, 0x0000_0040, 1);
+        assert_eq!(wakes.0, [(7, 1)]);
+        assert!(is_runnable(&mut vm, 1, 300));
+        assert_eq!(vm.vcpus[1].apic.pending_vector(), Some(0x40));
+        assert_eq!(vm.vcpus[0].apic.pending_vector(), None);
+    }
+
+    #[test]
+    fn a_fixed_ipi_to_a_disabled_apic_is_dropped() {
+        let mut vm = vm(2);
+        vm.vcpus[1].activity = Activity::Running;
+        send(&mut vm, 0, 0x0000_0040, 1);
+        assert_eq!(vm.vcpus[1].apic.pending_vector(), None);
+    }
+
+    #[test]
+    fn shorthands_reach_self_all_and_all_but_self() {
+        let mut vm = vm(3);
+        for index in 0..3 {
+            vm.vcpus[index].activity = Activity::Running;
+            enable_apic(&mut vm, index);
+        }
+        // Shorthand 11: all excluding self.
+        send(&mut vm, 1, 0x000C_0041, 0);
+        let pending: Vec<_> = vm.vcpus.iter().map(|v| v.apic.pending_vector()).collect();
+        assert_eq!(pending, [Some(0x41), None, Some(0x41)]);
+        // Shorthand 01: self.
+        send(&mut vm, 1, 0x0004_0042, 0);
+        assert_eq!(vm.vcpus[1].apic.pending_vector(), Some(0x42));
+    }
+
+    #[test]
+    fn hlt_with_nothing_to_wake_it_goes_on_at_once() {
+        let mut vm = vm(1);
+        assert!(!halt(&mut vm, 0, 0), "one vCPU, no timer, no device");
+        assert_eq!(vm.vcpus[0].activity, Activity::Running);
+        vm.interrupt_sources = true;
+        assert!(halt(&mut vm, 0, 0), "a device may interrupt it");
+    }
+
+    #[test]
+    fn a_vm_past_its_deadline_or_ended_is_runnable_so_that_it_can_stop() {
+        let mut vm = vm(2);
+        assert!(!is_runnable(&mut vm, 1, 10));
+        vm.deadline = Some(5);
+        assert!(is_runnable(&mut vm, 1, 10));
+        vm.deadline = None;
+        vm.end = Some(crate::vm::VmEnd::PowerOff);
+        assert!(is_runnable(&mut vm, 1, 10));
+    }
+}

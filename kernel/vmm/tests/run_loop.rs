@@ -1298,7 +1298,11 @@ fn mmio_mov_forms_are_emulated_on_the_device() {
         0xFFFF_FFF5,
         "movsx sign-extends"
     );
-    assert_eq!(writes.lock().unwrap()[1], (0x80, 4, 0x80), "mov with an immediate");
+    assert_eq!(
+        writes.lock().unwrap()[1],
+        (0x80, 4, 0x80),
+        "mov with an immediate"
+    );
     assert_eq!(
         h.vcpu.after_step(5).get(Register::Rax) & 0xFFFF,
         (address & 0xFF) | 0x8000,
