@@ -5,7 +5,10 @@
 # statistics), the hypervisor's total, and the wall time. Results go to docs/benchmarks.md.
 # Under QEMU the TSC runs at the host's rate; under Bochs it counts emulated instructions
 # (4 MHz ips), so Bochs figures are the length of the exit path, not time. Compare columns
-# within one emulator. Usage: scripts/bench.sh   (builds first, like run-qemu.sh)
+# within one emulator.
+# With --smp it measures the scheduler instead: one CPU-bound worker VM alone, then two of them
+# at once, on a 2-CPU QEMU (-cpu EPYC), in one run, and prints the ratio of their times.
+# Usage: scripts/bench.sh [--smp]   (builds first, like run-qemu.sh)
 set -euo pipefail
 
 RZ_PROG=bench
@@ -20,6 +23,34 @@ average() {
 total_cycles() {
     awk '/\]   total / { split($0, parts, "] "); split(parts[2], f, " "); print f[3]; exit }' "$1" | grep . || echo "-"
 }
+
+# --smp: the worker's own TSC readings (`worker: tsc start=S end=E`) give how long its work took;
+# the hypervisor's `time: TSC N MHz` line converts cycles to seconds.
+smp_bench() {
+    printf '| %-34s | %4s | %14s | %14s | %8s | %7s |\n' run VMs "work span s" "per VM s" ratio "wall s"
+    local base="" config log started wall mhz span per_vm ratio
+    for config in bench-one bench-two; do
+        log=$(mktemp)
+        started=$(date +%s.%N)
+        bash scripts/run-qemu.sh --no-build --bios --smp 2 --config "tests/configs/$config.toml" \
+            --timeout 900 > "$log" 2>/dev/null || true
+        wall=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { print a - b }')
+        mhz=$(grep -a -o 'TSC [0-9]* MHz' "$log" | head -n 1 | awk '{ print $2 }')
+        # The span from the first worker's start to the last one's end, and each worker's own.
+        read -r vms span per_vm < <(grep -a 'worker: tsc start=' "$log" | sed 's/.*start=\([0-9]*\) end=\([0-9]*\).*/\1 \2/' |
+            awk -v mhz="${mhz:-0}" '{ if (n == 0 || $1 < lo) lo = $1; if ($2 > hi) hi = $2; sum += $2 - $1; n++ }
+                END { if (n == 0 || mhz == 0) print 0, "-", "-"; else printf "%d %.2f %.2f\n", n, (hi - lo) / mhz / 1e6, sum / n / mhz / 1e6 }')
+        [ -z "$base" ] && base=$span
+        ratio=$(awk -v a="$span" -v b="$base" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }')
+        printf '| %-34s | %4s | %14s | %14s | %8s | %7.1f |\n' \
+            "SVM (QEMU -smp 2) $config" "$vms" "$span" "$per_vm" "$ratio" "$wall"
+        rm -f "$log"
+    done
+}
+if [ "${1:-}" = --smp ]; then
+    smp_bench
+    exit 0
+fi
 
 printf '| %-24s | %-7s | %8s | %9s | %9s | %9s | %10s | %13s | %7s |\n' \
     run guest exits cpuid io msr-read page-fault "hypervisor" "wall s"

@@ -178,3 +178,63 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// One `ringzero: vcpu NAME/I cpu=C start=T0 end=T1 ...` line: where and when a vCPU ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuLine {
+    pub vm: String,
+    pub index: u64,
+    /// None when the vCPU never ran.
+    pub cpu: Option<u64>,
+    pub start: u64,
+    pub end: u64,
+    pub exits: u64,
+    pub preemptions: u64,
+    pub interrupts: u64,
+}
+
+impl VcpuLine {
+    /// Whether the two vCPUs were in their VMs during a common stretch of time.
+    pub fn overlaps(&self, other: &VcpuLine) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+impl Run {
+    /// Every `ringzero: vcpu` line of the run.
+    pub fn vcpu_lines(&self) -> Vec<VcpuLine> {
+        self.serial
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("ringzero: vcpu ")?;
+                let (name, _) = rest.split_once(' ')?;
+                let (vm, index) = name.rsplit_once('/')?;
+                Some(VcpuLine {
+                    vm: vm.to_string(),
+                    index: index.parse().ok()?,
+                    cpu: field_after(line, " cpu="),
+                    start: field_after(line, " start=")?,
+                    end: field_after(line, " end=")?,
+                    exits: field_after(line, " exits=")?,
+                    preemptions: field_after(line, " preemptions=")?,
+                    interrupts: field_after(line, " interrupts=")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The `ringzero: vcpu` line of vCPU `index` of VM `vm`.
+    pub fn vcpu(&self, vm: &str, index: u64) -> VcpuLine {
+        self.vcpu_lines()
+            .into_iter()
+            .find(|line| line.vm == vm && line.index == index)
+            .unwrap_or_else(|| panic!("no vcpu line for {vm}/{index}\n{}", self.report()))
+    }
+
+    /// The position of the first serial line containing `needle`.
+    pub fn position_of(&self, needle: &str) -> usize {
+        self.serial
+            .find(needle)
+            .unwrap_or_else(|| panic!("serial output lacks {needle:?}\n{}", self.report()))
+    }
+}
