@@ -5,7 +5,9 @@
 # What differs from a run under ringzero: basic's CPUID and unowned-port checks fail (TCG is not
 # ringzero), so it exits with status 1; escape's write beyond RAM is not stopped (status 1); the
 # triple fault resets QEMU, which -no-reboot turns into a plain exit; torture runs with -cpu max
-# and must pass every step. Usage:
+# and must pass every step; smp runs with -smp 2 on QEMU's own local APICs and must pass; worker
+# must finish with its result checked; spinner must still spin when a 5-second timeout kills it.
+# Usage:
 #   tests/guests/qemu-smoke.sh [--no-build]
 set -euo pipefail
 
@@ -17,10 +19,11 @@ trap 'rm -rf "$work"' EXIT
 failures=0 passes=0
 
 # run NAME EXPECTED_QEMU_STATUS QEMU_ARGS...: runs QEMU, keeps its serial output in $work/NAME.
+# Killed after $limit seconds (default 30; timeout's status is then 124).
 run() {
     local name=$1 expected=$2 status=0
     shift 2
-    timeout 30 qemu-system-x86_64 -display none -no-reboot -serial "file:$work/$name" \
+    timeout "${limit:-30}" qemu-system-x86_64 -display none -no-reboot -serial "file:$work/$name" \
         -device isa-debug-exit,iobase=0xf4,iosize=0x04 -d cpu_reset -D "$work/$name.qemu-log" "$@" \
         || status=$?
     sed "s/^/  | /" "$work/$name"
@@ -86,6 +89,27 @@ for step in idt spaces remap large-pages accessed-dirty ring3 write-protect nx r
 done
 expect torture '^torture: all [0-9]+ checks passed$' || true
 check $((failures - before)) torture
+
+before=$failures
+run smp 1 -m 16 -smp 2 -kernel "$images/flat64-shim.elf" -initrd "$images/smp.bin cpus=2" || true
+for line in '^smp: cpu1 started by INIT/SIPI \(apic id 1\)$' '^smp: progress bsp=500000 ap=[0-9]+$' \
+    '^smp: both cpus counted \(bsp=1000000 ap=1000000\)$' '^smp: ipi delivered to cpu 1$' '^smp: all checks passed$'; do
+    expect smp "$line" || true
+done
+check $((failures - before)) smp
+
+before=$failures
+run worker 1 -m 16 -kernel "$images/flat64-shim.elf" -initrd "$images/worker.bin work=10 name=smoke" || true
+for line in '^worker: progress 10/10$' '^worker: result 0x[0-9a-f]+$' '^worker: result checked' \
+    '^worker: tsc start=[0-9]+ end=[0-9]+$' '^worker: done$'; do
+    expect worker "$line" || true
+done
+check $((failures - before)) worker
+
+before=$failures
+limit=5 run spinner 124 -m 16 -kernel "$images/flat64-shim.elf" -initrd "$images/spinner.bin" || true
+expect spinner '^spinner: spinning with interrupts off$' || true
+check $((failures - before)) spinner
 
 echo "qemu-smoke: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -1,6 +1,7 @@
 //! The instructions a hypervisor intercepts, each wrapped once and counted: CPUID, IN, OUT,
-//! RDMSR and HLT. A guest reads the counters (`counts()`) to predict the hypervisor's exit
-//! statistics for it. All inline assembly of guest-lib is in this module.
+//! RDMSR and HLT (RDTSC too, not counted: ringzero does not intercept it). A guest reads the
+//! counters (`counts()`) to predict the hypervisor's exit statistics for it. All inline assembly
+//! of guest-lib is in this module.
 //!
 //! See: Intel SDM Vol 2 (instruction reference) for CPUID, IN, OUT, RDMSR, HLT, STI, LIDT, UD2.
 
@@ -115,6 +116,17 @@ pub fn sti_hlt() {
     // SAFETY: the guest has no interrupt handlers; under ringzero no interrupt is ever injected.
     // Interrupts are off again when this returns.
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+}
+
+/// RDTSC: the time-stamp counter. Not counted: ringzero does not intercept it (it reads the
+/// host TSC; docs/guest-interface.md "MSRs").
+pub fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDTSC only reads the counter into EDX:EAX (CR4.TSD is clear at CPL 0 anyway).
+    unsafe {
+        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 /// Stops the CPU for good: `cli; hlt` in a loop (not counted: under ringzero the first HLT with
