@@ -1491,15 +1491,18 @@ mod tests {
             rig.inb(CHANNEL2)
         };
         read_msb(&mut rig);
-        // pit_expect_msb: spin while the MSB is `value`, return the TSC when it changes.
+        // pit_expect_msb: spin while the MSB is `value`, keeping the TSC of the last read that
+        // still saw it.
         let expect_msb = |rig: &mut Rig, value: u8| {
             let mut count = 0;
+            let mut tsc = 0;
             while read_msb(rig) == value {
+                tsc = rig.tsc;
                 count += 1;
                 assert!(count < 50_000);
             }
             assert!(count > 5, "MSB {value:#x} seen only {count} times");
-            rig.tsc
+            tsc
         };
         let start = expect_msb(&mut rig, 0xFF);
         let mut end = start;
@@ -1544,6 +1547,45 @@ mod tests {
             assert_eq!(edges, 249, "HZ=250, step {step}");
             assert_eq!(edges, expected);
         }
+    }
+
+    /// Linux's i8253 clockevent (drivers/clocksource/i8253.c): periodic, shutdown, one-shot.
+    #[test]
+    fn linux_clockevent_sequences() {
+        let mut rig = Rig::exact();
+        // pit_set_periodic at HZ=1000: 0x34, PIT_LATCH 1193.
+        rig.program(0, 2, 1193);
+        rig.at(1 + 10 * 1193);
+        assert_eq!(rig.edges(), 10);
+        // pit_shutdown (6.1): 0x30, then count 0: OUT low, one last edge 0x10000 ticks on.
+        rig.out(CONTROL, 0x30).out(CHANNEL0, 0).out(CHANNEL0, 0);
+        let shutdown = 1 + 10 * 1193;
+        assert_eq!(
+            rig.next_irq0(),
+            Some((shutdown + 1 + 0x10000) * TSC_PER_TICK)
+        );
+        rig.at(shutdown + 10 * 0x10000);
+        assert_eq!(rig.edges(), 1);
+        // Newer kernels write 0x30 again after the count: no edge at all.
+        rig.out(CONTROL, 0x30)
+            .out(CHANNEL0, 0)
+            .out(CHANNEL0, 0)
+            .out(CONTROL, 0x30);
+        assert_eq!(rig.edges(), 0);
+        assert_eq!(rig.next_irq0(), None);
+        // pit_set_oneshot: 0x38 (mode 4) raises OUT from mode 0's low: one edge.
+        rig.out(CONTROL, 0x38);
+        assert_eq!(rig.edges(), 1);
+        // pit_next_event(100): the strobe ends 101 ticks after the write.
+        let now = shutdown + 10 * 0x10000;
+        rig.out(CHANNEL0, 100).out(CHANNEL0, 0);
+        assert_eq!(rig.next_irq0(), Some((now + 102) * TSC_PER_TICK));
+        rig.at(now + 101);
+        assert_eq!(rig.edges(), 0);
+        rig.at(now + 102);
+        assert_eq!(rig.edges(), 1);
+        rig.at(now + 1_000_000);
+        assert_eq!(rig.edges(), 0);
     }
 
     #[test]
