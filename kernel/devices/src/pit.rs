@@ -31,6 +31,31 @@
 //! Time given to the chip never goes backwards: an earlier TSC than the last one is taken as the
 //! last one. A `tsc_hz` of 0 stops the clock (every count stays where it is, no edges).
 //!
+//! ```
+//! use ringzero_devices::{Pit, PortBus};
+//! let tsc_hz = 2_000_000_000;
+//! let pit = Pit::new(tsc_hz);
+//! let port_61 = pit.nmi_status_control();
+//! let mut bus = PortBus::new();
+//! bus.add(Box::new(pit)).unwrap();
+//! bus.add(Box::new(port_61)).unwrap();
+//!
+//! // On a guest IN/OUT at TSC `now`, before routing it to the bus:
+//! let now = 1_000_000;
+//! bus.device_mut::<Pit>(Pit::BASE).unwrap().advance(now);
+//! let mut events = Vec::new();
+//! bus.write(0x43, 1, 0x34, &mut events); // channel 0, LSB then MSB, mode 2
+//! bus.write(0x40, 1, 0xA9, &mut events); // 0x04A9 = 1193 ticks: 1 ms
+//! bus.write(0x40, 1, 0x04, &mut events);
+//!
+//! // Before each VM entry: raise IRQ 0 if channel 0's output rose.
+//! let later = now + tsc_hz / 100;
+//! let pit = bus.device_mut::<Pit>(Pit::BASE).unwrap();
+//! assert_eq!(pit.irq0_edges(later), 10);
+//! // Before halting a vCPU: wake it at the next edge.
+//! assert!(pit.next_irq0(later).unwrap() > later);
+//! ```
+//!
 //! # Ports: why two devices
 //! A [`PortDevice`] owns one contiguous range, and 0x44..=0x60 (0x60 is the keyboard
 //! controller's data port) must stay free, so port 0x61 is a second device,
@@ -50,9 +75,10 @@
 //!   example leaving mode 0 for mode 2) is an edge too, as on the chip.
 //! - In modes 2 and 3 a count written while the counter runs takes effect at the end of the
 //!   current period (the chip: mode 2 at the end of the period, mode 3 at the end of the current
-//!   half-cycle). A count of 1, illegal in modes 2 and 3 (datasheet, "Mode 2", "Mode 3"), gives
-//!   an output that stays high, so a guest cannot ask for an interrupt storm of 1.19 MHz; a count
-//!   of 2 is allowed and gives one edge every 2 ticks (coalesced by the hypervisor).
+//!   half-cycle). A count of 1, below the minimum of 2 for modes 2 and 3 (datasheet, table
+//!   "Minimum and Maximum Initial Counts"), gives an output that stays high, so a guest cannot
+//!   ask for an interrupt storm of 1.19 MHz; a count of 2 is allowed and gives one edge every 2
+//!   ticks (which the hypervisor coalesces).
 //! - A count of 0 means 0x10000 (datasheet, "Write Operations": the largest count).
 //! - BCD counting (control word bit 0) is accepted and shown in the status byte, but the
 //!   counter counts in binary.
