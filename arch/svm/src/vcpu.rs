@@ -499,7 +499,15 @@ impl Vcpu for SvmVcpu {
         let slot = match register {
             Register::Rax => &mut self.vmcb_mut().save.rax,
             Register::Rsp => &mut self.vmcb_mut().save.rsp,
-            Register::Rip => &mut self.vmcb_mut().save.rip,
+            Register::Rip => {
+                // The core moves RIP only past an instruction it completed for the guest (or to
+                // a new start): an STI / MOV SS interrupt shadow ends with that instruction, as
+                // on hardware, so `sti; hlt` can take an interrupt right after the HLT.
+                // See: APM Vol 2 15.21.5; SDM Vol 2B "STI".
+                let control = &mut self.vmcb_mut().control;
+                control.interrupt_shadow &= !INTERRUPT_SHADOW;
+                &mut self.vmcb_mut().save.rip
+            }
             Register::Rflags => &mut self.vmcb_mut().save.rflags,
             Register::Rbx => &mut self.registers.rbx,
             Register::Rcx => &mut self.registers.rcx,
@@ -658,6 +666,121 @@ mod tests {
         assert_eq!(reinjected_event(0x8000_0480), 0);
         assert_eq!(reinjected_event(0x8000_0303), 0);
         assert_eq!(reinjected_event(0x20), 0);
+    }
+
+    /// A vCPU over heap pages (nothing here touches the hardware: only methods that read and
+    /// write the VMCB are called).
+    fn vcpu_on_the_heap(vmcb: &mut Vmcb, host_state: &mut Vmcb) -> SvmVcpu {
+        let frame = |page: &mut Vmcb| Frame {
+            physical: HostPhysAddr(0x10_0000),
+            virtual_address: NonNull::from(page).cast(),
+        };
+        let maps = PermissionMaps {
+            iopm: HostPhysAddr(0x20_0000),
+            msrpm: HostPhysAddr(0x30_0000),
+        };
+        let entry = EntryState {
+            mode: CpuMode::Long64,
+            code_selector: 0x8,
+            data_selector: 0x10,
+            gdt_base: 0x1000,
+            gdt_limit: 0x17,
+            cr0: 0x8000_0033,
+            cr3: 0x2000,
+            cr4: 0x20,
+            efer: 0x500,
+            rflags: 0x2,
+            rip: 0x10_0000,
+            rsp: 0x8000,
+            rax: 0,
+            rbx: 0,
+            rdi: 0x8000,
+            rsi: 0,
+        };
+        let features = SvmFeatures {
+            nrip_save: false,
+            decode_assists: false,
+        };
+        // SAFETY: both pages are zeroed, exclusively borrowed for the vCPU's whole life in
+        // the test, and only accessed through it.
+        unsafe {
+            SvmVcpu::new(
+                SvmFrames {
+                    vmcb: frame(vmcb),
+                    host_state: frame(host_state),
+                },
+                &maps,
+                PagingSetup::Nested {
+                    root: HostPhysAddr(0x40_0000),
+                },
+                1,
+                &entry,
+                features,
+            )
+        }
+    }
+
+    #[test]
+    fn interrupt_interface_on_the_vmcb() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        assert!(!vcpu.can_inject_interrupt(), "the guest starts with IF = 0");
+        vcpu.set_register(Register::Rflags, 0x202);
+        assert!(vcpu.can_inject_interrupt());
+        vcpu.inject_interrupt(0x41);
+        assert_eq!(vcpu.vmcb().control.event_injection, 0x8000_0041);
+        assert!(!vcpu.can_inject_interrupt(), "one event at a time");
+
+        vcpu.request_interrupt_window(true);
+        let control = &vcpu.vmcb().control;
+        assert_eq!(
+            control.virtual_interrupt_control,
+            intercepts::V_INTR_MASKING | intercepts::V_IRQ | (0xF << 16) | intercepts::V_IGN_TPR
+        );
+        assert_ne!(control.intercept_misc1 & intercepts::misc1::VINTR, 0);
+        vcpu.request_interrupt_window(false);
+        let control = &vcpu.vmcb().control;
+        assert_eq!(
+            control.virtual_interrupt_control,
+            intercepts::V_INTR_MASKING
+        );
+        assert_eq!(control.intercept_misc1, intercepts::MISC1);
+        assert!(!vcpu.set_preemption_timer(Some(1000)));
+        assert!(!vcpu.set_preemption_timer(None));
+    }
+
+    #[test]
+    fn moving_rip_past_an_instruction_ends_the_interrupt_shadow() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        vcpu.set_register(Register::Rflags, 0x202);
+        // `sti; hlt`: the HLT exit comes with the STI shadow still set.
+        vcpu.vmcb_mut().control.interrupt_shadow = 1;
+        assert!(!vcpu.can_inject_interrupt());
+        vcpu.set_register(Register::Rax, 5);
+        assert!(!vcpu.can_inject_interrupt(), "other registers leave it");
+        vcpu.set_register(Register::Rip, 0x10_0001);
+        assert!(vcpu.can_inject_interrupt(), "the HLT completed");
+    }
+
+    #[test]
+    fn startup_ipi_through_the_trait() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        vcpu.set_register(Register::Rbx, 7);
+        vcpu.inject_interrupt(0x30);
+        vcpu.start_at_startup_vector(0x08);
+        assert_eq!(vcpu.register(Register::Rbx), 0);
+        assert_eq!(
+            vcpu.vmcb().control.event_injection,
+            0,
+            "INIT drops a queued event"
+        );
+        let snapshot = vcpu.snapshot();
+        assert_eq!((snapshot.rip, snapshot.cs_base), (0, 0x8000));
+        assert_eq!((snapshot.cr0, snapshot.efer), (0x6000_0010, 0));
+        assert_eq!(snapshot.code_bitness(), 16);
+        assert!(!snapshot.interrupts_enabled());
     }
 
     #[test]

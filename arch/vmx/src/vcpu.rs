@@ -916,6 +916,19 @@ impl Vcpu for VmxVcpu {
                     _ => vmcs::GUEST_RFLAGS,
                 };
                 let _ = write(field, value);
+                if register == Register::Rip {
+                    // The core moves RIP only past an instruction it completed for the guest (or
+                    // to a new start): an STI / MOV SS shadow ends with that instruction, as on
+                    // hardware, so `sti; hlt` can take an interrupt right after the HLT.
+                    // See: SDM Vol 3C 25.4.2 (Table 25-3), Vol 2B "STI".
+                    let blocking = hw::vmread(vmcs::GUEST_INTERRUPTIBILITY_STATE);
+                    if blocking & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
+                        let _ = write(
+                            vmcs::GUEST_INTERRUPTIBILITY_STATE,
+                            blocking & !(BLOCKING_BY_STI | BLOCKING_BY_MOV_SS),
+                        );
+                    }
+                }
                 return;
             }
             Register::Rax => &mut registers.rax,
