@@ -400,6 +400,12 @@ impl Vcpu for SvmVcpu {
         self.next_rip = None;
     }
 
+    fn write_guest_control_register(&mut self, _register: u8, _value: u64) -> bool {
+        // Under nested paging no CR write is intercepted (`intercepts::MISC1`, `intercept_cr`
+        // is 0), so this exit never happens.
+        false
+    }
+
     fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
         // SVM has no preemption timer: the scheduler bounds a run with the host's timer
         // interrupt (INTR intercept).

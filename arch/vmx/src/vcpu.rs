@@ -192,7 +192,10 @@ const ACCESS_LONG: u32 = 1 << 13;
 const ACCESS_DEFAULT_32: u32 = 1 << 14;
 const ACCESS_GRANULARITY: u32 = 1 << 15;
 const ACCESS_UNUSABLE: u32 = 1 << 16;
+const CR0_PE: u64 = 1 << 0;
 const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const EFER_LME: u64 = 1 << 8;
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -739,6 +742,46 @@ impl Vcpu for VmxVcpu {
         // GPRs 0 (RDX would hold the CPU signature after INIT; 0 is allowed here).
         self.registers = GuestRegisters::default();
         self.next_rip = None;
+    }
+
+    fn write_guest_control_register(&mut self, register: u8, value: u64) -> bool {
+        // See: SDM Vol 3C 25.6.6: the guest reads the read shadow for the bits the host owns;
+        // the real register must keep the bits VMX requires (Vol 3D A.7, A.8; with unrestricted
+        // guest PE and PG are free).
+        let capabilities = self.capabilities;
+        let unrestricted = self.controls.secondary & controls::secondary::UNRESTRICTED_GUEST != 0;
+        match register {
+            0 => {
+                let mut fixed0 = capabilities.cr0_fixed0;
+                if unrestricted {
+                    fixed0 &= !(CR0_PE | CR0_PG);
+                }
+                let real = (value | fixed0) & capabilities.cr0_fixed1;
+                // IA-32e mode follows CR0.PG while EFER.LME is set: activated when paging is
+                // turned on, deactivated when it is turned off; the "IA-32e mode guest" entry
+                // control must equal EFER.LMA. See: SDM Vol 3A 10.8.5; Vol 3C 27.3.1.1.
+                let mut efer = hw::vmread(vmcs::GUEST_IA32_EFER);
+                if value & CR0_PG != 0 && efer & EFER_LME != 0 {
+                    efer |= EFER_LMA;
+                } else if value & CR0_PG == 0 {
+                    efer &= !EFER_LMA;
+                }
+                let mut entry_controls =
+                    hw::vmread(vmcs::VM_ENTRY_CONTROLS) & !u64::from(entry::IA32E_MODE_GUEST);
+                if efer & EFER_LMA != 0 {
+                    entry_controls |= u64::from(entry::IA32E_MODE_GUEST);
+                }
+                write(vmcs::CR0_READ_SHADOW, value).is_ok()
+                    && write(vmcs::GUEST_CR0, real).is_ok()
+                    && write(vmcs::GUEST_IA32_EFER, efer).is_ok()
+                    && write(vmcs::VM_ENTRY_CONTROLS, entry_controls).is_ok()
+            }
+            4 => {
+                let real = (value | capabilities.cr4_fixed0) & capabilities.cr4_fixed1;
+                write(vmcs::CR4_READ_SHADOW, value).is_ok() && write(vmcs::GUEST_CR4, real).is_ok()
+            }
+            _ => false,
+        }
     }
 
     fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool {

@@ -125,6 +125,9 @@ struct FakeVcpu {
     /// What `can_inject_interrupt` answers when no injection is queued (tests set it; the
     /// guest's IF and interrupt shadow in one flag).
     interruptible: bool,
+    /// `write_guest_control_register` calls, and whether the fake accepts them.
+    control_register_writes: Vec<(u8, u64)>,
+    control_register_writes_supported: bool,
     /// An injected interrupt not yet delivered: taken at the next `run`.
     interrupt_queued: bool,
     /// The last `set_preemption_timer` argument, and what it answers (VMX: true, SVM: false).
@@ -168,6 +171,8 @@ impl FakeVcpu {
             deactivations: 0,
             active: false,
             interruptible: true,
+            control_register_writes: Vec::new(),
+            control_register_writes_supported: false,
             interrupt_queued: false,
             preemption_timer: None,
             preemption_timer_supported: true,
@@ -235,6 +240,11 @@ impl Vcpu for FakeVcpu {
         };
         self.efer = 0;
         self.interrupt_queued = false;
+    }
+
+    fn write_guest_control_register(&mut self, register: u8, value: u64) -> bool {
+        self.control_register_writes.push((register, value));
+        self.control_register_writes_supported
     }
 
     fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool {
