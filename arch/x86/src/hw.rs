@@ -217,3 +217,28 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::hlt();
     }
 }
+
+pub mod ap_trampoline;
+
+/// Opens a one-instruction window for pending maskable interrupts: `STI; NOP; CLI`. STI takes
+/// effect after the instruction that follows it, so an interrupt already pending is delivered
+/// between the NOP and the CLI, and none after. See: SDM Vol 2B 4.3 "STI" (interrupt shadow),
+/// Vol 3A 7.8.1 "Masking maskable hardware interrupts".
+///
+/// Safe: the hypervisor's IDT has a handler for every vector its local APIC can deliver, and
+/// RFLAGS.IF is clear again when this returns. Acts as a compiler barrier (the handlers write
+/// memory).
+pub fn take_pending_interrupts() {
+    // SAFETY: see above; the asm only toggles RFLAGS.IF and leaves it clear.
+    unsafe { asm!("sti", "nop", "cli", options(nostack, preserves_flags)) };
+}
+
+/// Sleeps until the next maskable interrupt and returns after its handler ran: `STI; HLT;
+/// CLI`. HLT sits in STI's interrupt shadow, so an interrupt that arrives between the two
+/// still wakes the HLT (no lost wake-up). See: SDM Vol 2A 3.3 "HLT", Vol 2B 4.3 "STI".
+///
+/// Safe for the same reason as [`take_pending_interrupts`]; RFLAGS.IF is clear on return.
+pub fn idle_until_interrupt() {
+    // SAFETY: see above.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack, preserves_flags)) };
+}
