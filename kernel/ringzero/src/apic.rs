@@ -111,17 +111,28 @@ impl core::fmt::Display for ApicError {
     }
 }
 
+/// Whether the local APIC could be set up (on the boot CPU: every other CPU needs it).
+pub fn available() -> bool {
+    REGISTERS.load(Ordering::Relaxed) != 0
+}
+
+/// Reads a register (0 while the APIC is not set up).
 fn read(offset: usize) -> u32 {
     let base = REGISTERS.load(Ordering::Relaxed);
-    debug_assert!(base != 0, "apic::init_this_cpu runs first");
+    if base == 0 {
+        return 0;
+    }
     // SAFETY: `base` maps this CPU's local APIC registers (checked in init_this_cpu); `offset`
     // is one of the 16-byte-aligned register offsets above, read as the 32 bits they are.
     unsafe { ((base as usize + offset) as *const u32).read_volatile() }
 }
 
+/// Writes a register (ignored while the APIC is not set up).
 fn write(offset: usize, value: u32) {
     let base = REGISTERS.load(Ordering::Relaxed);
-    debug_assert!(base != 0, "apic::init_this_cpu runs first");
+    if base == 0 {
+        return;
+    }
     // SAFETY: as in `read`; each register written here is writable and takes the value given
     // (checked against the SDM's register descriptions at each call).
     unsafe { ((base as usize + offset) as *mut u32).write_volatile(value) }

@@ -128,6 +128,9 @@ impl StartupPage {
 
 /// Step 1 (the part shared by all APs): code, parameters, identity mapping.
 fn prepare_startup_page() -> Result<StartupPage, alloc::string::String> {
+    if !apic::available() {
+        return Err("the boot CPU's local APIC is not usable".into());
+    }
     let page = memory::ap_startup_page().ok_or("the memory map has no usable page below 1 MiB")?;
     let (cr3_frame, cr3_flags) = x86_64::registers::control::Cr3::read_raw();
     let cr3 = cr3_frame.start_address().as_u64() | u64::from(cr3_flags);
