@@ -15,7 +15,10 @@
 //!    checks in;
 //! 4. the boot CPU waits for the check-in, at most [`CHECK_IN_MILLIS`]; a CPU that does not
 //!    check in is sent INIT again (parked in wait-for-SIPI, so it can never run the start-up
-//!    code later) and left out.
+//!    code later) and left out. So that the INIT never catches an AP holding a lock, the AP
+//!    first claims its start ([`START`]: waiting -> running) before it touches anything shared,
+//!    and the boot CPU gives up only by moving the same word waiting -> abandoned; an AP that
+//!    finds its start abandoned halts at once.
 //!
 //! The identity mapping is removed once every AP is through.
 
@@ -52,6 +55,13 @@ static APIC_ID_BY_INDEX: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; M
 static ONLINE: AtomicUsize = AtomicUsize::new(1);
 /// Index + 1 of the last AP that checked in (0: none yet).
 static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
+/// The start in progress: `index << 2 | state`, state one of the three below.
+static START: AtomicUsize = AtomicUsize::new(0);
+const START_WAITING: usize = 1;
+const START_RUNNING: usize = 2;
+const START_ABANDONED: usize = 3;
+/// How long the boot CPU waits for an AP that claimed its start but has not checked in yet.
+const SET_UP_MILLIS: u64 = 10_000;
 /// What each AP runs once it is up.
 static ENTRY: spin::Once<fn(usize) -> !> = spin::Once::new();
 static STARTED: spin::Once<usize> = spin::Once::new();
@@ -192,7 +202,7 @@ fn start_each(apic_ids: &[u32], startup: &StartupPage) -> usize {
             (*parameters).stack_top = stack_top;
             (*parameters).cpu_index = index as u64;
         }
-        core::sync::atomic::fence(Ordering::SeqCst);
+        START.store(index << 2 | START_WAITING, Ordering::SeqCst);
 
         // Step 2. See: SDM Vol 3A 9.4.4.1.
         let vector = (startup.page.0 >> 12) as u8;
@@ -205,22 +215,41 @@ fn start_each(apic_ids: &[u32], startup: &StartupPage) -> usize {
         time::delay_micros(STARTUP_DELAY_MICROS);
 
         // Step 4.
+        let checked_in = || CHECKED_IN.load(Ordering::Acquire) == index + 1;
         let deadline = time::deadline_after_millis(CHECK_IN_MILLIS);
-        while CHECKED_IN.load(Ordering::Acquire) != index + 1 && !time::passed(deadline) {
+        while !checked_in() && !time::passed(deadline) {
             core::hint::spin_loop();
         }
-        if CHECKED_IN.load(Ordering::Acquire) == index + 1 {
-            online += 1;
-            ONLINE.store(online, Ordering::Release);
-            log::info!(
-                "smp: cpu{index} (APIC ID {apic_id}) checked in {} us after its INIT",
-                time::tsc_to_micros(hw::rdtsc() - start)
+        if !checked_in() {
+            let abandoned = START.compare_exchange(
+                index << 2 | START_WAITING,
+                index << 2 | START_ABANDONED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             );
-        } else {
-            apic::send_init(apic_id);
-            INDEX_BY_APIC_ID[apic_id as usize].store(0, Ordering::Relaxed);
-            log::warn!("smp: cpu {index} (APIC ID {apic_id}) did not start; left out");
+            if abandoned.is_ok() {
+                // It never reached its Rust entry (or will halt there): park it.
+                apic::send_init(apic_id);
+                INDEX_BY_APIC_ID[apic_id as usize].store(0, Ordering::Relaxed);
+                log::warn!("smp: cpu {index} (APIC ID {apic_id}) did not start; left out");
+                continue;
+            }
+            // It is running its set-up: let it finish.
+            let deadline = time::deadline_after_millis(SET_UP_MILLIS);
+            while !checked_in() && !time::passed(deadline) {
+                core::hint::spin_loop();
+            }
+            if !checked_in() {
+                log::warn!("smp: cpu {index} (APIC ID {apic_id}) started but did not finish its set-up; starting no more CPUs");
+                break;
+            }
         }
+        online += 1;
+        ONLINE.store(online, Ordering::Release);
+        log::info!(
+            "smp: cpu{index} (APIC ID {apic_id}) checked in {} us after its INIT",
+            time::tsc_to_micros(hw::rdtsc() - start)
+        );
     }
     online
 }
@@ -229,6 +258,17 @@ fn start_each(apic_ids: &[u32], startup: &StartupPage) -> usize {
 /// stack, interrupts off). Step 3 of the module doc.
 extern "C" fn application_processor_main(cpu_index: u64) -> ! {
     let cpu_index = cpu_index as usize;
+    // Claim this start before touching anything shared (heap, console): the boot CPU may have
+    // given up on it, and may park this CPU with INIT at any moment.
+    let claimed = START.compare_exchange(
+        cpu_index << 2 | START_WAITING,
+        cpu_index << 2 | START_RUNNING,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    if claimed.is_err() {
+        hw::halt_forever();
+    }
     cpu::init_this_cpu();
     let apic = apic::init_this_cpu();
     match &apic {
