@@ -3,7 +3,9 @@
 //! Manuals cited: Intel SDM (Intel 64 and IA-32 Architectures Software Developer's Manual,
 //! order 325462, rev. 084) and AMD APM (AMD64 Architecture Programmer's Manual, pub. 24593,
 //! rev. 3.42). Wrappers from the `x86_64` crate are used where it has them (control registers,
-//! MSRs, ports); only what it lacks (VMXON/VMXOFF) is written here with `asm!`.
+//! MSRs, ports); only what it lacks (VMXON/VMXOFF, the STI windows) is written here with
+//! `asm!`, and the application processors' real-mode start-up code (`global_asm!`) lives in
+//! [`ap_trampoline`].
 //!
 //! Every function here is `unsafe` or documents why it is safe: each executes an instruction
 //! that can fault or change machine state for the whole CPU.
@@ -12,6 +14,8 @@ use core::arch::asm;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 use x86_64::registers::model_specific::Msr;
 use x86_64::structures::port::{PortRead, PortWrite};
+
+pub mod ap_trampoline;
 
 /// The result of one CPUID query.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -217,8 +221,6 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::hlt();
     }
 }
-
-pub mod ap_trampoline;
 
 /// Opens a one-instruction window for pending maskable interrupts: `STI; NOP; CLI`. STI takes
 /// effect after the instruction that follows it, so an interrupt already pending is delivered
