@@ -3,8 +3,9 @@
 //! Manuals cited: Intel SDM (Intel 64 and IA-32 Architectures Software Developer's Manual,
 //! order 325462, rev. 084) and AMD APM (AMD64 Architecture Programmer's Manual, pub. 24593,
 //! rev. 3.42). Wrappers from the `x86_64` crate are used where it has them (control registers,
-//! MSRs, ports); only what it lacks (VMXON/VMXOFF, CR2, FXSAVE/FXRSTOR) is written here with
-//! `asm!`.
+//! MSRs, ports); only what it lacks (VMXON/VMXOFF, CR2, FXSAVE/FXRSTOR, the STI windows) is
+//! written here with `asm!`, and the application processors' real-mode start-up code
+//! (`global_asm!`) lives in [`ap_trampoline`].
 //!
 //! Every function here is `unsafe` or documents why it is safe: each executes an instruction
 //! that can fault or change machine state for the whole CPU.
@@ -13,6 +14,8 @@ use core::arch::asm;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 use x86_64::registers::model_specific::Msr;
 use x86_64::structures::port::{PortRead, PortWrite};
+
+pub mod ap_trampoline;
 
 /// The result of one CPUID query.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -306,4 +309,27 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();
     }
+}
+
+/// Opens a one-instruction window for pending maskable interrupts: `STI; NOP; CLI`. STI takes
+/// effect after the instruction that follows it, so an interrupt already pending is delivered
+/// between the NOP and the CLI, and none after. See: SDM Vol 2B 4.3 "STI" (interrupt shadow),
+/// Vol 3A 7.8.1 "Masking maskable hardware interrupts".
+///
+/// Safe: the hypervisor's IDT has a handler for every vector its local APIC can deliver, and
+/// RFLAGS.IF is clear again when this returns. Acts as a compiler barrier (the handlers write
+/// memory).
+pub fn take_pending_interrupts() {
+    // SAFETY: see above; the asm only toggles RFLAGS.IF and leaves it clear.
+    unsafe { asm!("sti", "nop", "cli", options(nostack, preserves_flags)) };
+}
+
+/// Sleeps until the next maskable interrupt and returns after its handler ran: `STI; HLT;
+/// CLI`. HLT sits in STI's interrupt shadow, so an interrupt that arrives between the two
+/// still wakes the HLT (no lost wake-up). See: SDM Vol 2A 3.3 "HLT", Vol 2B 4.3 "STI".
+///
+/// Safe for the same reason as [`take_pending_interrupts`]; RFLAGS.IF is clear on return.
+pub fn idle_until_interrupt() {
+    // SAFETY: see above.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack, preserves_flags)) };
 }
