@@ -480,7 +480,11 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         }
         let vcpu = vcpus[index].as_mut().expect("picked vCPUs exist");
         vcpu.as_vcpu().set_preemption_timer(Some(slice));
-        let exits_before = slot.vm.lock().vcpus[placement.vcpu].stats.exits;
+        let (exits_before, guest_cycles_before) = {
+            let vm = slot.vm.lock();
+            let vcpu_stats = &vm.vcpus[placement.vcpu].stats;
+            (vcpu_stats.exits, vcpu_stats.guest_cycles)
+        };
         let outcome = vm::run_slice(
             &slot.vm,
             placement.vcpu,
@@ -495,6 +499,10 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             stats
                 .exits
                 .fetch_add(vcpu_stats.exits - exits_before, Ordering::Relaxed);
+            stats.guest_cycles.fetch_add(
+                vcpu_stats.guest_cycles - guest_cycles_before,
+                Ordering::Relaxed,
+            );
         }
         last_preempted = outcome == SliceEnd::Preempted;
         if outcome == SliceEnd::VmEnded {
@@ -512,13 +520,6 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             }
             vcpu_done(schedule, placement.slot, cpu);
         }
-    }
-    for placement in mine {
-        let vm = schedule.slots[placement.slot].vm.lock();
-        stats.guest_cycles.fetch_add(
-            vm.vcpus[placement.vcpu].stats.guest_cycles,
-            Ordering::Relaxed,
-        );
     }
 }
 
