@@ -43,8 +43,9 @@ const MAX_XAPIC_ID: u32 = 0xFE;
 /// not LMA: the CPU sets it). See: SDM Vol 3A 2.2.1 "Extended feature enable register".
 const EFER_COPIED: u64 = (1 << 0) | (1 << 8) | (1 << 11); // SCE, LME, NXE
 /// CR4 bits an AP must not get from the boot CPU in 32-bit mode: PCIDE (#GP outside IA-32e
-/// mode) and VMXE (virtualization is set up per CPU later). See: SDM Vol 3A 2.5.
-const CR4_NOT_COPIED: u64 = (1 << 17) | (1 << 13);
+/// mode), CET (#GP while CR0.WP = 0, as it is when the trampoline loads CR4) and VMXE
+/// (virtualization is set up per CPU later). See: SDM Vol 3A 2.5, 4.10.1.
+const CR4_NOT_COPIED: u64 = (1 << 17) | (1 << 23) | (1 << 13);
 const IA32_EFER: u32 = 0xC000_0080;
 
 /// Logical index by initial APIC ID (xAPIC IDs are 8 bits). Unlisted IDs read 0: before the
@@ -285,7 +286,8 @@ extern "C" fn application_processor_main(cpu_index: u64) -> ! {
     }
 }
 
-/// Sends a kick to every other CPU online and waits (at most 100 ms) until each has taken it:
+/// Sends a kick to every other CPU online and waits (at most 1 s) until each has taken it (a
+/// CPU still setting itself up takes it at its first idle):
 /// proves the fixed IPI, the APs' IDT and their local APICs. Returns the CPUs that did not.
 pub fn check_kicks() -> usize {
     let me = console::cpu_index();
@@ -296,7 +298,7 @@ pub fn check_kicks() -> usize {
         };
         let before = apic::kick_count(index);
         apic::send_fixed(apic_id, apic::KICK_VECTOR);
-        let deadline = time::deadline_after_millis(100);
+        let deadline = time::deadline_after_millis(1000);
         while apic::kick_count(index) == before && !time::passed(deadline) {
             core::hint::spin_loop();
         }
