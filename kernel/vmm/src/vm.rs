@@ -279,7 +279,7 @@ impl LockVm for spin::Mutex<Vm> {
     }
 }
 
-impl<'v> LockVm for RefCell<&'v mut Vm> {
+impl LockVm for RefCell<&mut Vm> {
     type Guard<'a>
         = RefMut<'a, Vm>
     where
