@@ -68,11 +68,8 @@ fn three_vms_one_with_two_vcpus_run_concurrently_on_four_cpus() {
         run.vcpu("smp", 1),
     ];
     assert_concurrent(&run, &lines);
-    let concurrency = field_after(
-        run.line_with("ringzero: concurrency"),
-        "max_cpus_in_guest=",
-    )
-    .expect("a number");
+    let concurrency = field_after(run.line_with("ringzero: concurrency"), "max_cpus_in_guest=")
+        .expect("a number");
     assert!(
         concurrency >= 3,
         "at most {concurrency} CPUs were in guests at once\n{}",
