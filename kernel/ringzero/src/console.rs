@@ -45,6 +45,18 @@ pub fn print_line(args: fmt::Arguments<'_>) {
     }
 }
 
+/// Reads the bytes COM1 has received (up to `buffer.len()`) without waiting: one LSR read when
+/// nothing came. Returns 0 as well when another CPU is writing to the console right now (the
+/// bytes wait in the UART for the next call). Used by `console_input`.
+pub fn receive_bytes(buffer: &mut [u8]) -> usize {
+    match SERIAL.try_lock() {
+        Some(mut serial) => serial
+            .as_mut()
+            .map_or(0, |uart| uart.inner_mut().receive_bytes(buffer)),
+        None => 0,
+    }
+}
+
 /// Waits until the UART has shifted out every byte (LSR.TEMT), so nothing written before a
 /// power-off is lost (Bochs drops what is still in the shift register when it exits).
 pub fn drain() {

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 mod console;
+mod console_input;
 mod cpu;
 mod guests;
 mod memory;
