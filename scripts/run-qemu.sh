@@ -104,6 +104,10 @@ image_dir=$run_dir/images
 rz_pack_images "$image_dir" "${hook_args[@]}" "${config_args[@]}"
 timeout_args=()
 [ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")
+# From a terminal, timeout must leave the emulator in the terminal's foreground process group:
+# otherwise QEMU's first terminal call (raw mode for the serial console on stdin) stops it with
+# SIGTTOU, and nothing typed would reach the console.
+[ "$timeout" != 0 ] && [ -t 0 ] && timeout_args=(timeout --foreground --kill-after=5 "$timeout")
 
 # --input: waits for the hypervisor's "ringzero: console input ->" line in the serial log, then
 # writes the file. Its output is QEMU's stdin; it gives up when QEMU has ended (run_emulator
