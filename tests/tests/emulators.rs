@@ -36,6 +36,45 @@ fn qemu_smp_counts_cpus_from_the_madt() {
     run.assert_serial_contains(
         "ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1 unrestricted=0 vpid=0 asids=16 cpus=2",
     );
+    // The second CPU idles while the guests run on the first.
+    run.assert_serial_contains("ringzero: cpus online=2 of=2");
+}
+
+/// Every CPU of the machine comes up: INIT-SIPI-SIPI through the real-mode start-up page, its
+/// own tables and local APIC, virtualization prepared, and a kick from the boot CPU taken.
+fn assert_all_cpus_online(run: &ringzero_tests::Run, cpus: usize) {
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(&format!("ringzero: cpus online={cpus} of={cpus}"));
+    run.assert_serial_contains("time: TSC ");
+    run.assert_serial_contains(" works: 10 ticks in ");
+    for cpu in 1..cpus {
+        run.assert_serial_contains(&format!(
+            " cpu{cpu} INFO ] smp: cpu{cpu} online (APIC ID {cpu}"
+        ));
+    }
+    run.assert_serial_contains("smp: every other CPU woke for a kick");
+    run.assert_serial_contains(&format!("virt: {cpus} of {cpus} CPUs can virtualize"));
+    run.assert_serial_lacks("did not start");
+    run.assert_serial_contains("ringzero: poweroff status=0");
+}
+
+#[test]
+fn qemu_uefi_smp_4_starts_every_cpu() {
+    let run = boot(&["--smp", "4", "--no-guests", "--timeout", "120"]);
+    assert_all_cpus_online(&run, 4);
+}
+
+#[test]
+fn qemu_bios_smp_4_starts_every_cpu() {
+    let run = boot(&["--bios", "--smp", "4", "--no-guests", "--timeout", "120"]);
+    assert_all_cpus_online(&run, 4);
+}
+
+#[test]
+fn bochs_smp_2_starts_every_cpu() {
+    let run = boot(&["--bochs", "--smp", "2", "--no-guests", "--timeout", "400"]);
+    assert_all_cpus_online(&run, 2);
+    run.assert_serial_contains("ringzero: virt vendor=intel vmx=1");
 }
 
 #[test]

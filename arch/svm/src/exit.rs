@@ -10,6 +10,8 @@ use ringzero_vmm::vcpu::Register;
 pub mod code {
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
+    /// The guest can take the virtual interrupt V_IRQ asks for: the interrupt window.
+    pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
     /// 0x00-0x0F: read of CR0-CR15; 0x10-0x1F: write.
@@ -70,6 +72,8 @@ pub fn decode(exit_code: u64, info1: u64, info2: u64, decode_assists: bool) -> D
         code::VMMCALL => plain(VmExit::Hypercall),
         code::SHUTDOWN => plain(VmExit::TripleFault),
         code::INTR | code::NMI => plain(VmExit::ExternalInterrupt),
+        // See: APM Vol 2 15.21.4.
+        code::VINTR => plain(VmExit::InterruptWindow),
         code::MSR => plain(if info1 & 1 == 0 { VmExit::MsrRead } else { VmExit::MsrWrite }),
         code::IOIO => {
             // EXITINFO1: bit 0 TYPE (1 = IN), 2 STR, 3 REP, 4/5/6 SZ8/SZ16/SZ32, 31:16 port.
@@ -222,6 +226,18 @@ mod tests {
             }
         );
         assert_eq!(decode_plain(code::SHUTDOWN, 0, 0).exit, VmExit::TripleFault);
+        assert_eq!(
+            decode_plain(code::INTR, 0, 0).exit,
+            VmExit::ExternalInterrupt
+        );
+        assert_eq!(
+            decode_plain(code::NMI, 0, 0).exit,
+            VmExit::ExternalInterrupt
+        );
+        assert_eq!(
+            decode_plain(code::VINTR, 0, 0).exit,
+            VmExit::InterruptWindow
+        );
         assert_eq!(
             decode_plain(code::VMRUN, 0, 0).exit,
             VmExit::VirtualizationInstruction { mnemonic: "vmrun" }

@@ -38,12 +38,18 @@ const VM_HSAVE_PA: u32 = 0xC001_0117;
 // The world switch, as a function with the SysV ABI:
 //   ringzero_svm_world_switch(registers: *mut GuestRegisters, guest_vmcb: u64, host_vmcb: u64)
 // Step 1: save the host's callee-saved registers and arguments on the stack.
-// Step 2: CLGI, then VMSAVE the host's hidden state (FS/GS/TR/LDTR, KernelGsBase, STAR, ...:
-//         what VMRUN does not switch) into the host's own VMCB-format page.
+// Step 2: CLGI (nothing interrupts the switch from here), save the caller's RFLAGS and set IF:
+//         with V_INTR_MASKING the host's IF at VMRUN (HIF) decides whether physical interrupts
+//         are recognized while the guest runs, and so whether the INTR intercept can fire
+//         (APM Vol 2 15.21.1). GIF = 0 holds any interrupt until STGI. Then VMSAVE the host's
+//         hidden state (FS/GS/TR/LDTR, KernelGsBase, STAR, ...: what VMRUN does not switch)
+//         into the host's own VMCB-format page.
 // Step 3: load the guest's GPRs, VMLOAD the guest's hidden state, VMRUN (RAX = guest VMCB).
 // Step 4: at #VMEXIT the CPU has restored RSP and RAX (= the guest VMCB address) from the
 //         host save area: VMSAVE the guest's hidden state, store the guest's GPRs.
-// Step 5: VMLOAD the host's hidden state, STGI, restore the host registers, return.
+// Step 5: VMLOAD the host's hidden state, the caller's RFLAGS back (its IF: a physical
+//         interrupt that made the exit stays pending until the host enables interrupts),
+//         STGI, restore the host registers, return.
 global_asm!(
     ".global ringzero_svm_world_switch",
     "ringzero_svm_world_switch:",
@@ -57,6 +63,8 @@ global_asm!(
     "push rsi",
     "push rdx",
     "clgi",
+    "pushfq",
+    "sti",
     "mov rax, rdx",
     "vmsave rax",
     "mov rax, rdi",
@@ -74,12 +82,12 @@ global_asm!(
     "mov r14, [rax + 96]",
     "mov r15, [rax + 104]",
     "mov rdi, [rax + 32]",
-    "mov rax, [rsp + 8]",
+    "mov rax, [rsp + 16]",
     "vmload rax",
     "vmrun rax",
     "vmsave rax",
     "push rdi",
-    "mov rdi, [rsp + 24]",
+    "mov rdi, [rsp + 32]",
     "mov [rdi + 0], rbx",
     "mov [rdi + 8], rcx",
     "mov [rdi + 16], rdx",
@@ -95,8 +103,9 @@ global_asm!(
     "mov [rdi + 104], r15",
     "pop rax",
     "mov [rdi + 32], rax",
-    "mov rax, [rsp]",
+    "mov rax, [rsp + 8]",
     "vmload rax",
+    "popfq",
     "stgi",
     "add rsp, 24",
     "pop r15",
@@ -118,7 +127,9 @@ unsafe extern "sysv64" {
 /// SVM is enabled on this CPU ([`enable`]); `guest_vmcb` is the physical address of a VMCB
 /// whose state passes VMRUN's checks or whose failure is reported as VMEXIT_INVALID, with
 /// intercepts that bring control back (VMRUN intercept set); `host_vmcb` is a 4 KiB page
-/// reserved for the host's hidden state. Host interrupts are off.
+/// reserved for the host's hidden state. The caller's RFLAGS (its IF) is kept; while the guest
+/// runs, physical interrupts exit (INTR intercept) whatever the caller's IF, and one that did
+/// stays pending for the host to take when it enables interrupts.
 pub unsafe fn world_switch(registers: &mut GuestRegisters, guest_vmcb: u64, host_vmcb: u64) {
     // SAFETY: the caller guarantees the preconditions above; the assembly preserves every
     // callee-saved register and the stack.

@@ -11,6 +11,7 @@ use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
+use ringzero_x86::hw::FpuState;
 
 /// A host page (or run of contiguous pages) the backend uses: where the hardware sees it and
 /// where the hypervisor does.
@@ -82,6 +83,11 @@ pub struct SvmVcpu {
     /// Shadow paging: the paging registers the guest believes in.
     visible: Option<GuestPagingState>,
     flush_pending: bool,
+    /// The guest's x87/SSE registers while they are not in the CPU (the one piece of guest
+    /// state outside the VMCB: VMRUN and #VMEXIT leave them alone).
+    saved_fpu: FpuState,
+    /// Whether the real x87/SSE registers hold this guest's (from `activate` to `deactivate`).
+    cpu_state_loaded: bool,
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
@@ -90,6 +96,87 @@ const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
 const EVENT_TYPE_EXCEPTION: u64 = 3 << 8;
 const EVENT_ERROR_CODE_VALID: u64 = 1 << 11;
 const EVENT_VALID: u64 = 1 << 31;
+/// EVENTINJ type 0 = external interrupt (INTR). See: APM Vol 2 15.20.
+const EVENT_TYPE_INTERRUPT: u64 = 0;
+const RFLAGS_IF: u64 = 1 << 9;
+/// VMCB 0x068 bit 0: the guest is in an interrupt shadow (after STI or MOV SS).
+/// See: APM Vol 2 15.21.5, Table B-1.
+const INTERRUPT_SHADOW: u64 = 1 << 0;
+
+/// The EVENTINJ value that delivers external interrupt `vector` as an INTR would: type 0,
+/// valid, no error code. The hardware delivers an injected event whatever the guest's IF or
+/// interrupt shadow, so the caller checks [`can_take_interrupt`] first. See: APM Vol 2 15.20.
+pub fn interrupt_event(vector: u8) -> u64 {
+    u64::from(vector) | EVENT_TYPE_INTERRUPT | EVENT_VALID
+}
+
+/// Whether the guest can take an external interrupt at the next VMRUN: RFLAGS.IF = 1, no
+/// interrupt shadow, and no event already in EVENTINJ (an injection the core queued, or one
+/// whose delivery an exit interrupted). See: APM Vol 2 15.20, 15.21.5.
+pub fn can_take_interrupt(rflags: u64, interrupt_shadow: u64, event_injection: u64) -> bool {
+    rflags & RFLAGS_IF != 0
+        && interrupt_shadow & INTERRUPT_SHADOW == 0
+        && event_injection & EVENT_VALID == 0
+}
+
+/// The EVENTINJ value after an exit: the event whose delivery the exit interrupted
+/// (EXITINTINFO, same format), external interrupts, NMIs and exceptions alike, or 0.
+/// Software interrupts (INT n) and software exceptions (INT3, INTO) are not re-injected: RIP
+/// still points at the instruction, so the guest executes it again and the event happens anew.
+/// Re-injecting would need the return address (NRIP) set past the instruction; without it the
+/// instruction would run twice. (KVM does the same without NRIP save.)
+/// See: APM Vol 2 15.7.2 "Intercepts during IDT interrupt delivery", 15.20.
+pub fn reinjected_event(exit_interrupt_info: u64) -> u64 {
+    if exit_interrupt_info & EVENT_VALID != 0 && !is_software_event(exit_interrupt_info) {
+        exit_interrupt_info
+    } else {
+        0
+    }
+}
+
+/// Puts the state after INIT + startup IPI with `vector` into the state save area: real mode at
+/// CS:IP = (vector << 8):0 with CS base vector << 12, every other segment selector 0 base 0
+/// limit 0xFFFF, GDTR/IDTR base 0 limit 0xFFFF, CR0 0x60000010 (CD, NW, ET), CR2/CR3/CR4 0,
+/// EFER 0 (SVME stays set: VMRUN requires it, the guest never sees it), DR6 0xFFFF0FF0, DR7
+/// 0x400, RFLAGS 0x2, RIP/RSP/RAX 0. Nested paging only (the guest's CR0 is the real one).
+/// See: SDM Vol 3A 9.1.1 Table 9-1, 11.6.1; APM Vol 2 14.1.3 (processor state after INIT),
+/// 15.5.1 (VMRUN's checks).
+pub fn load_startup_state(save: &mut StateSaveArea, vector: u8) {
+    // Attributes: present, DPL 0; code execute/read accessed (0x9B), data read/write accessed
+    // (0x93), a busy TSS (0x8B), an LDT (0x82); 16-bit, byte granular.
+    let real_mode = |selector: u16, attributes: u16| Segment {
+        selector,
+        attributes,
+        limit: 0xFFFF,
+        base: u64::from(selector) << 4,
+    };
+    save.cs = real_mode(u16::from(vector) << 8, 0x9B);
+    for segment in [
+        &mut save.ds,
+        &mut save.es,
+        &mut save.ss,
+        &mut save.fs,
+        &mut save.gs,
+    ] {
+        *segment = real_mode(0, 0x93);
+    }
+    save.tr = real_mode(0, 0x8B);
+    save.ldtr = real_mode(0, 0x82);
+    save.gdtr = real_mode(0, 0);
+    save.idtr = real_mode(0, 0);
+    save.cpl = 0;
+    save.efer = EFER_SVME;
+    save.cr0 = 0x6000_0010;
+    save.cr2 = 0;
+    save.cr3 = 0;
+    save.cr4 = 0;
+    save.dr6 = 0xFFFF_0FF0;
+    save.dr7 = 0x400;
+    save.rflags = 0x2;
+    save.rip = 0;
+    save.rsp = 0;
+    save.rax = 0;
+}
 
 fn flat(selector: u16, attributes: u16) -> Segment {
     Segment {
@@ -184,6 +271,10 @@ impl SvmVcpu {
             first_run: true,
             visible: None,
             flush_pending: false,
+            // A fresh vCPU must not see the FPU registers of a VM that ran here before: as
+            // after FNINIT, loaded by `activate` (at the latest by the first `run`).
+            saved_fpu: FpuState::initial(),
+            cpu_state_loaded: false,
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
@@ -245,20 +336,85 @@ impl SvmVcpu {
 }
 
 impl Vcpu for SvmVcpu {
-    // Stubs for the scheduler's interface; the real implementations follow (issue 6).
-    fn activate(&mut self) {}
-    fn deactivate(&mut self) {}
+    fn activate(&mut self) {
+        // Step 1: another VMCB may have run on this CPU since this one did: nothing of this
+        // VMCB may be taken from the CPU's cache of it. See: APM Vol 2 15.15 "VMCB State
+        // Caching".
+        self.vmcb_mut().control.clean_bits = 0;
+        // Step 2: the guest's x87/SSE registers back into the CPU.
+        if !self.cpu_state_loaded {
+            // SAFETY: the image is FpuState::initial or came from FXSAVE in `deactivate`.
+            unsafe { ringzero_x86::hw::fxrstor(&self.saved_fpu) };
+            self.cpu_state_loaded = true;
+        }
+    }
+
+    fn deactivate(&mut self) {
+        // The rest of the guest lives in the VMCB (VMSAVE at each exit took the hidden state:
+        // FS/GS/TR/LDTR, KERNEL_GS_BASE, STAR/LSTAR/CSTAR/SFMASK, SYSENTER); only the x87/SSE
+        // registers stay in the CPU.
+        if self.cpu_state_loaded {
+            ringzero_x86::hw::fxsave(&mut self.saved_fpu);
+            self.cpu_state_loaded = false;
+        }
+    }
+
     fn can_inject_interrupt(&self) -> bool {
+        let vmcb = self.vmcb();
+        can_take_interrupt(
+            vmcb.save.rflags,
+            vmcb.control.interrupt_shadow,
+            vmcb.control.event_injection,
+        )
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        // See: APM Vol 2 15.20 "Event Injection".
+        self.vmcb_mut().control.event_injection = interrupt_event(vector);
+    }
+
+    fn request_interrupt_window(&mut self, enabled: bool) {
+        // See: APM Vol 2 15.21.4.
+        let control = &mut self.vmcb_mut().control;
+        let (virtual_interrupt_control, misc1) = intercepts::with_interrupt_window(
+            control.virtual_interrupt_control,
+            control.intercept_misc1,
+            enabled,
+        );
+        control.virtual_interrupt_control = virtual_interrupt_control;
+        control.intercept_misc1 = misc1;
+    }
+
+    fn start_at_startup_vector(&mut self, vector: u8) {
+        if self.visible.is_some() {
+            log::warn!("svm: a startup IPI needs nested paging; this shadow-paged vCPU will not run the real-mode code");
+        }
+        let vmcb = self.vmcb_mut();
+        load_startup_state(&mut vmcb.save, vector);
+        // INIT discards a queued event and any interrupt shadow.
+        vmcb.control.event_injection = 0;
+        vmcb.control.interrupt_shadow = 0;
+        vmcb.control.clean_bits = 0;
+        // GPRs 0 (RDX would hold the CPU signature after INIT; 0 is allowed here).
+        self.registers = GuestRegisters::default();
+        self.next_rip = None;
+    }
+
+    fn write_guest_control_register(&mut self, _register: u8, _value: u64) -> bool {
+        // Under nested paging no CR write is intercepted (`intercepts::MISC1`, `intercept_cr`
+        // is 0), so this exit never happens.
         false
     }
-    fn inject_interrupt(&mut self, _vector: u8) {}
-    fn request_interrupt_window(&mut self, _enabled: bool) {}
-    fn start_at_startup_vector(&mut self, _vector: u8) {}
+
     fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
+        // SVM has no preemption timer: the scheduler bounds a run with the host's timer
+        // interrupt (INTR intercept).
         false
     }
 
     fn run(&mut self) -> VmExit {
+        // This vCPU's FPU registers loaded (a no-op when the scheduler activated it).
+        self.activate();
         let first_run = core::mem::replace(&mut self.first_run, false);
         // Flush the whole TLB before this vCPU's first run (its ASID may have belonged to a
         // VM that ran here before) and whenever the shadow tables dropped translations.
@@ -283,21 +439,22 @@ impl Vcpu for SvmVcpu {
             vmcb.control.exit_info2,
             decode_assists,
         );
-        // An event the exit interrupted (e.g. an exception being delivered when the nested page
-        // fault hit) must be delivered again. See: APM Vol 2 15.7.2 "Intercepts during IDT
-        // interrupt delivery".
-        let interrupted = vmcb.control.exit_interrupt_info;
-        vmcb.control.event_injection =
-            if interrupted & EVENT_VALID != 0 && !is_software_event(interrupted) {
-                interrupted
-            } else {
-                // Software interrupts (INT n) and software exceptions (INT3, INTO) are not
-                // re-injected: RIP still points at the instruction, so the guest executes it again
-                // and the event happens anew. Re-injecting would need the return address (NRIP)
-                // set past the instruction; without it the instruction would run twice.
-                // (KVM does the same without NRIP save.)
-                0
-            };
+        // An event the exit interrupted (e.g. an exception or an injected interrupt being
+        // delivered when the nested page fault hit) must be delivered again. See: APM Vol 2
+        // 15.7.2 "Intercepts during IDT interrupt delivery".
+        vmcb.control.event_injection = reinjected_event(vmcb.control.exit_interrupt_info);
+        // The interrupt window is asked for once: taken, it is closed again (V_IRQ and the
+        // VINTR intercept cleared; the core asks anew when it still has something to deliver).
+        // See: APM Vol 2 15.21.4.
+        if decoded.exit == VmExit::InterruptWindow {
+            let (virtual_interrupt_control, misc1) = intercepts::with_interrupt_window(
+                vmcb.control.virtual_interrupt_control,
+                vmcb.control.intercept_misc1,
+                false,
+            );
+            vmcb.control.virtual_interrupt_control = virtual_interrupt_control;
+            vmcb.control.intercept_misc1 = misc1;
+        }
         if let VmExit::EntryFailed { reason, .. } = decoded.exit {
             let fields = exit::VmrunStateFields {
                 efer: vmcb.save.efer,
@@ -348,7 +505,15 @@ impl Vcpu for SvmVcpu {
         let slot = match register {
             Register::Rax => &mut self.vmcb_mut().save.rax,
             Register::Rsp => &mut self.vmcb_mut().save.rsp,
-            Register::Rip => &mut self.vmcb_mut().save.rip,
+            Register::Rip => {
+                // The core moves RIP only past an instruction it completed for the guest (or to
+                // a new start): an STI / MOV SS interrupt shadow ends with that instruction, as
+                // on hardware, so `sti; hlt` can take an interrupt right after the HLT.
+                // See: APM Vol 2 15.21.5; SDM Vol 2B "STI".
+                let control = &mut self.vmcb_mut().control;
+                control.interrupt_shadow &= !INTERRUPT_SHADOW;
+                &mut self.vmcb_mut().save.rip
+            }
             Register::Rflags => &mut self.vmcb_mut().save.rflags,
             Register::Rbx => &mut self.registers.rbx,
             Register::Rcx => &mut self.registers.rcx,
@@ -479,7 +644,8 @@ impl Vcpu for SvmVcpu {
 
 #[cfg(test)]
 mod tests {
-    use super::is_software_event;
+    use super::*;
+    use crate::exit::{diagnose_vmrun_state, VmrunStateFields};
 
     #[test]
     fn software_events_are_not_reinjected() {
@@ -491,5 +657,215 @@ mod tests {
         // A #PF being delivered (type 3, vector 14) and an external interrupt (type 0) are.
         assert!(!is_software_event((1 << 31) | (3 << 8) | 14));
         assert!(!is_software_event((1 << 31) | 0x20));
+    }
+
+    #[test]
+    fn interrupted_deliveries_are_delivered_again() {
+        // An injected external interrupt (type 0) whose delivery hit a nested page fault.
+        assert_eq!(reinjected_event(0x8000_0020), 0x8000_0020);
+        // A #PF with its error code (bits 63:32) and the error-code-valid bit.
+        let page_fault = (0x6 << 32) | (1 << 31) | (1 << 11) | (3 << 8) | 14;
+        assert_eq!(reinjected_event(page_fault), page_fault);
+        // An NMI (type 2).
+        assert_eq!(reinjected_event(0x8000_0202), 0x8000_0202);
+        // INT 0x80 and INT3 happen again by themselves; nothing interrupted: nothing.
+        assert_eq!(reinjected_event(0x8000_0480), 0);
+        assert_eq!(reinjected_event(0x8000_0303), 0);
+        assert_eq!(reinjected_event(0x20), 0);
+    }
+
+    /// A vCPU over heap pages (nothing here touches the hardware: only methods that read and
+    /// write the VMCB are called).
+    fn vcpu_on_the_heap(vmcb: &mut Vmcb, host_state: &mut Vmcb) -> SvmVcpu {
+        let frame = |page: &mut Vmcb| Frame {
+            physical: HostPhysAddr(0x10_0000),
+            virtual_address: NonNull::from(page).cast(),
+        };
+        let maps = PermissionMaps {
+            iopm: HostPhysAddr(0x20_0000),
+            msrpm: HostPhysAddr(0x30_0000),
+        };
+        let entry = EntryState {
+            mode: CpuMode::Long64,
+            code_selector: 0x8,
+            data_selector: 0x10,
+            gdt_base: 0x1000,
+            gdt_limit: 0x17,
+            cr0: 0x8000_0033,
+            cr3: 0x2000,
+            cr4: 0x20,
+            efer: 0x500,
+            rflags: 0x2,
+            rip: 0x10_0000,
+            rsp: 0x8000,
+            rax: 0,
+            rbx: 0,
+            rdi: 0x8000,
+            rsi: 0,
+        };
+        let features = SvmFeatures {
+            nrip_save: false,
+            decode_assists: false,
+        };
+        // SAFETY: both pages are zeroed, exclusively borrowed for the vCPU's whole life in
+        // the test, and only accessed through it.
+        unsafe {
+            SvmVcpu::new(
+                SvmFrames {
+                    vmcb: frame(vmcb),
+                    host_state: frame(host_state),
+                },
+                &maps,
+                PagingSetup::Nested {
+                    root: HostPhysAddr(0x40_0000),
+                },
+                1,
+                &entry,
+                features,
+            )
+        }
+    }
+
+    #[test]
+    fn interrupt_interface_on_the_vmcb() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        assert!(!vcpu.can_inject_interrupt(), "the guest starts with IF = 0");
+        vcpu.set_register(Register::Rflags, 0x202);
+        assert!(vcpu.can_inject_interrupt());
+        vcpu.inject_interrupt(0x41);
+        assert_eq!(vcpu.vmcb().control.event_injection, 0x8000_0041);
+        assert!(!vcpu.can_inject_interrupt(), "one event at a time");
+
+        vcpu.request_interrupt_window(true);
+        let control = &vcpu.vmcb().control;
+        assert_eq!(
+            control.virtual_interrupt_control,
+            intercepts::V_INTR_MASKING | intercepts::V_IRQ | (0xF << 16) | intercepts::V_IGN_TPR
+        );
+        assert_ne!(control.intercept_misc1 & intercepts::misc1::VINTR, 0);
+        vcpu.request_interrupt_window(false);
+        let control = &vcpu.vmcb().control;
+        assert_eq!(
+            control.virtual_interrupt_control,
+            intercepts::V_INTR_MASKING
+        );
+        assert_eq!(control.intercept_misc1, intercepts::MISC1);
+        assert!(!vcpu.set_preemption_timer(Some(1000)));
+        assert!(!vcpu.set_preemption_timer(None));
+    }
+
+    #[test]
+    fn moving_rip_past_an_instruction_ends_the_interrupt_shadow() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        vcpu.set_register(Register::Rflags, 0x202);
+        // `sti; hlt`: the HLT exit comes with the STI shadow still set.
+        vcpu.vmcb_mut().control.interrupt_shadow = 1;
+        assert!(!vcpu.can_inject_interrupt());
+        vcpu.set_register(Register::Rax, 5);
+        assert!(!vcpu.can_inject_interrupt(), "other registers leave it");
+        vcpu.set_register(Register::Rip, 0x10_0001);
+        assert!(vcpu.can_inject_interrupt(), "the HLT completed");
+    }
+
+    #[test]
+    fn startup_ipi_through_the_trait() {
+        let (mut vmcb, mut host_state) = (Vmcb::zeroed(), Vmcb::zeroed());
+        let mut vcpu = vcpu_on_the_heap(&mut vmcb, &mut host_state);
+        vcpu.set_register(Register::Rbx, 7);
+        vcpu.inject_interrupt(0x30);
+        vcpu.start_at_startup_vector(0x08);
+        assert_eq!(vcpu.register(Register::Rbx), 0);
+        assert_eq!(
+            vcpu.vmcb().control.event_injection,
+            0,
+            "INIT drops a queued event"
+        );
+        let snapshot = vcpu.snapshot();
+        assert_eq!((snapshot.rip, snapshot.cs_base), (0, 0x8000));
+        assert_eq!((snapshot.cr0, snapshot.efer), (0x6000_0010, 0));
+        assert_eq!(snapshot.code_bitness(), 16);
+        assert!(!snapshot.interrupts_enabled());
+    }
+
+    #[test]
+    fn interrupt_encoding_and_readiness() {
+        // Vector 0x30, type 0 (INTR), valid, no error code.
+        assert_eq!(interrupt_event(0x30), 0x8000_0030);
+        assert!(can_take_interrupt(0x202, 0, 0));
+        assert!(!can_take_interrupt(0x002, 0, 0), "RFLAGS.IF clear");
+        assert!(!can_take_interrupt(0x202, 1, 0), "interrupt shadow");
+        // Bit 1 of 0x068 (the guest's IF as saved with vGIF) is not a shadow.
+        assert!(can_take_interrupt(0x202, 2, 0));
+        assert!(!can_take_interrupt(0x202, 0, interrupt_event(0x31)));
+    }
+
+    #[test]
+    fn startup_state_is_real_mode_at_the_vector_and_passes_vmrun_checks() {
+        let mut vmcb = Vmcb::zeroed();
+        // A 64-bit guest's state first, so every field the INIT state resets is seen to change.
+        let long_mode = EntryState {
+            mode: CpuMode::Long64,
+            code_selector: 0x8,
+            data_selector: 0x10,
+            gdt_base: 0x1000,
+            gdt_limit: 0x17,
+            cr0: 0x8000_0033,
+            cr3: 0x2000,
+            cr4: 0x20,
+            efer: 0x500,
+            rflags: 0x202,
+            rip: 0x10_0000,
+            rsp: 0x8000,
+            rax: 1,
+            rbx: 2,
+            rdi: 3,
+            rsi: 4,
+        };
+        load_entry_state(&mut vmcb.save, &long_mode);
+        load_startup_state(&mut vmcb.save, 0x9A);
+        let save = &vmcb.save;
+        assert_eq!(
+            save.cs,
+            Segment {
+                selector: 0x9A00,
+                attributes: 0x9B,
+                limit: 0xFFFF,
+                base: 0x9_A000
+            }
+        );
+        for segment in [save.ds, save.es, save.ss, save.fs, save.gs] {
+            assert_eq!(
+                segment,
+                Segment {
+                    selector: 0,
+                    attributes: 0x93,
+                    limit: 0xFFFF,
+                    base: 0
+                }
+            );
+        }
+        assert_eq!((save.gdtr.base, save.gdtr.limit), (0, 0xFFFF));
+        assert_eq!((save.idtr.base, save.idtr.limit), (0, 0xFFFF));
+        assert_eq!((save.tr.attributes, save.ldtr.attributes), (0x8B, 0x82));
+        assert_eq!((save.cr0, save.cr3, save.cr4), (0x6000_0010, 0, 0));
+        assert_eq!(save.efer, EFER_SVME);
+        assert_eq!((save.rflags, save.rip, save.rsp, save.rax), (0x2, 0, 0, 0));
+        assert_eq!((save.dr6, save.dr7), (0xFFFF_0FF0, 0x400));
+        // 16-bit code: the core decodes instructions there as 16-bit.
+        assert_eq!(
+            save.cs.attributes & (ATTRIBUTE_LONG | ATTRIBUTE_DEFAULT_32),
+            0
+        );
+        let fields = VmrunStateFields {
+            efer: save.efer,
+            cr0: save.cr0,
+            cr4: save.cr4,
+            cs_attributes: save.cs.attributes,
+            asid: 1,
+            intercept_misc2: intercepts::MISC2,
+        };
+        assert_eq!(diagnose_vmrun_state(&fields), None);
     }
 }

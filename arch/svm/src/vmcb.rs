@@ -159,6 +159,23 @@ pub struct Vmcb {
     pub save: StateSaveArea,
 }
 
+impl Vmcb {
+    /// A VMCB of zeros on the heap: host tests build guest states in one.
+    #[cfg(test)]
+    pub fn zeroed() -> std::boxed::Box<Vmcb> {
+        let layout = std::alloc::Layout::new::<Vmcb>();
+        // SAFETY: the layout is Vmcb's own (4 KiB, page-aligned); every field of Vmcb is an
+        // integer or an array of integers, for which all zeros is a valid value.
+        unsafe {
+            let pointer = std::alloc::alloc_zeroed(layout).cast::<Vmcb>();
+            if pointer.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            std::boxed::Box::from_raw(pointer)
+        }
+    }
+}
+
 // The layout, checked against APM Vol 2 Appendix B.
 const _: () = assert!(size_of::<Segment>() == 16);
 const _: () = assert!(offset_of!(ControlArea, intercept_misc1) == 0x00C);

@@ -9,10 +9,16 @@ use ringzero_x86::caps::vmx::{AllowedControls, VmxCapabilities};
 pub mod pin {
     pub const EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
     pub const NMI_EXITING: u32 = 1 << 3;
+    /// The VMX-preemption timer counts down in VMX non-root operation; at zero: exit reason 52.
+    /// See: SDM Vol 3C 26.5.1.
+    pub const ACTIVATE_PREEMPTION_TIMER: u32 = 1 << 6;
 }
 
 /// Primary processor-based controls. See: SDM Vol 3C Table 25-6.
 pub mod primary {
+    /// Exit (reason 7) before any instruction once RFLAGS.IF = 1 and nothing blocks
+    /// interrupts. See: SDM Vol 3C 26.7.5.
+    pub const INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
     pub const HLT_EXITING: u32 = 1 << 7;
     pub const INVLPG_EXITING: u32 = 1 << 9;
     pub const CR3_LOAD_EXITING: u32 = 1 << 15;
@@ -33,6 +39,11 @@ pub mod secondary {
 /// VM-exit controls. See: SDM Vol 3C Table 25-13.
 pub mod exit {
     pub const HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
+    /// Never set by ringzero: with it the CPU would acknowledge a physical interrupt at the
+    /// exit and the host would have to dispatch the vector itself; without it the interrupt
+    /// stays pending and the host takes it through its IDT once it enables interrupts.
+    /// See: SDM Vol 3C 25.7.1, 28.2.2.
+    pub const ACKNOWLEDGE_INTERRUPT_ON_EXIT: u32 = 1 << 15;
     pub const SAVE_IA32_PAT: u32 = 1 << 18;
     pub const LOAD_IA32_PAT: u32 = 1 << 19;
     pub const SAVE_IA32_EFER: u32 = 1 << 20;
@@ -149,6 +160,51 @@ pub fn compute(
     })
 }
 
+/// The primary processor-based controls with interrupt-window exiting on or off, or `None`
+/// when the CPU does not allow it. See: SDM Vol 3C 25.6.2, 26.7.5.
+pub fn with_interrupt_window(
+    capabilities: &VmxCapabilities,
+    primary_controls: u32,
+    enabled: bool,
+) -> Option<u32> {
+    if enabled {
+        capabilities
+            .procbased
+            .adjust(primary_controls | primary::INTERRUPT_WINDOW_EXITING)
+            .ok()
+    } else {
+        Some(primary_controls & !primary::INTERRUPT_WINDOW_EXITING)
+    }
+}
+
+/// The pin-based controls with the VMX-preemption timer on or off, or `None` when the CPU does
+/// not offer the timer. See: SDM Vol 3C 25.6.1, 26.5.1; Vol 3D A.3.1.
+pub fn with_preemption_timer(
+    capabilities: &VmxCapabilities,
+    pin_controls: u32,
+    enabled: bool,
+) -> Option<u32> {
+    if !capabilities.preemption_timer {
+        return None;
+    }
+    if enabled {
+        capabilities
+            .pinbased
+            .adjust(pin_controls | pin::ACTIVATE_PREEMPTION_TIMER)
+            .ok()
+    } else {
+        Some(pin_controls & !pin::ACTIVATE_PREEMPTION_TIMER)
+    }
+}
+
+/// The VMX-preemption timer value for about `tsc_cycles` of guest time: the timer ticks once
+/// every 2^X TSC cycles, X = IA32_VMX_MISC[4:0] (`rate_shift`), and the field is 32 bits wide
+/// (longer bounds saturate). 0 makes the exit happen before the guest's first instruction.
+/// See: SDM Vol 3C 26.5.1, Vol 3D A.6.
+pub fn preemption_timer_value(tsc_cycles: u64, rate_shift: u8) -> u32 {
+    u32::try_from(tsc_cycles >> rate_shift.min(63)).unwrap_or(u32::MAX)
+}
+
 /// The EPT pointer for tables rooted at `root`: write-back paging-structure memory type when
 /// the CPU supports it (else uncacheable), 4-level walk. See: SDM Vol 3C 25.6.11.
 pub fn ept_pointer(root: u64, capabilities: &VmxCapabilities) -> u64 {
@@ -157,13 +213,20 @@ pub fn ept_pointer(root: u64, capabilities: &VmxCapabilities) -> u64 {
     root | WALK_LENGTH_4 | memory_type
 }
 
+/// Bochs 2.7 corei7_skylake_x, as ringzero's boot log prints them (TRUE controls): the
+/// capabilities the crate's tests compute against.
+#[cfg(test)]
+pub(crate) fn bochs_capabilities() -> VmxCapabilities {
+    tests::bochs()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use ringzero_x86::caps::vmx::{VmxCapabilities, VmxMsrs};
 
     /// Bochs 2.7 corei7_skylake_x, as ringzero's boot log prints them (TRUE controls).
-    fn bochs() -> VmxCapabilities {
+    pub(super) fn bochs() -> VmxCapabilities {
         VmxCapabilities::decode(&VmxMsrs {
             feature_control: 0x5,
             basic: 0x00D8_1000_0000_002B,
@@ -203,6 +266,73 @@ mod tests {
         assert_ne!(controls.exit & exit::HOST_ADDRESS_SPACE_SIZE, 0);
         assert_eq!(controls.entry & entry::IA32E_MODE_GUEST, 0);
         assert_eq!(ept_pointer(0x1234_5000, &bochs()), 0x1234_501E);
+    }
+
+    #[test]
+    fn physical_interrupts_exit_and_stay_pending_for_the_host() {
+        // External-interrupt exiting on, "acknowledge interrupt on exit" off: the interrupt is
+        // still pending in the interrupt controller after the exit. See: SDM Vol 3C 25.7.1.
+        for shadow_paging in [false, true] {
+            let controls = compute(&bochs(), shadow_paging).unwrap();
+            assert_ne!(controls.pin & pin::EXTERNAL_INTERRUPT_EXITING, 0);
+            assert_ne!(controls.pin & pin::NMI_EXITING, 0);
+            assert_eq!(controls.exit & exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT, 0);
+            assert_eq!(controls.primary & primary::INTERRUPT_WINDOW_EXITING, 0);
+            assert_eq!(controls.pin & pin::ACTIVATE_PREEMPTION_TIMER, 0);
+        }
+    }
+
+    #[test]
+    fn interrupt_window_on_and_off() {
+        let capabilities = bochs();
+        let controls = compute(&capabilities, false).unwrap();
+        let on = with_interrupt_window(&capabilities, controls.primary, true).unwrap();
+        assert_eq!(on, controls.primary | primary::INTERRUPT_WINDOW_EXITING);
+        assert_eq!(
+            with_interrupt_window(&capabilities, on, false),
+            Some(controls.primary)
+        );
+        let mut without = capabilities;
+        without.procbased.may_be_one &= !primary::INTERRUPT_WINDOW_EXITING;
+        assert_eq!(
+            with_interrupt_window(&without, controls.primary, true),
+            None
+        );
+    }
+
+    #[test]
+    fn preemption_timer_on_and_off() {
+        let capabilities = bochs();
+        assert!(
+            capabilities.preemption_timer,
+            "Bochs offers pin-based bit 6"
+        );
+        let controls = compute(&capabilities, false).unwrap();
+        let on = with_preemption_timer(&capabilities, controls.pin, true).unwrap();
+        assert_eq!(on, controls.pin | pin::ACTIVATE_PREEMPTION_TIMER);
+        assert_eq!(
+            with_preemption_timer(&capabilities, on, false),
+            Some(controls.pin)
+        );
+        // A CPU without the timer: neither on nor off.
+        let mut without = capabilities;
+        without.preemption_timer = false;
+        without.pinbased.may_be_one &= !pin::ACTIVATE_PREEMPTION_TIMER;
+        assert_eq!(with_preemption_timer(&without, controls.pin, true), None);
+        assert_eq!(with_preemption_timer(&without, controls.pin, false), None);
+    }
+
+    #[test]
+    fn preemption_timer_values() {
+        // Bochs: rate 2^0; a real Skylake-X: 2^7 (IA32_VMX_MISC[4:0]).
+        assert_eq!(preemption_timer_value(1_000_000, 0), 1_000_000);
+        assert_eq!(preemption_timer_value(1_000_000, 7), 7812);
+        assert_eq!(preemption_timer_value(100, 7), 0);
+        assert_eq!(preemption_timer_value(u64::MAX, 0), u32::MAX);
+        assert_eq!(preemption_timer_value(u64::MAX, 31), u32::MAX);
+        assert_eq!(preemption_timer_value(1 << 40, 8), u32::MAX);
+        assert_eq!(preemption_timer_value((1 << 40) - 1, 8), u32::MAX);
+        assert_eq!(preemption_timer_value(1 << 39, 8), 1 << 31);
     }
 
     #[test]

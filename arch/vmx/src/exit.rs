@@ -12,6 +12,7 @@ pub mod reason {
     pub const EXCEPTION_OR_NMI: u32 = 0;
     pub const EXTERNAL_INTERRUPT: u32 = 1;
     pub const TRIPLE_FAULT: u32 = 2;
+    pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const INVLPG: u32 = 14;
@@ -35,6 +36,7 @@ pub mod reason {
     pub const EPT_VIOLATION: u32 = 48;
     pub const EPT_MISCONFIGURATION: u32 = 49;
     pub const INVEPT: u32 = 50;
+    pub const PREEMPTION_TIMER: u32 = 52;
     pub const INVVPID: u32 = 53;
 }
 
@@ -81,6 +83,10 @@ pub fn decode(exit_reason: u32, qualification: u64, guest_physical: u64) -> VmEx
         reason::VMCALL => VmExit::Hypercall,
         reason::TRIPLE_FAULT => VmExit::TripleFault,
         reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+        // Interrupt-window exiting: the guest can take an interrupt now. See: SDM Vol 3C 26.7.5.
+        reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
+        // The VMX-preemption timer counted down to 0. See: SDM Vol 3C 26.5.1.
+        reason::PREEMPTION_TIMER => VmExit::PreemptionTimer,
         reason::RDMSR => VmExit::MsrRead,
         reason::WRMSR => VmExit::MsrWrite,
         reason::IO_INSTRUCTION => {
@@ -202,6 +208,23 @@ pub struct GuestStateFields {
     pub cr4_fixed1: u64,
     pub activity_state: u32,
     pub link_pointer: u64,
+    pub cs_limit: u32,
+    pub tr_limit: u32,
+    pub ldtr_access_rights: u32,
+    pub interruptibility: u32,
+    /// The VM-entry interruption-information field (the event to inject, bit 31 valid).
+    pub entry_interruption_info: u32,
+}
+
+/// Whether a segment's limit and G bit (access rights bit 15) agree: limit bits 11:0 all ones
+/// when G = 1, limit bits 31:20 all zeros when G = 0. See: SDM Vol 3C 27.3.1.2.
+fn granularity_agrees(limit: u32, access_rights: u32) -> bool {
+    let granular = access_rights & (1 << 15) != 0;
+    if granular {
+        limit & 0xFFF == 0xFFF
+    } else {
+        limit >> 20 == 0
+    }
 }
 
 /// Finds the first guest-state rule the fields break, naming the VMCS field and the SDM
@@ -245,6 +268,34 @@ pub fn diagnose_guest_state(fields: &GuestStateFields) -> Option<&'static str> {
         && fields.cs_access_rights & (1 << 14) != 0
     {
         return Some("GUEST_CS_ACCESS_RIGHTS: L and D/B must not both be set in IA-32e mode (SDM Vol 3C 27.3.1.2)");
+    }
+    if !granularity_agrees(fields.cs_limit, fields.cs_access_rights) {
+        return Some("GUEST_CS_LIMIT: the limit and the G bit disagree (SDM Vol 3C 27.3.1.2)");
+    }
+    let cs_type = fields.cs_access_rights & 0xF;
+    let cs_type_allowed =
+        matches!(cs_type, 9 | 11 | 13 | 15) || (cs_type == 3 && fields.unrestricted_guest);
+    if !cs_type_allowed {
+        return Some("GUEST_CS_ACCESS_RIGHTS: CS must be an accessed code segment (type 9, 11, 13, 15; 3 with unrestricted guest) (SDM Vol 3C 27.3.1.2)");
+    }
+    if !granularity_agrees(fields.tr_limit, fields.tr_access_rights) {
+        return Some("GUEST_TR_LIMIT: the limit and the G bit disagree (SDM Vol 3C 27.3.1.2)");
+    }
+    let ldtr = fields.ldtr_access_rights;
+    if ldtr & unusable == 0 && (ldtr & 0xF != 2 || ldtr & (1 << 4) != 0 || ldtr & (1 << 7) == 0) {
+        return Some("GUEST_LDTR_ACCESS_RIGHTS: a usable LDTR must be a present LDT descriptor (type 2, S = 0) (SDM Vol 3C 27.3.1.2)");
+    }
+    let interrupts_enabled = fields.rflags & (1 << 9) != 0;
+    if fields.interruptibility & 1 != 0 && !interrupts_enabled {
+        return Some("GUEST_INTERRUPTIBILITY_STATE: blocking by STI needs RFLAGS.IF = 1 (SDM Vol 3C 27.3.1.5)");
+    }
+    let injecting = fields.entry_interruption_info & (1 << 31) != 0;
+    let external_interrupt = (fields.entry_interruption_info >> 8) & 7 == 0;
+    if injecting && external_interrupt && !interrupts_enabled {
+        return Some("GUEST_RFLAGS: injecting an external interrupt needs RFLAGS.IF = 1 (SDM Vol 3C 27.3.1.4)");
+    }
+    if injecting && external_interrupt && fields.interruptibility & 3 != 0 {
+        return Some("GUEST_INTERRUPTIBILITY_STATE: no STI / MOV SS blocking while injecting an external interrupt (SDM Vol 3C 27.3.1.5)");
     }
     if fields.activity_state > 3 {
         return Some("GUEST_ACTIVITY_STATE: not a valid activity state (SDM Vol 3C 27.3.1.5)");
@@ -339,6 +390,18 @@ mod tests {
         assert_eq!(decode(reason::CPUID, 0, 0), VmExit::Cpuid);
         assert_eq!(decode(reason::TRIPLE_FAULT, 0, 0), VmExit::TripleFault);
         assert_eq!(
+            decode(reason::EXTERNAL_INTERRUPT, 0, 0),
+            VmExit::ExternalInterrupt
+        );
+        assert_eq!(
+            decode(reason::INTERRUPT_WINDOW, 0, 0),
+            VmExit::InterruptWindow
+        );
+        assert_eq!(
+            decode(reason::PREEMPTION_TIMER, 0, 0),
+            VmExit::PreemptionTimer
+        );
+        assert_eq!(
             decode(reason::VMLAUNCH, 0, 0),
             VmExit::VirtualizationInstruction {
                 mnemonic: "vmlaunch"
@@ -375,6 +438,11 @@ mod tests {
             cr4_fixed1: 0x37_27FF,
             activity_state: 0,
             link_pointer: u64::MAX,
+            cs_limit: 0xFFFF_FFFF,
+            tr_limit: 0xFFFF,
+            ldtr_access_rights: 1 << 16,
+            interruptibility: 0,
+            entry_interruption_info: 0,
         }
     }
 
@@ -382,7 +450,25 @@ mod tests {
     fn diagnoses_name_the_field() {
         assert_eq!(diagnose_guest_state(&valid_64_bit()), None);
         type Breaks = fn(&mut GuestStateFields);
-        let cases: [(Breaks, &str); 6] = [
+        let cases: [(Breaks, &str); 12] = [
+            (|fields| fields.cs_limit = 0xFFFF_0000, "GUEST_CS_LIMIT"),
+            (
+                |fields| fields.cs_access_rights = 0xA091,
+                "GUEST_CS_ACCESS_RIGHTS",
+            ),
+            (|fields| fields.tr_limit = 0x10_0000, "GUEST_TR_LIMIT"),
+            (
+                |fields| fields.ldtr_access_rights = 0x83,
+                "GUEST_LDTR_ACCESS_RIGHTS",
+            ),
+            (
+                |fields| fields.interruptibility = 1,
+                "GUEST_INTERRUPTIBILITY_STATE",
+            ),
+            (
+                |fields| fields.entry_interruption_info = (1 << 31) | 0x20,
+                "GUEST_RFLAGS",
+            ),
             (
                 |fields| fields.tr_access_rights |= 1 << 16,
                 "GUEST_TR_ACCESS_RIGHTS",
@@ -408,5 +494,15 @@ mod tests {
         protected.ia32e_mode_guest = false;
         protected.cs_access_rights = 0xC09B;
         assert_eq!(diagnose_guest_state(&protected), None);
+        // An external interrupt injected into a guest that can take it; and one that cannot
+        // because of a MOV SS shadow.
+        let mut injecting = valid_64_bit();
+        injecting.rflags = 0x202;
+        injecting.entry_interruption_info = (1 << 31) | 0x20;
+        assert_eq!(diagnose_guest_state(&injecting), None);
+        injecting.interruptibility = 2;
+        assert!(diagnose_guest_state(&injecting)
+            .unwrap()
+            .starts_with("GUEST_INTERRUPTIBILITY_STATE"));
     }
 }

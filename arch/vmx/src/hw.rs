@@ -1,5 +1,5 @@
 //! The VMX instructions and the world switch. See: SDM Vol 3C chapter 31 "VMX Instruction
-//! Reference" (VMCLEAR, VMPTRLD, VMREAD, VMWRITE, VMLAUNCH/VMRESUME, INVEPT, INVVPID) and 31.2
+//! Reference" (VMCLEAR, VMPTRLD, VMPTRST, VMREAD, VMWRITE, VMLAUNCH/VMRESUME, INVEPT, INVVPID) and 31.2
 //! for how they report failure (CF = VMfailInvalid, ZF = VMfailValid).
 
 use crate::vmcs::{self, Field};
@@ -36,6 +36,16 @@ pub unsafe fn vmptrld(vmcs: u64) -> Result<(), VmxInstructionError> {
     // SAFETY: the caller guarantees VMX operation and a valid region.
     unsafe { asm!("vmptrld [{0}]", "pushfq", "pop {1}", in(reg) &vmcs, lateout(reg) rflags) };
     result(rflags)
+}
+
+/// VMPTRST: the physical address of the current VMCS, or all ones when none is current.
+/// See: SDM Vol 3C 31.3 "VMPTRST".
+pub fn vmptrst() -> u64 {
+    let mut current: u64 = u64::MAX;
+    // SAFETY: VMPTRST only stores the current-VMCS pointer into the local given; it is legal in
+    // VMX root operation at CPL 0, where every caller of this crate runs.
+    unsafe { asm!("vmptrst [{0}]", in(reg) &mut current, options(nostack)) };
+    current
 }
 
 /// VMREAD of a field of the current VMCS (0 when it fails: every field read is architectural).

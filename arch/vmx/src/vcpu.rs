@@ -1,8 +1,14 @@
 //! One VMX vCPU: a VMCS and the guest registers it does not hold. Mirrors
 //! `arch/svm/src/vcpu.rs` method for method.
 //!
-//! ringzero runs one VM at a time per CPU, so the vCPU's VMCS is made current when it is
-//! created and stays current until it is torn down; every VMREAD/VMWRITE here refers to it.
+//! Several vCPUs (of several VMs) may share one CPU, switched by the scheduler; a vCPU always
+//! runs on the CPU that created it. Its VMCS is made current when it is created and again by
+//! `activate` (VMPTRLD when VMPTRST names another VMCS); every VMREAD/VMWRITE here refers to
+//! the current VMCS, so the scheduler activates a vCPU before touching it. The launch state
+//! lives in the VMCS itself and survives VMPTRLD on the same CPU without VMCLEAR, so VMRESUME
+//! stays right after a switch (SDM Vol 3C 25.1, 25.11.3). What of the guest lives in the CPU
+//! rather than in the VMCS (the pass-through MSRs, CR2, the x87/SSE registers) is saved by
+//! `deactivate` and given back by `activate`.
 
 use crate::controls::{self, entry, Controls};
 use crate::exit::{self, GuestStateFields};
@@ -15,6 +21,7 @@ use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
 use ringzero_x86::caps::vmx::VmxCapabilities;
+use ringzero_x86::hw::FpuState;
 
 /// A host page (or run of contiguous pages): where the hardware sees it and where the
 /// hypervisor does.
@@ -77,9 +84,9 @@ impl Bitmaps {
 
 /// The SYSCALL MSRs (STAR, LSTAR, CSTAR, SFMASK) and KERNEL_GS_BASE: the guest reads and writes
 /// them directly (no exit). ringzero itself uses neither SYSCALL nor SWAPGS, so the guest's
-/// values may live in the real MSRs while it runs; each new vCPU starts them at 0. (SVM keeps the
-/// same MSRs in the VMCB through VMLOAD/VMSAVE.) With several vCPUs per CPU they will have to be
-/// saved and restored on a switch.
+/// values live in the real MSRs while it runs; each new vCPU starts them at 0, `deactivate`
+/// saves them and `activate` loads them back. (SVM keeps the same MSRs in the VMCB through
+/// VMLOAD/VMSAVE.)
 const PASS_THROUGH_MSRS: [u32; 5] = [
     0xC000_0081,
     0xC000_0082,
@@ -159,6 +166,16 @@ pub struct VmxVcpu {
     ept_pointer: u64,
     vpid: u16,
     first_run: bool,
+    /// The guest's [`PASS_THROUGH_MSRS`] (same order), CR2 and x87/SSE registers while they are
+    /// not in the CPU.
+    saved_msrs: [u64; PASS_THROUGH_MSRS.len()],
+    saved_cr2: u64,
+    saved_fpu: FpuState,
+    /// Whether the real pass-through MSRs, CR2 and x87/SSE registers hold this guest's values
+    /// (from `activate` to `deactivate`).
+    cpu_state_loaded: bool,
+    /// The VMX-preemption timer value written before every entry while the timer is on.
+    preemption_timer: Option<u32>,
 }
 
 /// The power-on PAT value. See: SDM Vol 3A 13.12.4.
@@ -166,6 +183,8 @@ const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
 /// VM-entry interruption information: type 3 = hardware exception, bit 11 deliver error code,
 /// bit 31 valid. See: SDM Vol 3C 25.8.3.
 const EVENT_TYPE_HARDWARE_EXCEPTION: u64 = 3 << 8;
+/// Type 0 = external interrupt (no error code, no instruction length). See: SDM Vol 3C 25.8.3.
+const EVENT_TYPE_EXTERNAL_INTERRUPT: u64 = 0;
 const EVENT_DELIVER_ERROR_CODE: u64 = 1 << 11;
 const EVENT_VALID: u64 = 1 << 31;
 /// Access-rights bits. See: SDM Vol 3C 25.4.1, Table 25-2.
@@ -173,9 +192,144 @@ const ACCESS_LONG: u32 = 1 << 13;
 const ACCESS_DEFAULT_32: u32 = 1 << 14;
 const ACCESS_GRANULARITY: u32 = 1 << 15;
 const ACCESS_UNUSABLE: u32 = 1 << 16;
+const CR0_PE: u64 = 1 << 0;
 const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const EFER_LME: u64 = 1 << 8;
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_IF: u64 = 1 << 9;
+/// Guest interruptibility state: blocking by STI (bit 0) and by MOV SS (bit 1).
+/// See: SDM Vol 3C 25.4.2, Table 25-3.
+const BLOCKING_BY_STI: u64 = 1 << 0;
+const BLOCKING_BY_MOV_SS: u64 = 1 << 1;
+
+/// The VM-entry interruption information that delivers external interrupt `vector`, as the
+/// local APIC would: type 0, valid. See: SDM Vol 3C 25.8.3, 27.6.1.
+pub fn external_interrupt_information(vector: u8) -> u64 {
+    u64::from(vector) | EVENT_TYPE_EXTERNAL_INTERRUPT | EVENT_VALID
+}
+
+/// The VM-entry interruption information that delivers again the event whose delivery an exit
+/// interrupted, from the IDT-vectoring information: vector, type (external interrupt, NMI,
+/// exceptions, software interrupts alike) and the error-code bit, valid; `None` when no
+/// delivery was interrupted. Bits 30:12 are undefined there and reserved at entry.
+/// See: SDM Vol 3C 28.2.4, 25.8.3.
+pub fn reinjection(vectoring_information: u64) -> Option<u64> {
+    (vectoring_information & EVENT_VALID != 0)
+        .then_some(vectoring_information & (EVENT_VALID | EVENT_DELIVER_ERROR_CODE | 0x7FF))
+}
+
+/// Whether an external interrupt may be injected at the next entry: RFLAGS.IF = 1, no blocking
+/// by STI or MOV SS, and no event already in the VM-entry interruption-information field (an
+/// injection the core queued, or one whose delivery an exit interrupted). Injecting otherwise
+/// fails the entry. See: SDM Vol 3C 27.3.1.4, 27.3.1.5, 26.3 (blocking).
+pub fn can_take_interrupt(rflags: u64, interruptibility: u64, entry_information: u64) -> bool {
+    rflags & RFLAGS_IF != 0
+        && interruptibility & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
+        && entry_information & EVENT_VALID == 0
+}
+
+/// The VMCS writes that put a vCPU in the state after INIT + startup IPI with `vector`: real
+/// mode at CS:IP = (vector << 8):0 with CS base vector << 12, everything else as INIT leaves
+/// it. Needs unrestricted guest (PE = PG = 0); CR0.NE and CR4.VMXE (and any other bit the CPU
+/// requires) stay set in the real registers, hidden behind the read shadows. Includes the
+/// VM-entry controls (`entry_controls` without "IA-32e mode guest") and drops any queued event.
+/// See: SDM Vol 3A 9.1.1 Table 9-1, 11.6.1 (startup IPI); Vol 3C 25.4.1, 27.3.1 (guest-state
+/// checks), 25.6.6 (read shadows).
+pub fn startup_state(
+    vector: u8,
+    capabilities: &VmxCapabilities,
+    entry_controls: u32,
+) -> alloc::vec::Vec<(Field, u64)> {
+    // After INIT: CD, NW and ET set. See: SDM Vol 3A Table 9-1.
+    const CR0_AT_INIT: u64 = 0x6000_0010;
+    // Access rights for real mode under unrestricted guest: present, DPL 0; code execute/read
+    // accessed (0x9B), data read/write accessed (0x93), a busy TSS (0x8B), an LDT (0x82).
+    // See: SDM Vol 3C 25.4.1, 27.3.1.2.
+    const CODE: u64 = 0x9B;
+    const DATA: u64 = 0x93;
+    let cr0_required = capabilities.cr0_fixed0 & !((1 << 0) | (1 << 31));
+    let cr0_host_owned = (cr0_required & !CR0_AT_INIT) | CR0_NE;
+    let cr4_host_owned = capabilities.cr4_fixed0 | CR4_VMXE;
+    let code_segment = u64::from(vector) << 8;
+    let mut writes = alloc::vec![
+        (vmcs::GUEST_CS_SELECTOR, code_segment),
+        (vmcs::GUEST_CS_BASE, code_segment << 4),
+        (vmcs::GUEST_CS_LIMIT, 0xFFFF),
+        (vmcs::GUEST_CS_ACCESS_RIGHTS, CODE),
+    ];
+    for (selector, base, limit, access) in [
+        (
+            vmcs::GUEST_DS_SELECTOR,
+            vmcs::GUEST_DS_BASE,
+            vmcs::GUEST_DS_LIMIT,
+            vmcs::GUEST_DS_ACCESS_RIGHTS,
+        ),
+        (
+            vmcs::GUEST_ES_SELECTOR,
+            vmcs::GUEST_ES_BASE,
+            vmcs::GUEST_ES_LIMIT,
+            vmcs::GUEST_ES_ACCESS_RIGHTS,
+        ),
+        (
+            vmcs::GUEST_SS_SELECTOR,
+            vmcs::GUEST_SS_BASE,
+            vmcs::GUEST_SS_LIMIT,
+            vmcs::GUEST_SS_ACCESS_RIGHTS,
+        ),
+        (
+            vmcs::GUEST_FS_SELECTOR,
+            vmcs::GUEST_FS_BASE,
+            vmcs::GUEST_FS_LIMIT,
+            vmcs::GUEST_FS_ACCESS_RIGHTS,
+        ),
+        (
+            vmcs::GUEST_GS_SELECTOR,
+            vmcs::GUEST_GS_BASE,
+            vmcs::GUEST_GS_LIMIT,
+            vmcs::GUEST_GS_ACCESS_RIGHTS,
+        ),
+    ] {
+        writes.extend([(selector, 0), (base, 0), (limit, 0xFFFF), (access, DATA)]);
+    }
+    writes.extend([
+        (vmcs::GUEST_TR_SELECTOR, 0),
+        (vmcs::GUEST_TR_BASE, 0),
+        (vmcs::GUEST_TR_LIMIT, 0xFFFF),
+        (vmcs::GUEST_TR_ACCESS_RIGHTS, 0x8B),
+        (vmcs::GUEST_LDTR_SELECTOR, 0),
+        (vmcs::GUEST_LDTR_BASE, 0),
+        (vmcs::GUEST_LDTR_LIMIT, 0xFFFF),
+        (vmcs::GUEST_LDTR_ACCESS_RIGHTS, 0x82),
+        (vmcs::GUEST_GDTR_BASE, 0),
+        (vmcs::GUEST_GDTR_LIMIT, 0xFFFF),
+        (vmcs::GUEST_IDTR_BASE, 0),
+        (vmcs::GUEST_IDTR_LIMIT, 0xFFFF),
+        (vmcs::CR0_GUEST_HOST_MASK, cr0_host_owned),
+        (vmcs::CR0_READ_SHADOW, CR0_AT_INIT),
+        (vmcs::GUEST_CR0, CR0_AT_INIT | cr0_host_owned),
+        (vmcs::GUEST_CR3, 0),
+        (vmcs::CR4_GUEST_HOST_MASK, cr4_host_owned),
+        (vmcs::CR4_READ_SHADOW, 0),
+        (vmcs::GUEST_CR4, cr4_host_owned),
+        (vmcs::GUEST_IA32_EFER, 0),
+        (
+            vmcs::VM_ENTRY_CONTROLS,
+            u64::from(entry_controls & !entry::IA32E_MODE_GUEST),
+        ),
+        (vmcs::GUEST_IA32_DEBUGCTL, 0),
+        (vmcs::GUEST_DR7, 0x400),
+        (vmcs::GUEST_RSP, 0),
+        (vmcs::GUEST_RIP, 0),
+        (vmcs::GUEST_RFLAGS, 0x2),
+        (vmcs::GUEST_PENDING_DEBUG_EXCEPTIONS, 0),
+        (vmcs::GUEST_INTERRUPTIBILITY_STATE, 0),
+        (vmcs::GUEST_ACTIVITY_STATE, 0),
+        (vmcs::VM_ENTRY_INTERRUPTION_INFO, 0),
+    ]);
+    writes
+}
 
 /// VMWRITE that turns a failure into a [`CreateError`].
 fn write(field: Field, value: u64) -> Result<(), CreateError> {
@@ -261,12 +415,15 @@ impl VmxVcpu {
             first_run: true,
             visible: None,
             flush_pending: false,
+            // A fresh vCPU must not see the MSRs, CR2 or FPU registers of a VM that ran here
+            // before: they start at 0 (FPU: as after FNINIT) and are loaded by `activate` (at
+            // the latest by the first `run`).
+            saved_msrs: [0; PASS_THROUGH_MSRS.len()],
+            saved_cr2: 0,
+            saved_fpu: FpuState::initial(),
+            cpu_state_loaded: false,
+            preemption_timer: None,
         };
-        // A fresh vCPU must not see the MSRs of a VM that ran here before.
-        for msr in PASS_THROUGH_MSRS {
-            // SAFETY: these MSRs exist on every 64-bit CPU and the hypervisor does not use them.
-            unsafe { ringzero_x86::hw::write_msr(msr, 0) };
-        }
         // Step 2: execution, exit and entry controls. See: SDM Vol 3C 25.6-25.8.
         write(vmcs::PIN_BASED_CONTROLS, u64::from(controls.pin))?;
         write(
@@ -472,6 +629,11 @@ impl VmxVcpu {
             cr4_fixed1: self.capabilities.cr4_fixed1,
             activity_state: hw::vmread(vmcs::GUEST_ACTIVITY_STATE) as u32,
             link_pointer: hw::vmread(vmcs::VMCS_LINK_POINTER),
+            cs_limit: hw::vmread(vmcs::GUEST_CS_LIMIT) as u32,
+            tr_limit: hw::vmread(vmcs::GUEST_TR_LIMIT) as u32,
+            ldtr_access_rights: hw::vmread(vmcs::GUEST_LDTR_ACCESS_RIGHTS) as u32,
+            interruptibility: hw::vmread(vmcs::GUEST_INTERRUPTIBILITY_STATE) as u32,
+            entry_interruption_info: hw::vmread(vmcs::VM_ENTRY_INTERRUPTION_INFO) as u32,
         }
     }
 
@@ -495,20 +657,160 @@ impl VmxVcpu {
 }
 
 impl Vcpu for VmxVcpu {
-    // Stubs for the scheduler's interface; the real implementations follow (issue 6).
-    fn activate(&mut self) {}
-    fn deactivate(&mut self) {}
-    fn can_inject_interrupt(&self) -> bool {
-        false
+    fn activate(&mut self) {
+        // Step 1: make this VMCS the current one unless it already is. Its launch state is
+        // kept in the VMCS across VMPTRLD (no VMCLEAR: the vCPU never leaves this CPU).
+        // See: SDM Vol 3C 25.1, 25.11.3, 31.3 "VMPTRLD", "VMPTRST".
+        let region = self.frames.vmcs.physical.0;
+        if hw::vmptrst() != region {
+            // SAFETY: VMX is on (this vCPU was created in VMX operation on this CPU) and the
+            // region is this vCPU's revision-tagged VMCS, never cleared while it lives.
+            if let Err(error) = unsafe { hw::vmptrld(region) } {
+                log::error!(
+                    "vmx: VMPTRLD of VMCS {region:#x} failed ({error:?}, VM-instruction error {})",
+                    hw::vmread(vmcs::VM_INSTRUCTION_ERROR)
+                );
+            }
+        }
+        // Step 2: the guest's pass-through MSRs, CR2 and x87/SSE registers back into the CPU.
+        if !self.cpu_state_loaded {
+            for (msr, value) in PASS_THROUGH_MSRS.into_iter().zip(self.saved_msrs) {
+                // SAFETY: these MSRs exist on every 64-bit CPU and the hypervisor uses neither
+                // SYSCALL nor SWAPGS; a non-canonical address was refused when the guest wrote it
+                // (the guest's own WRMSR faults), so the saved values are valid.
+                unsafe { ringzero_x86::hw::write_msr(msr, value) };
+            }
+            // SAFETY: CR2 holds no state the hypervisor depends on (it takes no page faults).
+            unsafe { ringzero_x86::hw::write_cr2(self.saved_cr2) };
+            // SAFETY: the image is FpuState::initial or came from FXSAVE in `deactivate`.
+            unsafe { ringzero_x86::hw::fxrstor(&self.saved_fpu) };
+            self.cpu_state_loaded = true;
+        }
     }
-    fn inject_interrupt(&mut self, _vector: u8) {}
-    fn request_interrupt_window(&mut self, _enabled: bool) {}
-    fn start_at_startup_vector(&mut self, _vector: u8) {}
-    fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
-        false
+
+    fn deactivate(&mut self) {
+        if self.cpu_state_loaded {
+            for (slot, msr) in self.saved_msrs.iter_mut().zip(PASS_THROUGH_MSRS) {
+                // SAFETY: reading these MSRs has no side effect; they exist on every 64-bit CPU.
+                *slot = unsafe { ringzero_x86::hw::read_msr(msr) };
+            }
+            self.saved_cr2 = ringzero_x86::hw::read_cr2();
+            ringzero_x86::hw::fxsave(&mut self.saved_fpu);
+            self.cpu_state_loaded = false;
+        }
+    }
+
+    fn can_inject_interrupt(&self) -> bool {
+        can_take_interrupt(
+            hw::vmread(vmcs::GUEST_RFLAGS),
+            hw::vmread(vmcs::GUEST_INTERRUPTIBILITY_STATE),
+            hw::vmread(vmcs::VM_ENTRY_INTERRUPTION_INFO),
+        )
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        // See: SDM Vol 3C 25.8.3, 27.6.1 (delivered through the guest's IDT as from the APIC).
+        let _ = write(
+            vmcs::VM_ENTRY_INTERRUPTION_INFO,
+            external_interrupt_information(vector),
+        );
+    }
+
+    fn request_interrupt_window(&mut self, enabled: bool) {
+        // See: SDM Vol 3C 25.6.2 (primary bit 2), 26.7.5.
+        match controls::with_interrupt_window(&self.capabilities, self.controls.primary, enabled) {
+            Some(primary) if primary != self.controls.primary => {
+                self.controls.primary = primary;
+                let _ = write(vmcs::PRIMARY_PROCESSOR_BASED_CONTROLS, u64::from(primary));
+            }
+            Some(_) => {}
+            None => log::warn!("vmx: the CPU does not allow interrupt-window exiting"),
+        }
+    }
+
+    fn start_at_startup_vector(&mut self, vector: u8) {
+        if self.controls.secondary & controls::secondary::UNRESTRICTED_GUEST == 0 {
+            // Real mode needs unrestricted guest (EPT): under shadow paging the entry fails
+            // and the report names CR0.
+            log::warn!("vmx: a startup IPI needs unrestricted guest (nested paging); this vCPU's next entry will fail");
+        }
+        let entry_controls = hw::vmread(vmcs::VM_ENTRY_CONTROLS) as u32;
+        for (field, value) in startup_state(vector, &self.capabilities, entry_controls) {
+            let _ = write(field, value);
+        }
+        self.controls.entry = entry_controls & !entry::IA32E_MODE_GUEST;
+        // GPRs 0 (RDX would hold the CPU signature after INIT; 0 is allowed here).
+        self.registers = GuestRegisters::default();
+        self.next_rip = None;
+    }
+
+    fn write_guest_control_register(&mut self, register: u8, value: u64) -> bool {
+        // See: SDM Vol 3C 25.6.6: the guest reads the read shadow for the bits the host owns;
+        // the real register must keep the bits VMX requires (Vol 3D A.7, A.8; with unrestricted
+        // guest PE and PG are free).
+        let capabilities = self.capabilities;
+        let unrestricted = self.controls.secondary & controls::secondary::UNRESTRICTED_GUEST != 0;
+        match register {
+            0 => {
+                let mut fixed0 = capabilities.cr0_fixed0;
+                if unrestricted {
+                    fixed0 &= !(CR0_PE | CR0_PG);
+                }
+                let real = (value | fixed0) & capabilities.cr0_fixed1;
+                // IA-32e mode follows CR0.PG while EFER.LME is set: activated when paging is
+                // turned on, deactivated when it is turned off; the "IA-32e mode guest" entry
+                // control must equal EFER.LMA. See: SDM Vol 3A 10.8.5; Vol 3C 27.3.1.1.
+                let mut efer = hw::vmread(vmcs::GUEST_IA32_EFER);
+                if value & CR0_PG != 0 && efer & EFER_LME != 0 {
+                    efer |= EFER_LMA;
+                } else if value & CR0_PG == 0 {
+                    efer &= !EFER_LMA;
+                }
+                let mut entry_controls =
+                    hw::vmread(vmcs::VM_ENTRY_CONTROLS) & !u64::from(entry::IA32E_MODE_GUEST);
+                if efer & EFER_LMA != 0 {
+                    entry_controls |= u64::from(entry::IA32E_MODE_GUEST);
+                }
+                write(vmcs::CR0_READ_SHADOW, value).is_ok()
+                    && write(vmcs::GUEST_CR0, real).is_ok()
+                    && write(vmcs::GUEST_IA32_EFER, efer).is_ok()
+                    && write(vmcs::VM_ENTRY_CONTROLS, entry_controls).is_ok()
+            }
+            4 => {
+                let real = (value | capabilities.cr4_fixed0) & capabilities.cr4_fixed1;
+                write(vmcs::CR4_READ_SHADOW, value).is_ok() && write(vmcs::GUEST_CR4, real).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool {
+        // See: SDM Vol 3C 25.6.1 (pin-based bit 6), 26.5.1; Vol 3D A.6 (the rate).
+        let Some(pin) = controls::with_preemption_timer(
+            &self.capabilities,
+            self.controls.pin,
+            tsc_cycles.is_some(),
+        ) else {
+            return false;
+        };
+        if pin != self.controls.pin {
+            self.controls.pin = pin;
+            let _ = write(vmcs::PIN_BASED_CONTROLS, u64::from(pin));
+        }
+        self.preemption_timer = tsc_cycles.map(|cycles| {
+            controls::preemption_timer_value(cycles, self.capabilities.preemption_timer_rate_shift)
+        });
+        true
     }
 
     fn run(&mut self) -> VmExit {
+        // This vCPU's VMCS current and its MSRs loaded (a no-op when the scheduler did it).
+        self.activate();
+        if let Some(value) = self.preemption_timer {
+            // Without "save VMX-preemption timer value" the entry loads the timer from this
+            // field every time: the bound applies to each run. See: SDM Vol 3C 26.5.1, 27.7.4.
+            let _ = write(vmcs::VMX_PREEMPTION_TIMER_VALUE, u64::from(value));
+        }
         if core::mem::replace(&mut self.first_run, false) {
             self.flush_on_first_entry();
         }
@@ -584,11 +886,11 @@ impl Vcpu for VmxVcpu {
                     self.launched = false;
                     return decoded;
                 }
-                // An event whose delivery the exit interrupted is delivered again.
+                // An event whose delivery the exit interrupted (an injected external interrupt
+                // too, e.g. when its IDT entry or stack needed an EPT fix) is delivered again.
                 // See: SDM Vol 3C 28.2.4 "Information for VM Exits During Event Delivery".
-                let vectoring = hw::vmread(vmcs::IDT_VECTORING_INFO);
-                if vectoring & EVENT_VALID != 0 {
-                    let _ = write(vmcs::VM_ENTRY_INTERRUPTION_INFO, vectoring & !(1 << 12));
+                if let Some(information) = reinjection(hw::vmread(vmcs::IDT_VECTORING_INFO)) {
+                    let _ = write(vmcs::VM_ENTRY_INTERRUPTION_INFO, information);
                     let _ = write(
                         vmcs::VM_ENTRY_EXCEPTION_ERROR_CODE,
                         hw::vmread(vmcs::IDT_VECTORING_ERROR_CODE),
@@ -597,6 +899,11 @@ impl Vcpu for VmxVcpu {
                         vmcs::VM_ENTRY_INSTRUCTION_LENGTH,
                         hw::vmread(vmcs::VM_EXIT_INSTRUCTION_LENGTH),
                     );
+                }
+                // The interrupt window is asked for once: taken, it is closed again (the core
+                // asks anew when it still has something to deliver).
+                if decoded == VmExit::InterruptWindow {
+                    self.request_interrupt_window(false);
                 }
                 // The exit instruction length is valid for instruction exits. See: SDM Vol 3C 28.2.5.
                 if matches!(
@@ -652,6 +959,19 @@ impl Vcpu for VmxVcpu {
                     _ => vmcs::GUEST_RFLAGS,
                 };
                 let _ = write(field, value);
+                if register == Register::Rip {
+                    // The core moves RIP only past an instruction it completed for the guest (or
+                    // to a new start): an STI / MOV SS shadow ends with that instruction, as on
+                    // hardware, so `sti; hlt` can take an interrupt right after the HLT.
+                    // See: SDM Vol 3C 25.4.2 (Table 25-3), Vol 2B "STI".
+                    let blocking = hw::vmread(vmcs::GUEST_INTERRUPTIBILITY_STATE);
+                    if blocking & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
+                        let _ = write(
+                            vmcs::GUEST_INTERRUPTIBILITY_STATE,
+                            blocking & !(BLOCKING_BY_STI | BLOCKING_BY_MOV_SS),
+                        );
+                    }
+                }
                 return;
             }
             Register::Rax => &mut registers.rax,
@@ -778,10 +1098,15 @@ impl Vcpu for VmxVcpu {
     }
 
     fn inject_page_fault(&mut self, address: u64, error_code: u32) {
-        // VMX keeps the guest's CR2 in the real register: set it now; nothing in the
-        // hypervisor touches CR2 before the next entry.
-        // SAFETY: CR2 only reports page-fault addresses; the hypervisor takes none.
-        unsafe { ringzero_x86::hw::write_cr2(address) };
+        // VMX keeps the guest's CR2 in the real register: set it now (or in the saved copy
+        // while another vCPU's is loaded); nothing in the hypervisor touches CR2 before the
+        // next entry.
+        if self.cpu_state_loaded {
+            // SAFETY: CR2 only reports page-fault addresses; the hypervisor takes none.
+            unsafe { ringzero_x86::hw::write_cr2(address) };
+        } else {
+            self.saved_cr2 = address;
+        }
         self.inject_exception(14, Some(error_code));
     }
 
@@ -790,5 +1115,168 @@ impl Vcpu for VmxVcpu {
         // not, so flush the VPID before the next entry. See: SDM Vol 3C 29.4.3.
         let _ = write(vmcs::GUEST_CR3, value);
         self.flush_pending = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controls::bochs_capabilities;
+    use crate::exit::{diagnose_guest_state, GuestStateFields};
+
+    #[test]
+    fn external_interrupt_encoding() {
+        // Vector 0x20, type 0 (external interrupt), no error code, valid.
+        assert_eq!(external_interrupt_information(0x20), 0x8000_0020);
+        assert_eq!(external_interrupt_information(0xFF), 0x8000_00FF);
+    }
+
+    #[test]
+    fn interrupt_injection_needs_if_no_shadow_and_nothing_queued() {
+        assert!(can_take_interrupt(0x202, 0, 0));
+        assert!(!can_take_interrupt(0x002, 0, 0), "RFLAGS.IF clear");
+        assert!(!can_take_interrupt(0x202, BLOCKING_BY_STI, 0), "STI shadow");
+        assert!(
+            !can_take_interrupt(0x202, BLOCKING_BY_MOV_SS, 0),
+            "MOV SS shadow"
+        );
+        // Blocking by SMI (bit 2) and by NMI (bit 3) do not block external interrupts.
+        assert!(can_take_interrupt(0x202, 0b1100, 0));
+        assert!(!can_take_interrupt(
+            0x202,
+            0,
+            external_interrupt_information(0x30)
+        ));
+        // An invalid (bit 31 clear) leftover does not count.
+        assert!(can_take_interrupt(0x202, 0, 0x30));
+    }
+
+    #[test]
+    fn interrupted_deliveries_are_delivered_again() {
+        // An external interrupt whose delivery hit an EPT violation: same event again.
+        assert_eq!(reinjection(0x8000_0020), Some(0x8000_0020));
+        // Undefined bit 12 (and 30:13) dropped; a #PF with its error code kept.
+        assert_eq!(reinjection(0x8000_1B0E | (1 << 20)), Some(0x8000_0B0E));
+        // An NMI (type 2).
+        assert_eq!(reinjection(0x8000_0202), Some(0x8000_0202));
+        assert_eq!(reinjection(0x0000_0020), None);
+    }
+
+    /// The fields the guest-state checks look at, as `startup_state` writes them into a VMCS
+    /// that held a 64-bit guest (link pointer all ones, as `new` leaves it).
+    fn fields_after_startup(
+        writes: &[(Field, u64)],
+        capabilities: &VmxCapabilities,
+        unrestricted_guest: bool,
+    ) -> GuestStateFields {
+        let value = |field: Field| {
+            writes
+                .iter()
+                .rev()
+                .find(|(written, _)| *written == field)
+                .map(|(_, value)| *value)
+                .unwrap_or_else(|| panic!("{} is written", field.name()))
+        };
+        GuestStateFields {
+            cr0: value(vmcs::GUEST_CR0),
+            cr4: value(vmcs::GUEST_CR4),
+            efer: value(vmcs::GUEST_IA32_EFER),
+            rflags: value(vmcs::GUEST_RFLAGS),
+            cs_access_rights: value(vmcs::GUEST_CS_ACCESS_RIGHTS) as u32,
+            tr_access_rights: value(vmcs::GUEST_TR_ACCESS_RIGHTS) as u32,
+            ss_access_rights: value(vmcs::GUEST_SS_ACCESS_RIGHTS) as u32,
+            ia32e_mode_guest: value(vmcs::VM_ENTRY_CONTROLS) as u32 & entry::IA32E_MODE_GUEST != 0,
+            unrestricted_guest,
+            cr0_fixed0: capabilities.cr0_fixed0,
+            cr0_fixed1: capabilities.cr0_fixed1,
+            cr4_fixed0: capabilities.cr4_fixed0,
+            cr4_fixed1: capabilities.cr4_fixed1,
+            activity_state: value(vmcs::GUEST_ACTIVITY_STATE) as u32,
+            link_pointer: u64::MAX,
+            cs_limit: value(vmcs::GUEST_CS_LIMIT) as u32,
+            tr_limit: value(vmcs::GUEST_TR_LIMIT) as u32,
+            ldtr_access_rights: value(vmcs::GUEST_LDTR_ACCESS_RIGHTS) as u32,
+            interruptibility: value(vmcs::GUEST_INTERRUPTIBILITY_STATE) as u32,
+            entry_interruption_info: value(vmcs::VM_ENTRY_INTERRUPTION_INFO) as u32,
+        }
+    }
+
+    #[test]
+    fn startup_state_is_real_mode_at_the_vector() {
+        let capabilities = bochs_capabilities();
+        let controls = controls::compute(&capabilities, false).unwrap();
+        let long_mode_entry = controls.entry | entry::IA32E_MODE_GUEST;
+        let writes = startup_state(0x9A, &capabilities, long_mode_entry);
+        let value = |field: Field| {
+            writes
+                .iter()
+                .find(|(written, _)| *written == field)
+                .map(|(_, value)| *value)
+                .unwrap()
+        };
+        assert_eq!(value(vmcs::GUEST_CS_SELECTOR), 0x9A00);
+        assert_eq!(value(vmcs::GUEST_CS_BASE), 0x9_A000);
+        assert_eq!(value(vmcs::GUEST_CS_LIMIT), 0xFFFF);
+        assert_eq!(value(vmcs::GUEST_RIP), 0);
+        assert_eq!(value(vmcs::GUEST_RFLAGS), 0x2);
+        for field in [
+            vmcs::GUEST_DS_SELECTOR,
+            vmcs::GUEST_SS_BASE,
+            vmcs::GUEST_GS_BASE,
+            vmcs::GUEST_GDTR_BASE,
+            vmcs::GUEST_IDTR_BASE,
+            vmcs::GUEST_CR3,
+            vmcs::GUEST_IA32_EFER,
+            vmcs::CR4_READ_SHADOW,
+        ] {
+            assert_eq!(value(field), 0, "{}", field.name());
+        }
+        assert_eq!(value(vmcs::GUEST_IDTR_LIMIT), 0xFFFF);
+        assert_eq!(value(vmcs::GUEST_DR7), 0x400);
+        // The guest reads CR0 = 0x60000010 (CD, NW, ET) and CR4 = 0; NE and VMXE are set in
+        // the real registers and owned by the host (masked). PE = PG = 0 (unrestricted guest).
+        assert_eq!(value(vmcs::CR0_READ_SHADOW), 0x6000_0010);
+        assert_eq!(value(vmcs::GUEST_CR0), 0x6000_0030);
+        assert_eq!(value(vmcs::CR0_GUEST_HOST_MASK) & CR0_NE, CR0_NE);
+        assert_eq!(value(vmcs::GUEST_CR4), CR4_VMXE);
+        assert_eq!(value(vmcs::CR4_GUEST_HOST_MASK) & CR4_VMXE, CR4_VMXE);
+        // No long mode, nothing left to inject; the other entry controls kept.
+        assert_eq!(
+            value(vmcs::VM_ENTRY_CONTROLS),
+            u64::from(controls.entry & !entry::IA32E_MODE_GUEST)
+        );
+        assert_eq!(value(vmcs::VM_ENTRY_INTERRUPTION_INFO), 0);
+        // The entry checks ringzero knows pass with unrestricted guest...
+        let fields = fields_after_startup(&writes, &capabilities, true);
+        assert_eq!(diagnose_guest_state(&fields), None, "{fields:?}");
+        // ...and name CR0 without it (real mode needs unrestricted guest).
+        let fields = fields_after_startup(&writes, &capabilities, false);
+        assert!(diagnose_guest_state(&fields)
+            .unwrap()
+            .starts_with("GUEST_CR0"));
+    }
+
+    #[test]
+    fn startup_state_keeps_every_bit_a_real_skylake_requires() {
+        // A CPU that also requires CR0.ET... and more: whatever CR0/CR4_FIXED0 say (minus PE and
+        // PG) is set in the real registers and masked.
+        let mut capabilities = bochs_capabilities();
+        capabilities.cr0_fixed0 = 0x8000_0031;
+        capabilities.cr4_fixed0 = 0x2000 | (1 << 5);
+        let writes = startup_state(0x10, &capabilities, 0);
+        let value = |field: Field| {
+            writes
+                .iter()
+                .find(|(written, _)| *written == field)
+                .map(|(_, value)| *value)
+                .unwrap()
+        };
+        assert_eq!(value(vmcs::GUEST_CR0), 0x6000_0030);
+        assert_eq!(value(vmcs::GUEST_CR4), 0x2020);
+        assert_eq!(value(vmcs::CR4_GUEST_HOST_MASK), 0x2020);
+        assert_eq!(value(vmcs::CR4_READ_SHADOW), 0);
+        assert_eq!(value(vmcs::GUEST_CS_BASE), 0x1_0000);
+        let fields = fields_after_startup(&writes, &capabilities, true);
+        assert_eq!(diagnose_guest_state(&fields), None);
     }
 }

@@ -110,6 +110,7 @@ fields! {
     GUEST_INTERRUPTIBILITY_STATE = 0x4824;
     GUEST_ACTIVITY_STATE = 0x4826;
     GUEST_IA32_SYSENTER_CS = 0x482A;
+    VMX_PREEMPTION_TIMER_VALUE = 0x482E;
     // B.3.4 32-bit host-state field.
     HOST_IA32_SYSENTER_CS = 0x4C00;
     // B.4.1 natural-width control fields.

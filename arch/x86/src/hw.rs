@@ -3,7 +3,9 @@
 //! Manuals cited: Intel SDM (Intel 64 and IA-32 Architectures Software Developer's Manual,
 //! order 325462, rev. 084) and AMD APM (AMD64 Architecture Programmer's Manual, pub. 24593,
 //! rev. 3.42). Wrappers from the `x86_64` crate are used where it has them (control registers,
-//! MSRs, ports); only what it lacks (VMXON/VMXOFF) is written here with `asm!`.
+//! MSRs, ports); only what it lacks (VMXON/VMXOFF, CR2, FXSAVE/FXRSTOR, the STI windows) is
+//! written here with `asm!`, and the application processors' real-mode start-up code
+//! (`global_asm!`) lives in [`ap_trampoline`].
 //!
 //! Every function here is `unsafe` or documents why it is safe: each executes an instruction
 //! that can fault or change machine state for the whole CPU.
@@ -12,6 +14,8 @@ use core::arch::asm;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 use x86_64::registers::model_specific::Msr;
 use x86_64::structures::port::{PortRead, PortWrite};
+
+pub mod ap_trampoline;
 
 /// The result of one CPUID query.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,6 +85,95 @@ pub unsafe fn write_cr0(value: u64) {
 pub unsafe fn write_cr2(value: u64) {
     // SAFETY: CR2 holds no state the hypervisor depends on.
     unsafe { core::arch::asm!("mov cr2, {0}", in(reg) value, options(nomem, nostack)) };
+}
+
+/// Reads CR2 (the page-fault address register). VMX leaves the guest's CR2 in the real register,
+/// so a vCPU switch saves it with this and gives it back with [`write_cr2`].
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effect; the hypervisor runs at CPL 0.
+    unsafe { core::arch::asm!("mov {0}, cr2", out(reg) value, options(nomem, nostack)) };
+    value
+}
+
+/// The x87/MMX/SSE register image FXSAVE writes and FXRSTOR reads: 512 bytes, 16-byte aligned.
+/// A guest's FPU and SSE registers live in the real registers while it runs (the hypervisor,
+/// built soft-float, never touches them), so a vCPU switch saves and restores this image.
+/// See: SDM Vol 1 10.5.1 "FXSAVE Area", Vol 2A "FXSAVE".
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FpuState(pub [u8; 512]);
+
+impl FpuState {
+    /// The state a new vCPU starts with, as after FNINIT with SSE's default MXCSR: FCW 0x037F
+    /// (bytes 0-1), every x87 register empty (abridged tag byte 4 = 0), MXCSR 0x1F80 (bytes
+    /// 24-27: every SIMD exception masked), all data registers 0. See: SDM Vol 1 8.1.5, 10.2.3.3.
+    pub const fn initial() -> FpuState {
+        let mut image = [0u8; 512];
+        image[0] = 0x7F;
+        image[1] = 0x03;
+        image[24] = 0x80;
+        image[25] = 0x1F;
+        FpuState(image)
+    }
+}
+
+impl Default for FpuState {
+    fn default() -> FpuState {
+        FpuState::initial()
+    }
+}
+
+/// Runs `body` with FXSAVE/FXRSTOR usable and covering the XMM registers: CR0.EM and CR0.TS
+/// clear (else #UD / #NM), CR4.OSFXSR set (else the XMM registers and MXCSR may be left out);
+/// CR0 and CR4 are given back afterwards. See: SDM Vol 2A "FXSAVE" (exceptions, "Operation").
+fn with_fxsr_usable(body: impl FnOnce()) {
+    let cr0 = Cr0::read_raw();
+    let cr4 = Cr4::read_raw();
+    let wanted_cr0 = cr0 & !(Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED).bits();
+    let wanted_cr4 = cr4 | Cr4Flags::OSFXSR.bits();
+    // SAFETY: only EM, TS and OSFXSR change, none of which the soft-float hypervisor relies on;
+    // paging, protection and VMX/SVM bits are untouched.
+    unsafe {
+        if wanted_cr0 != cr0 {
+            Cr0::write_raw(wanted_cr0);
+        }
+        if wanted_cr4 != cr4 {
+            Cr4::write_raw(wanted_cr4);
+        }
+    }
+    body();
+    // SAFETY: restores the values read above.
+    unsafe {
+        if wanted_cr4 != cr4 {
+            Cr4::write_raw(cr4);
+        }
+        if wanted_cr0 != cr0 {
+            Cr0::write_raw(cr0);
+        }
+    }
+}
+
+/// FXSAVE64: the x87/MMX/SSE registers into `state`. See: SDM Vol 2A "FXSAVE".
+pub fn fxsave(state: &mut FpuState) {
+    with_fxsr_usable(|| {
+        // SAFETY: `state` is 512 writable bytes aligned to 16 (its type); EM and TS are clear,
+        // so FXSAVE cannot fault; it only writes the area.
+        unsafe { asm!("fxsave64 [{0}]", in(reg) state.0.as_mut_ptr(), options(nostack)) };
+    });
+}
+
+/// FXRSTOR64: the x87/MMX/SSE registers from `state`.
+///
+/// # Safety
+/// `state` came from [`fxsave`] or [`FpuState::initial`]: FXRSTOR raises #GP when the MXCSR
+/// image sets reserved bits. See: SDM Vol 2A "FXRSTOR".
+pub unsafe fn fxrstor(state: &FpuState) {
+    with_fxsr_usable(|| {
+        // SAFETY: the caller guarantees a valid image (MXCSR reserved bits clear); the area is
+        // 512 readable bytes aligned to 16; EM and TS are clear.
+        unsafe { asm!("fxrstor64 [{0}]", in(reg) state.0.as_ptr(), options(nostack, readonly)) };
+    });
 }
 
 /// Reads CR4.
@@ -216,4 +309,27 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();
     }
+}
+
+/// Opens a one-instruction window for pending maskable interrupts: `STI; NOP; CLI`. STI takes
+/// effect after the instruction that follows it, so an interrupt already pending is delivered
+/// between the NOP and the CLI, and none after. See: SDM Vol 2B 4.3 "STI" (interrupt shadow),
+/// Vol 3A 7.8.1 "Masking maskable hardware interrupts".
+///
+/// Safe: the hypervisor's IDT has a handler for every vector its local APIC can deliver, and
+/// RFLAGS.IF is clear again when this returns. Acts as a compiler barrier (the handlers write
+/// memory).
+pub fn take_pending_interrupts() {
+    // SAFETY: see above; the asm only toggles RFLAGS.IF and leaves it clear.
+    unsafe { asm!("sti", "nop", "cli", options(nostack, preserves_flags)) };
+}
+
+/// Sleeps until the next maskable interrupt and returns after its handler ran: `STI; HLT;
+/// CLI`. HLT sits in STI's interrupt shadow, so an interrupt that arrives between the two
+/// still wakes the HLT (no lost wake-up). See: SDM Vol 2A 3.3 "HLT", Vol 2B 4.3 "STI".
+///
+/// Safe for the same reason as [`take_pending_interrupts`]; RFLAGS.IF is clear on return.
+pub fn idle_until_interrupt() {
+    // SAFETY: see above.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack, preserves_flags)) };
 }

@@ -22,6 +22,7 @@ pub mod lapic;
 pub mod mmio;
 pub mod pci;
 pub mod pic;
+pub mod pit;
 pub mod rtc;
 pub mod uart;
 
@@ -35,5 +36,6 @@ pub use pci::{
     HostBridge, PciBar, PciBarError, PciBus, PciConfigSpace, PciDevice, PciIdentity, PciSlotError,
 };
 pub use pic::Pic;
+pub use pit::{NmiStatusControl, Pit};
 pub use rtc::Rtc;
 pub use uart::Uart16550;

@@ -2,8 +2,12 @@
 //!
 //! Every log line reads `[tsc=<cycles since boot> cpu<N> <LEVEL>] message`; the fixed
 //! summary lines that scripts grep (`ringzero: ...`) are written bare with [`print_line`].
+//! One lock serialises whole lines, so lines from different CPUs never interleave. A fatal
+//! path (exception, panic) takes the console over for good: see
+//! [`break_lock_for_fatal_path`].
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use ringzero_x86::hw;
 use spin::Mutex;
 use uart_16550::{backend::PioBackend, Config, Uart16550, Uart16550Tty};
@@ -14,6 +18,12 @@ const COM1: u16 = 0x3F8;
 static SERIAL: Mutex<Option<Uart16550Tty<PioBackend>>> = Mutex::new(None);
 static BOOT_TSC: spin::Once<u64> = spin::Once::new();
 static LOGGER: SerialLogger = SerialLogger;
+/// No CPU (for the two atomics below).
+const NOBODY: usize = usize::MAX;
+/// The CPU holding [`SERIAL`] (set just after taking it, cleared just before releasing it).
+static SERIAL_OWNER: AtomicUsize = AtomicUsize::new(NOBODY);
+/// The CPU on its way to power-off after an exception or panic; the others stop printing.
+static FATAL_CPU: AtomicUsize = AtomicUsize::new(NOBODY);
 
 /// Brings up COM1 and installs the logger. Called first thing at boot.
 pub fn init() {
@@ -31,6 +41,30 @@ pub fn init() {
     log::set_max_level(log::LevelFilter::Info);
 }
 
+/// Runs `write` on the UART with the console lock held (one whole line per call). A CPU that
+/// finds another CPU on a fatal path parks itself instead: that CPU owns the console now and
+/// is about to power the machine off.
+fn with_serial(write: impl FnOnce(&mut Uart16550Tty<PioBackend>)) {
+    let me = cpu_index();
+    let park_if_another_is_fatal = || {
+        let fatal = FATAL_CPU.load(Ordering::Acquire);
+        fatal != NOBODY && fatal != me
+    };
+    if park_if_another_is_fatal() {
+        hw::halt_forever();
+    }
+    let mut serial = SERIAL.lock();
+    if park_if_another_is_fatal() {
+        drop(serial);
+        hw::halt_forever();
+    }
+    SERIAL_OWNER.store(me, Ordering::Relaxed);
+    if let Some(uart) = serial.as_mut() {
+        write(uart);
+    }
+    SERIAL_OWNER.store(NOBODY, Ordering::Relaxed);
+}
+
 /// The TSC when the hypervisor started (the time base of the log lines).
 pub fn boot_tsc() -> u64 {
     *BOOT_TSC.get().unwrap_or(&0)
@@ -38,11 +72,10 @@ pub fn boot_tsc() -> u64 {
 
 /// Writes one unprefixed line (for the fixed, greppable summary lines).
 pub fn print_line(args: fmt::Arguments<'_>) {
-    let mut serial = SERIAL.lock();
-    if let Some(uart) = serial.as_mut() {
+    with_serial(|uart| {
         let _ = uart.write_fmt(args);
         let _ = uart.write_str("\n");
-    }
+    });
 }
 
 /// Reads the bytes COM1 has received (up to `buffer.len()`) without waiting: one LSR read when
@@ -71,19 +104,42 @@ pub fn drain() {
     }
 }
 
-/// Makes the console usable from a fatal path (exception or panic) that may have interrupted
-/// a holder of the lock. The interrupted code never runs again, so breaking its lock is safe.
+/// Makes the console usable from a fatal path (exception or panic), which may have
+/// interrupted this CPU's own print, and gives it to this CPU for good:
+/// - the first CPU to get here becomes the fatal CPU; a second one parks (one report);
+/// - if this CPU holds the lock, the print it interrupted never resumes: the lock is broken;
+/// - if another CPU holds it, that CPU is printing a line: it may finish (up to 100 ms, then
+///   the lock is broken anyway, the holder being stuck); it parks at its next line.
 pub fn break_lock_for_fatal_path() {
+    let me = cpu_index();
+    match FATAL_CPU.compare_exchange(NOBODY, me, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        // A fault on this CPU's own fatal path: carry on reporting.
+        Err(fatal) if fatal == me => {}
+        Err(_) => hw::halt_forever(),
+    }
+    if !SERIAL.is_locked() {
+        return;
+    }
+    if SERIAL_OWNER.load(Ordering::Relaxed) != me {
+        let deadline = crate::time::deadline_after_millis(100);
+        while SERIAL.is_locked() && !crate::time::passed(deadline) {
+            core::hint::spin_loop();
+        }
+    }
     if SERIAL.is_locked() {
-        // SAFETY: only called on the way to power-off; the interrupted lock holder will not
-        // resume, so no two writers use the UART at the same time afterwards.
+        // SAFETY: the holder is either this CPU's interrupted print, which never resumes, or a
+        // CPU that did not finish one line in 100 ms and parks before its next; from here on
+        // only this CPU writes to the UART.
         unsafe { SERIAL.force_unlock() };
     }
 }
 
-/// The index of the CPU running this code (its initial APIC ID until per-CPU data exists).
-pub fn cpu_index() -> u32 {
-    hw::cpuid(1, 0).ebx >> 24
+/// The logical index of the CPU running this code (0 = the boot CPU), found from its initial
+/// APIC ID (CPUID leaf 1, EBX bits 31:24) in the table `smp` fills before it starts a CPU.
+/// See: SDM Vol 2A 3.3 "CPUID", Table 3-8 (initial APIC ID).
+pub fn cpu_index() -> usize {
+    crate::smp::index_of_apic_id(hw::cpuid(1, 0).ebx >> 24)
 }
 
 struct SerialLogger;
@@ -98,16 +154,15 @@ impl log::Log for SerialLogger {
             return;
         }
         let since_boot = hw::rdtsc().wrapping_sub(*BOOT_TSC.get().unwrap_or(&0));
-        let mut serial = SERIAL.lock();
-        if let Some(uart) = serial.as_mut() {
+        let cpu = cpu_index();
+        with_serial(|uart| {
             let _ = writeln!(
                 uart,
-                "[tsc={since_boot:>13} cpu{} {:<5}] {}",
-                cpu_index(),
+                "[tsc={since_boot:>13} cpu{cpu} {:<5}] {}",
                 record.level(),
                 record.args()
             );
-        }
+        });
     }
 
     fn flush(&self) {}

@@ -1,10 +1,15 @@
-//! Per-CPU descriptor tables (GDT, TSS with its interrupt stacks) and the shared IDT whose
-//! exception handlers report and power off.
+//! Per-CPU descriptor tables (GDT, TSS with its interrupt stacks) and the shared IDT: its
+//! exception handlers report and power off; its interrupt handlers (local APIC tick, kick,
+//! spurious, anything else) count and acknowledge.
+//!
+//! The hypervisor runs with RFLAGS.IF = 0 everywhere except inside [`take_pending_interrupts`]
+//! and [`idle_until_interrupt`], so an interrupt handler never runs in the middle of other
+//! hypervisor code (and may therefore not take any lock that code holds: none does).
 //!
 //! See: SDM Vol 3A 7.2 "Task management data structures" (64-bit TSS, IST), 6.14
 //! "Exception and interrupt handling in 64-bit mode".
 
-use crate::{console, memory, power};
+use crate::{apic, console, memory, power};
 use alloc::boxed::Box;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -70,6 +75,19 @@ pub fn init_this_cpu() {
     normalize_cr0();
 }
 
+/// Lets the interrupts already pending on this CPU in, runs their handlers (which acknowledge
+/// them), and closes again: for the scheduler, right after a guest exit caused by an external
+/// interrupt (the hypervisor itself runs with interrupts off).
+pub fn take_pending_interrupts() {
+    ringzero_x86::hw::take_pending_interrupts();
+}
+
+/// Halts this CPU until an interrupt (a tick, a kick) arrives and has been handled; interrupts
+/// are off again on return. For an idle CPU.
+pub fn idle_until_interrupt() {
+    ringzero_x86::hw::idle_until_interrupt();
+}
+
 /// Masks every line of the legacy 8259 PICs. The firmware leaves the PIT's IRQ 0 unmasked;
 /// the hypervisor takes no interrupts through the PIC, and a request left pending there would
 /// make every guest with interrupts enabled exit over and over (external-interrupt exiting).
@@ -122,6 +140,14 @@ static IDT: spin::Lazy<InterruptDescriptorTable> = spin::Lazy::new(|| {
     idt.x87_floating_point.set_handler_fn(x87_floating_point);
     idt.alignment_check.set_handler_fn(alignment_check);
     idt.simd_floating_point.set_handler_fn(simd_floating_point);
+    // Interrupts from the local APIC. See: SDM Vol 3A 6.2 (vectors 32..255 are free for
+    // external interrupts), 11.9 (the spurious vector is not acknowledged).
+    idt[apic::TICK_VECTOR].set_handler_fn(tick_interrupt);
+    idt[apic::KICK_VECTOR].set_handler_fn(kick_interrupt);
+    for vector in apic::KICK_VECTOR + 1..apic::SPURIOUS_VECTOR {
+        idt[vector].set_handler_fn(unexpected_interrupt);
+    }
+    idt[apic::SPURIOUS_VECTOR].set_handler_fn(spurious_interrupt);
     // SAFETY: the IST indices name stacks that init_this_cpu puts in every CPU's TSS before
     // this IDT is loaded on that CPU.
     unsafe {
@@ -215,6 +241,21 @@ fatal_handler!(x87_floating_point, 16, "#MF x87 floating point");
 fatal_handler!(alignment_check, 17, "#AC alignment check", error_code);
 fatal_handler!(simd_floating_point, 19, "#XM SIMD floating point");
 fatal_handler!(non_maskable, 2, "NMI");
+
+extern "x86-interrupt" fn tick_interrupt(_frame: InterruptStackFrame) {
+    apic::handle_tick();
+}
+
+extern "x86-interrupt" fn kick_interrupt(_frame: InterruptStackFrame) {
+    apic::handle_kick();
+}
+
+extern "x86-interrupt" fn unexpected_interrupt(_frame: InterruptStackFrame) {
+    apic::handle_unexpected();
+}
+
+/// A spurious interrupt sets no in-service bit: no EOI. See: SDM Vol 3A 11.9.
+extern "x86-interrupt" fn spurious_interrupt(_frame: InterruptStackFrame) {}
 
 extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, error_code: PageFaultErrorCode) {
     report_and_power_off(14, "#PF page fault", Some(error_code.bits()), &frame)

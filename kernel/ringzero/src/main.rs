@@ -3,11 +3,15 @@
 //! The boot flow (each step logs what it found):
 //! 1. serial console and logging;
 //! 2. host memory: physical window, heap, frame allocator (from the bootloader's map);
-//! 3. this CPU's GDT/TSS and the IDT (exceptions report and power off);
-//! 4. host ACPI tables: CPU count, power-off registers;
+//! 3. this CPU's GDT/TSS and the IDT (exceptions report and power off), the TSC calibrated
+//!    against the PIT, this CPU's local APIC (its timer measured against the TSC);
+//! 4. host ACPI tables: the CPUs (local APIC IDs), power-off registers;
 //! 5. the boot manifest from the ramdisk (packed by `boot/`);
-//! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off;
-//! 7. run the manifest's VMs, concurrently on every CPU (`scheduler`, `guests`);
+//! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off; then start
+//!    the other CPUs (`smp`), each preparing virtualization for itself and idling, and check
+//!    the boot CPU's tick and a kick to each;
+//! 7. run the manifest's VMs, concurrently on every CPU that can virtualize (`scheduler`,
+//!    `guests`);
 //! 8. power off with a status (see `power`).
 #![no_std]
 #![no_main]
@@ -15,6 +19,7 @@
 
 extern crate alloc;
 
+mod apic;
 mod console;
 mod console_input;
 mod cpu;
@@ -23,12 +28,18 @@ mod memory;
 mod platform;
 mod power;
 mod scheduler;
+mod smp;
+mod time;
 mod virt;
 
 use bootloader_api::config::Mapping;
 use bootloader_api::{entry_point, BootInfo, BootloaderConfig};
 use power::ExitStatus;
 use ringzero_loader::manifest::{Manifest, TestHook};
+use virt::Extension;
+
+/// The extension found on the boot CPU, for the other CPUs to prepare themselves with.
+static EXTENSION: spin::Once<Extension> = spin::Once::new();
 
 /// What the hypervisor asks of the bootloader: all of physical memory mapped (the "physical
 /// window") and a generous boot stack.
@@ -67,20 +78,29 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     cpu::init_this_cpu();
     cpu::mask_legacy_pic();
     log::info!("cpu: GDT, TSS (IST stacks for #DF, NMI, #MC) and IDT loaded");
+    time::calibrate();
+    if let Err(error) = apic::init_this_cpu() {
+        log::warn!("apic: {error}; no timer, no other CPUs");
+    }
 
     // Step 4.
     let host = platform::discover(boot_info.rsdp_addr.into_option());
     match host.power_off {
         Some(power_off) => {
             log::info!(
-                "acpi: {} CPU(s); S5 via PM1a_CNT port {:#x} SLP_TYP {}",
+                "acpi: {} CPU(s), local APIC IDs {:?}; S5 via PM1a_CNT port {:#x} SLP_TYP {}",
                 host.cpu_count,
+                host.cpu_apic_ids,
                 power_off.pm1a_control_port,
                 power_off.sleep_type.a
             );
             power::set_acpi_power_off(power_off);
         }
-        None => log::info!("acpi: {} CPU(s); no ACPI power-off", host.cpu_count),
+        None => log::info!(
+            "acpi: {} CPU(s), local APIC IDs {:?}; no ACPI power-off",
+            host.cpu_count,
+            host.cpu_apic_ids
+        ),
     }
 
     // Step 5.
@@ -108,6 +128,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         log::error!("virtualization smoke test failed: {error}");
         power::power_off(ExitStatus::CannotVirtualize);
     }
+    let extension = *EXTENSION.call_once(|| extension);
+    let online = smp::start_application_processors(application_processor_idle);
+    check_interrupts(online);
 
     // Step 7.
     let own = guests::HypervisorMemory {
@@ -116,7 +139,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         heap_start: summary.heap_start,
         heap_size: summary.heap_size,
     };
-    let all_passed = scheduler::run_all(&manifest, extension.clone(), &own);
+    let all_passed = scheduler::run_all(&manifest, extension, &own);
 
     // Step 8.
     if all_passed {
@@ -125,6 +148,57 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     } else {
         log::warn!("at least one guest failed (see the ringzero: vm lines); powering off");
         power::power_off(ExitStatus::GuestFailed)
+    }
+}
+
+/// What each other CPU runs: prepare virtualization for itself (reporting a CPU that cannot),
+/// then run the vCPUs the scheduler places on it, sleeping between ticks and kicks.
+fn application_processor_idle(cpu_index: usize) -> ! {
+    match EXTENSION.get().map(virt::prepare_this_cpu) {
+        Some(Ok(())) => {
+            log::info!("virt: cpu{cpu_index} can virtualize; waiting for vCPUs");
+            scheduler::application_processor(cpu_index)
+        }
+        Some(Err(refusal)) => log::warn!("virt: cpu{cpu_index} cannot virtualize: {refusal}"),
+        None => log::warn!("virt: cpu{cpu_index} started before detection; idle"),
+    }
+    loop {
+        cpu::idle_until_interrupt();
+    }
+}
+
+/// Checks the interrupt paths once: the boot CPU's APIC timer tick (then stopped again, so no
+/// timer interrupt is pending when a guest runs) and a kick IPI to every other CPU.
+fn check_interrupts(online: usize) {
+    if !apic::available() {
+        return;
+    }
+    const TICK_HZ: u32 = 1000;
+    const TICKS: u64 = 10;
+    let (ticks, micros) = apic::check_tick(TICK_HZ, TICKS);
+    let count = apic::timer_hz() / u64::from(TICK_HZ);
+    if ticks >= TICKS {
+        log::info!("apic: tick at {TICK_HZ} Hz (timer count {count}) works: {ticks} ticks in {micros} us; stopped until the scheduler needs it");
+    } else {
+        log::warn!("apic: tick at {TICK_HZ} Hz (timer count {count}): only {ticks} of {TICKS} ticks in {micros} us");
+    }
+    if online > 1 {
+        let missing = smp::check_kicks();
+        if missing == 0 {
+            log::info!(
+                "smp: every other CPU woke for a kick (vector {:#x})",
+                apic::KICK_VECTOR
+            );
+        }
+        // A CPU that took its kick is in its idle loop, so it has prepared virtualization.
+        let ready = (0..online)
+            .filter(|&cpu| virt::cpu_can_virtualize(cpu))
+            .count();
+        log::info!("virt: {ready} of {online} CPUs can virtualize");
+    }
+    let unexpected = apic::unexpected_count();
+    if unexpected != 0 {
+        log::warn!("apic: {unexpected} interrupt(s) on unexpected vectors (acknowledged, ignored)");
     }
 }
 

@@ -3,13 +3,19 @@
 //!
 //! The allocator hands out 4 KiB frames from the usable regions in order (a bump pointer per
 //! region) and keeps freed frames on a list threaded through the frames themselves. The heap
-//! is one contiguous block carved from the largest usable region before anything else.
+//! is one contiguous block carved from the largest usable region before anything else. One
+//! usable page below 1 MiB is kept out of the allocator for the application processors'
+//! real-mode start-up code (a STARTUP IPI can only point below 1 MiB), see `smp.rs`.
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
-use x86_64::structures::paging::{OffsetPageTable, PageTable, Translate};
-use x86_64::VirtAddr;
+use x86_64::structures::paging::mapper::{MapToError, MappedFrame, TranslateResult};
+use x86_64::structures::paging::{
+    FrameAllocator as MapperFrameAllocator, Mapper, OffsetPageTable, Page, PageTable,
+    PageTableFlags, PhysFrame, Size4KiB, Translate,
+};
+use x86_64::{PhysAddr, VirtAddr};
 
 pub use ringzero_memory::HostPhysAddr;
 
@@ -23,6 +29,11 @@ const MAX_REGIONS: usize = 128;
 static HEAP: LockedHeap = LockedHeap::empty();
 
 static PHYSICAL_MEMORY_OFFSET: spin::Once<u64> = spin::Once::new();
+static AP_STARTUP_PAGE: spin::Once<Option<HostPhysAddr>> = spin::Once::new();
+
+/// Real-mode memory ends at the VGA hole; a STARTUP IPI vector VV names page VV000h, and
+/// vectors A0h..BFh are reserved. See: SDM Vol 3A 9.4.4.1, 11.6.1 (start-up IPI).
+const REAL_MODE_END: u64 = 0xA_0000;
 static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::empty());
 
 struct FrameAllocator {
@@ -135,7 +146,26 @@ pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<Memo
             .init(heap_virtual as *mut u8, HEAP_SIZE as usize)
     };
 
+    // The highest usable page below the VGA hole (and above page 0) becomes the start-up page
+    // of the other CPUs: the bootloader never allocates below 1 MiB, so it is free, and the
+    // top of conventional memory stays clear of the first 64 KiB some firmware scribbles on.
+    let startup_page = usable()
+        .filter_map(|(start, end)| {
+            let top = end.min(REAL_MODE_END);
+            (top >= start.max(FRAME_SIZE) + FRAME_SIZE).then(|| top - FRAME_SIZE)
+        })
+        .max();
+    AP_STARTUP_PAGE.call_once(|| startup_page.map(HostPhysAddr));
+
     let mut frames = FRAMES.lock();
+    let mut add = |start: u64, end: u64| {
+        if end > start && frames.region_count < MAX_REGIONS {
+            let index = frames.region_count;
+            frames.regions[index] = (start, end);
+            frames.region_count += 1;
+            frames.total_frames += (end - start) / FRAME_SIZE;
+        }
+    };
     for (start, end) in usable() {
         let start = if start == heap_region_start {
             start + HEAP_SIZE
@@ -143,11 +173,12 @@ pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<Memo
             start
         };
         let start = start.max(FRAME_SIZE);
-        if end > start && frames.region_count < MAX_REGIONS {
-            let index = frames.region_count;
-            frames.regions[index] = (start, end);
-            frames.region_count += 1;
-            frames.total_frames += (end - start) / FRAME_SIZE;
+        match startup_page {
+            Some(page) if (start..end).contains(&page) => {
+                add(start, page);
+                add(page + FRAME_SIZE, end);
+            }
+            _ => add(start, end),
         }
     }
     frames.next_frame = frames.regions[0].0;
@@ -157,6 +188,12 @@ pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<Memo
         heap_size: HEAP_SIZE,
         free_frames: frames.total_frames,
     })
+}
+
+/// The page below 1 MiB kept for the application processors' start-up code (`None` when the
+/// memory map has no usable page there). Never handed out by the frame allocator.
+pub fn ap_startup_page() -> Option<HostPhysAddr> {
+    AP_STARTUP_PAGE.get().copied().flatten()
 }
 
 /// Allocates one zeroed 4 KiB frame.
@@ -221,4 +258,101 @@ pub fn read_kernel_word(address: u64) -> Option<u64> {
     mapper.translate_addr(virtual_address)?;
     // SAFETY: the page holding this aligned word is mapped (translated just above).
     Some(unsafe { (address as *const u64).read_volatile() })
+}
+
+/// The frame allocator as the `x86_64` crate's mapper wants it (for new page-table levels).
+struct MapperFrames;
+
+// SAFETY: every frame handed out is fresh (taken from the allocator, zeroed) and unused.
+unsafe impl MapperFrameAllocator<Size4KiB> for MapperFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        allocate_frame().map(|frame| PhysFrame::containing_address(PhysAddr::new(frame.0)))
+    }
+}
+
+/// Runs `f` on the active page tables (CR3), reached through the physical window.
+fn with_active_page_table<T>(f: impl FnOnce(&mut OffsetPageTable<'static>) -> T) -> T {
+    let offset = *PHYSICAL_MEMORY_OFFSET
+        .get()
+        .expect("memory::init runs first");
+    let (level_4_frame, _) = x86_64::registers::control::Cr3::read();
+    let level_4 = (offset + level_4_frame.start_address().as_u64()) as *mut PageTable;
+    // SAFETY: CR3 names the active level-4 table, which the physical window maps writable.
+    // Only the boot CPU edits the page tables, and only while no other CPU walks the part it
+    // changes (the application processors are started one at a time, after the edit).
+    let mut mapper = unsafe { OffsetPageTable::new(&mut *level_4, VirtAddr::new(offset)) };
+    f(&mut mapper)
+}
+
+/// How [`identity_map`] left the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityMapping {
+    /// Mapped by this call: [`unmap_identity`] removes it again.
+    Added,
+    /// Already mapped to itself (left as it was).
+    AlreadyThere,
+}
+
+/// Maps the 4 KiB page at virtual address `frame` to physical `frame` (present, writable,
+/// executable) in the active page tables, for code that runs with paging on at its physical
+/// address: the application processors' start-up code.
+pub fn identity_map(frame: HostPhysAddr) -> Result<IdentityMapping, alloc::string::String> {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(frame.0));
+    let physical = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(frame.0));
+    with_active_page_table(|mapper| {
+        // SAFETY: the virtual page is in the lower half, where the kernel keeps nothing of its
+        // own (the mapping is checked first); the frame is reserved for this use.
+        let result = unsafe {
+            mapper.map_to(
+                page,
+                physical,
+                PageTableFlags::PRESENT | PageTableFlags::WRITABLE,
+                &mut MapperFrames,
+            )
+        };
+        match result {
+            Ok(flush) => {
+                flush.flush();
+                Ok(IdentityMapping::Added)
+            }
+            Err(MapToError::PageAlreadyMapped(existing)) if existing == physical => {
+                Ok(IdentityMapping::AlreadyThere)
+            }
+            Err(error) => Err(alloc::format!(
+                "cannot identity-map {:#x}: {error:?}",
+                frame.0
+            )),
+        }
+    })
+}
+
+/// Removes a mapping [`identity_map`] added (the page-table levels it created stay).
+pub fn unmap_identity(frame: HostPhysAddr) {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(frame.0));
+    with_active_page_table(|mapper| {
+        if let Ok((_, flush)) = mapper.unmap(page) {
+            flush.flush();
+        }
+    });
+}
+
+/// The physical address a kernel virtual address maps to, with its leaf flags (`None` when
+/// unmapped). For checks such as "does the physical window cover the local APIC".
+pub fn translate(address: u64) -> Option<(HostPhysAddr, PageTableFlags)> {
+    let virtual_address = VirtAddr::try_new(address).ok()?;
+    with_active_page_table(|mapper| match mapper.translate(virtual_address) {
+        TranslateResult::Mapped {
+            frame,
+            offset,
+            flags,
+        } => {
+            let start = match frame {
+                MappedFrame::Size4KiB(frame) => frame.start_address(),
+                MappedFrame::Size2MiB(frame) => frame.start_address(),
+                MappedFrame::Size1GiB(frame) => frame.start_address(),
+            };
+            Some((HostPhysAddr(start.as_u64() + offset), flags))
+        }
+        _ => None,
+    })
 }

@@ -1,5 +1,5 @@
-//! The host machine as ACPI describes it: how many CPUs (MADT) and how to power off (FADT's
-//! PM1 control blocks plus the DSDT's `\_S5` sleep type). Parsing is the `acpi` crate's; this
+//! The host machine as ACPI describes it: its CPUs (the MADT's local APICs) and how to power
+//! off (FADT's PM1 control blocks plus the DSDT's `\_S5` sleep type). Parsing is the `acpi` crate's; this
 //! file only gives it access to physical memory and keeps what the hypervisor needs.
 
 use crate::memory::{self, HostPhysAddr};
@@ -7,6 +7,7 @@ use acpi::address::AddressSpace;
 use acpi::sdt::fadt::Fadt;
 use acpi::sdt::madt::{Madt, MadtEntry};
 use acpi::{AcpiTables, Handler, PciAddress, PhysicalMapping};
+use alloc::vec::Vec;
 use core::ptr::NonNull;
 use ringzero_x86::acpi_sleep::{self, SleepType};
 
@@ -27,7 +28,26 @@ pub struct AcpiPowerOff {
 pub struct HostPlatform {
     /// CPUs the MADT lists as usable (enabled or online-capable), the boot CPU included.
     pub cpu_count: u32,
+    /// Local APIC IDs of the enabled CPUs, the boot CPU's first, then the others in MADT
+    /// order (the same list as [`cpu_apic_ids`]).
+    pub cpu_apic_ids: &'static [u32],
     pub power_off: Option<AcpiPowerOff>,
+}
+
+static CPU_APIC_IDS: spin::Once<Vec<u32>> = spin::Once::new();
+
+/// The local APIC IDs of the host's enabled CPUs, the boot CPU's first (what [`discover`]
+/// found; just the boot CPU's before it ran or without a MADT).
+pub fn cpu_apic_ids() -> &'static [u32] {
+    match CPU_APIC_IDS.get() {
+        Some(ids) => ids,
+        None => CPU_APIC_IDS.call_once(|| alloc::vec![boot_cpu_apic_id()]),
+    }
+}
+
+/// The boot CPU's initial APIC ID. See: SDM Vol 2A 3.3 "CPUID", leaf 1 EBX bits 31:24.
+fn boot_cpu_apic_id() -> u32 {
+    ringzero_x86::hw::cpuid(1, 0).ebx >> 24
 }
 
 /// Maps physical memory for the `acpi` crate through the physical window (nothing to unmap).
@@ -107,13 +127,15 @@ fn unimplemented_access<T: Default>() -> T {
 /// Reads the host's ACPI tables from the RSDP the bootloader found. Errors are logged and
 /// give a platform with one CPU and no ACPI power-off (the emulator exit ports still work).
 pub fn discover(rsdp_address: Option<u64>) -> HostPlatform {
-    let fallback = HostPlatform {
+    // (A function: the APIC ID list is fixed by its first use.)
+    let fallback = || HostPlatform {
         cpu_count: 1,
+        cpu_apic_ids: cpu_apic_ids(),
         power_off: None,
     };
     let Some(rsdp_address) = rsdp_address else {
         log::warn!("acpi: the bootloader found no RSDP; assuming one CPU and no ACPI power-off");
-        return fallback;
+        return fallback();
     };
     // SAFETY: the bootloader located this RSDP (checksummed) in firmware memory, which the
     // physical window maps.
@@ -121,23 +143,52 @@ pub fn discover(rsdp_address: Option<u64>) -> HostPlatform {
         Ok(tables) => tables,
         Err(error) => {
             log::warn!("acpi: cannot read the tables at RSDP {rsdp_address:#x}: {error:?}");
-            return fallback;
+            return fallback();
         }
     };
-    let cpu_count = match tables.find_table::<Madt>() {
-        Some(madt) => count_usable_cpus(&madt),
+    let (cpu_count, apic_ids) = match tables.find_table::<Madt>() {
+        Some(madt) => (count_usable_cpus(&madt), enabled_apic_ids(&madt)),
         None => {
             log::warn!("acpi: no MADT; assuming one CPU");
-            1
+            (1, alloc::vec![boot_cpu_apic_id()])
         }
     };
+    let cpu_apic_ids = CPU_APIC_IDS.call_once(|| apic_ids);
     let power_off = tables
         .find_table::<Fadt>()
         .and_then(|fadt| power_off_from(&tables, &fadt));
     HostPlatform {
         cpu_count,
+        cpu_apic_ids,
         power_off,
     }
+}
+
+/// The APIC IDs of the enabled local APIC / x2APIC entries, the boot CPU's moved to the front
+/// (added if the MADT forgot it). Online-capable but disabled entries are hot-plug slots, not
+/// CPUs to start. See: ACPI 6.5 5.2.12.2 and 5.2.12.12 (flags bit 0 Enabled).
+fn enabled_apic_ids(madt: &PhysicalMapping<WindowHandler, Madt>) -> Vec<u32> {
+    const ENABLED: u32 = 1;
+    let mut ids: Vec<u32> = madt
+        .get()
+        .entries()
+        .filter_map(|entry| match entry {
+            MadtEntry::LocalApic(local) if local.flags & ENABLED != 0 => {
+                Some(u32::from(local.apic_id))
+            }
+            MadtEntry::LocalX2Apic(local) if local.flags & ENABLED != 0 => Some(local.x2apic_id),
+            _ => None,
+        })
+        .collect();
+    let boot = boot_cpu_apic_id();
+    let mut seen = Vec::with_capacity(ids.len());
+    ids.retain(|&id| {
+        let fresh = id != boot && !seen.contains(&id);
+        seen.push(id);
+        fresh
+    });
+    ids.insert(0, boot);
+    ids
 }
 
 /// Counts the local APIC / x2APIC entries that are enabled or online-capable.

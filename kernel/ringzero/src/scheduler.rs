@@ -133,20 +133,41 @@ impl Platform for CpuPlatform {
     }
 }
 
-/// What the scheduler needs of the host CPUs (bring-up, timer, interrupts).
+/// What the scheduler needs of the host CPUs: bring-up (`smp`), time (`time`), the local APIC
+/// timer and kicks (`apic`), and the interrupt windows (`cpu`).
 mod host {
-    pub fn online_cpus() -> usize {
-        1
+    use crate::{apic, cpu, smp, time};
+
+    /// The scheduler's tick: at least one exit every 1/TICK_HZ s on every CPU with vCPUs.
+    const TICK_HZ: u32 = 1000;
+
+    /// For each online CPU, whether it can take vCPUs: it prepared virtualization for itself
+    /// (the boot CPU always did, or nothing would run).
+    pub fn usable_cpus() -> alloc::vec::Vec<bool> {
+        (0..smp::cpus_online().max(1))
+            .map(|cpu| cpu == 0 || crate::virt::cpu_can_virtualize(cpu))
+            .collect()
     }
     pub fn tsc_hz() -> u64 {
-        2_600_000_000
+        time::tsc_hz()
     }
-    pub fn start_tick() {}
-    pub fn take_pending_interrupts() {}
+    pub fn start_tick() {
+        if apic::available() {
+            apic::start_tick(TICK_HZ);
+        }
+    }
+    pub fn take_pending_interrupts() {
+        cpu::take_pending_interrupts();
+    }
     pub fn idle_until_interrupt() {
-        core::hint::spin_loop();
+        cpu::idle_until_interrupt();
     }
-    pub fn kick(_cpu: usize) {}
+    /// Wakes CPU `cpu` (out of its idle HLT, or out of its guest through an exit).
+    pub fn kick(cpu: usize) {
+        if let Some(apic_id) = smp::apic_id_of(cpu) {
+            apic::send_fixed(apic_id, apic::KICK_VECTOR);
+        }
+    }
 }
 
 /// Runs every VM of the manifest, concurrently on every online CPU. Called on the bootstrap
@@ -169,7 +190,8 @@ pub fn run_all(
         log::error!("no memory for the integrity canary");
         return false;
     };
-    let online = host::online_cpus();
+    let usable = host::usable_cpus();
+    let online = usable.len();
     let kind = guests::BackendKind::of(&extension);
     let clock = ringzero_devices::TimerClock {
         tsc_hz: host::tsc_hz(),
@@ -189,9 +211,12 @@ pub fn run_all(
             .iter()
             .map(|&cpu| usize::from(cpu))
             .collect();
-        if let Some(&missing) = pin.iter().find(|&&cpu| cpu >= online) {
+        if let Some(&missing) = pin
+            .iter()
+            .find(|&&cpu| !usable.get(cpu).copied().unwrap_or(false))
+        {
             log::error!(
-                "vm {}: pinned to cpu{missing}, but only {online} CPU(s) are online (cpu0..cpu{}); VM not started",
+                "vm {}: pinned to cpu{missing}, which is not online or cannot virtualize ({online} CPU(s) online: cpu0..cpu{}); VM not started",
                 vm_manifest.name,
                 online - 1
             );
@@ -213,7 +238,7 @@ pub fn run_all(
         let mut cpus_of_vm = Vec::new();
         for vcpu in 0..vcpus {
             let cpu = match pin.len() {
-                0 => least_loaded(&per_cpu),
+                0 => least_loaded(&per_cpu, &usable),
                 1 => pin[0],
                 _ => pin[vcpu],
             };
@@ -301,9 +326,10 @@ pub fn run_all(
 /// The APIC timer input clock guests see (1 GHz: one count per nanosecond before division).
 const GUEST_APIC_TIMER_HZ: u64 = 1_000_000_000;
 
-/// The CPU with the fewest vCPUs placed on it (the lowest-numbered among equals).
-fn least_loaded(per_cpu: &[Vec<Placement>]) -> usize {
+/// The usable CPU with the fewest vCPUs placed on it (the lowest-numbered among equals).
+fn least_loaded(per_cpu: &[Vec<Placement>], usable: &[bool]) -> usize {
     (0..per_cpu.len())
+        .filter(|&cpu| usable[cpu])
         .min_by_key(|&cpu| per_cpu[cpu].len())
         .unwrap_or(0)
 }
@@ -465,7 +491,11 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         }
         let vcpu = vcpus[index].as_mut().expect("picked vCPUs exist");
         vcpu.as_vcpu().set_preemption_timer(Some(slice));
-        let exits_before = slot.vm.lock().vcpus[placement.vcpu].stats.exits;
+        let (exits_before, guest_cycles_before) = {
+            let vm = slot.vm.lock();
+            let vcpu_stats = &vm.vcpus[placement.vcpu].stats;
+            (vcpu_stats.exits, vcpu_stats.guest_cycles)
+        };
         let outcome = vm::run_slice(
             &slot.vm,
             placement.vcpu,
@@ -480,6 +510,10 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             stats
                 .exits
                 .fetch_add(vcpu_stats.exits - exits_before, Ordering::Relaxed);
+            stats.guest_cycles.fetch_add(
+                vcpu_stats.guest_cycles - guest_cycles_before,
+                Ordering::Relaxed,
+            );
         }
         last_preempted = outcome == SliceEnd::Preempted;
         if outcome == SliceEnd::VmEnded {
@@ -497,13 +531,6 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             }
             vcpu_done(schedule, placement.slot, cpu);
         }
-    }
-    for placement in mine {
-        let vm = schedule.slots[placement.slot].vm.lock();
-        stats.guest_cycles.fetch_add(
-            vm.vcpus[placement.vcpu].stats.guest_cycles,
-            Ordering::Relaxed,
-        );
     }
 }
 

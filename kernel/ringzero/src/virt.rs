@@ -1,19 +1,26 @@
 //! Can this machine virtualize? Reads CPUID and the capability MSRs once, decodes them with
 //! the pure functions of `ringzero_x86::caps`, prints the fixed summary line and a readable
 //! table, enables VT-x / SVM where firmware left it unlocked, and smoke-tests it by turning
-//! virtualization on and off again on the boot CPU.
+//! virtualization on and off again on the boot CPU. The enable step is per CPU (the MSRs are):
+//! each other CPU runs [`prepare_this_cpu`] when it comes up, and [`cpu_can_virtualize`] says
+//! which CPUs may run guests.
 //!
 //! See: SDM Vol 3C 24.6 "Discovering support for VMX", 24.7 "Enabling and entering VMX
 //! operation"; APM Vol 2 15.4 "Enabling SVM", 15.30.4 "VM_HSAVE_PA MSR".
 
 use crate::memory::{self, HostPhysAddr};
+use crate::smp::MAX_CPUS;
+use core::sync::atomic::{AtomicBool, Ordering};
 use ringzero_x86::caps::svm::{self, SvmCapabilities, SvmCpuid, SvmEnableState};
 use ringzero_x86::caps::vmx::{self, FeatureControlState, VmxCapabilities, VmxMsrs};
 use ringzero_x86::caps::{Refusal, Vendor, VirtSummary};
 use ringzero_x86::hw;
 
+/// Which CPUs (by logical index) passed [`prepare_this_cpu`] (the boot CPU: [`detect`]).
+static CAN_VIRTUALIZE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
 /// The virtualization extension this machine offers, decoded.
-#[derive(Clone)]
+#[derive(Clone, Copy, Debug)]
 pub enum Extension {
     Vmx(VmxCapabilities),
     Svm(SvmCapabilities),
@@ -130,16 +137,47 @@ pub fn detect(cpus: u32) -> Result<Extension, Refusal> {
             for line in alloc::format!("{capabilities}").lines() {
                 log::info!("vmx: {line}");
             }
-            enable_vmx()?;
         }
         Extension::Svm(capabilities) => {
             for line in alloc::format!("{capabilities}").lines() {
                 log::info!("svm: {line}");
             }
-            enable_svm()?;
         }
     }
+    prepare_this_cpu(&extension)?;
     Ok(extension)
+}
+
+/// Makes the extension usable on the CPU running this (the feature MSRs are per CPU): checks
+/// this CPU's CPUID bit, then IA32_FEATURE_CONTROL (VMX) or VM_CR (SVM), enabling where
+/// firmware left them unlocked. Records the result for [`cpu_can_virtualize`].
+pub fn prepare_this_cpu(extension: &Extension) -> Result<(), Refusal> {
+    let leaf0 = hw::cpuid(0, 0);
+    let vendor = Vendor::from_cpuid_vendor(leaf0.ebx, leaf0.edx, leaf0.ecx);
+    let result = match extension {
+        Extension::Vmx(_) if hw::cpuid(1, 0).ecx & vmx::CPUID_1_ECX_VMX == 0 => {
+            Err(Refusal::NoVirtualizationExtension { vendor })
+        }
+        Extension::Svm(_)
+            if hw::cpuid(0x8000_0000, 0).eax < 0x8000_0001
+                || hw::cpuid(0x8000_0001, 0).ecx & svm::CPUID_80000001_ECX_SVM == 0 =>
+        {
+            Err(Refusal::NoVirtualizationExtension { vendor })
+        }
+        Extension::Vmx(_) => enable_vmx(),
+        Extension::Svm(_) => enable_svm(),
+    };
+    if let Some(flag) = CAN_VIRTUALIZE.get(crate::console::cpu_index()) {
+        flag.store(result.is_ok(), Ordering::Release);
+    }
+    result
+}
+
+/// Whether CPU `cpu_index` passed [`prepare_this_cpu`].
+pub fn cpu_can_virtualize(cpu_index: usize) -> bool {
+    CAN_VIRTUALIZE
+        .get(cpu_index)
+        .is_some_and(|flag| flag.load(Ordering::Acquire))
 }
 
 /// Makes VMXON legal: IA32_FEATURE_CONTROL must be locked with VMX-outside-SMX set.

@@ -99,6 +99,12 @@ enum Access {
         size: u8,
         value: u64,
     },
+    /// BT with an immediate bit offset: CF = that bit of the loaded value (the offset is taken
+    /// modulo the operand size). See: SDM Vol 2A "BT—Bit Test".
+    TestBit {
+        size: u8,
+        bit: u32,
+    },
 }
 
 fn access_of(instruction: &Instruction, vcpu: &dyn Vcpu) -> Result<Access, &'static str> {
@@ -138,7 +144,37 @@ fn access_of(instruction: &Instruction, vcpu: &dyn Vcpu) -> Result<Access, &'sta
                 sign_extend: instruction.mnemonic() == Mnemonic::Movsx,
             })
         }
-        _ => Err("not a MOV form"),
+        Mnemonic::Bt
+            if instruction.op0_kind() == OpKind::Memory
+                && instruction.op1_kind() == OpKind::Immediate8 =>
+        {
+            Ok(Access::TestBit {
+                size: memory_size,
+                bit: (instruction.immediate(1) as u32) % (u32::from(memory_size) * 8),
+            })
+        }
+        _ => Err("not a MOV form or BT with an immediate"),
+    }
+}
+
+/// RFLAGS.CF.
+const RFLAGS_CF: u64 = 1;
+
+/// Reads `size` bytes of the device registers at `address`.
+fn load(vm: &mut Vm, target: Target, platform: &mut dyn Platform, address: u64, size: u8) -> u64 {
+    match target {
+        Target::Bus => vm
+            .mmio
+            .read(address, size)
+            .unwrap_or(ringzero_devices::mmio::size_mask(size)),
+        Target::LocalApic(index) => {
+            let now = platform.timestamp();
+            u64::from(
+                vm.vcpus[index]
+                    .apic
+                    .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
+            ) & ringzero_devices::mmio::size_mask(size)
+        }
     }
 }
 
@@ -193,25 +229,18 @@ pub fn emulate(
                 }
             }
         }
+        Access::TestBit { size, bit } => {
+            let value = load(vm, target, platform, address, size);
+            let flags = vcpu.register(Register::Rflags);
+            let carry = (value >> bit) & 1;
+            vcpu.set_register(Register::Rflags, (flags & !RFLAGS_CF) | carry);
+        }
         Access::Load {
             size,
             destination,
             sign_extend: extend,
         } => {
-            let raw = match target {
-                Target::Bus => vm
-                    .mmio
-                    .read(address, size)
-                    .unwrap_or(ringzero_devices::mmio::size_mask(size)),
-                Target::LocalApic(index) => {
-                    let now = platform.timestamp();
-                    u64::from(
-                        vm.vcpus[index]
-                            .apic
-                            .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
-                    ) & ringzero_devices::mmio::size_mask(size)
-                }
-            };
+            let raw = load(vm, target, platform, address, size);
             let value = if extend { sign_extend(raw, size) } else { raw };
             write_destination(vcpu, destination, value);
         }

@@ -197,6 +197,17 @@ pub fn control_register(
         other => other,
     };
     let GuestPaging::Shadow { visible, engine } = &mut vm.paging else {
+        // Nested paging: only a write that changed a bit the host owns exits (VMX: CR0.NE and
+        // the other bits VMX requires, through the guest/host masks); the backend performs it.
+        if let ControlRegisterAccess::Write {
+            register: register @ (0 | 4),
+            source: Some(source),
+        } = access
+        {
+            if vcpu.write_guest_control_register(register, vcpu.register(source)) {
+                return Ok(true);
+            }
+        }
         return Err(VmEnd::Unhandled {
             code: 0xC0,
             info1: 0,

@@ -56,6 +56,8 @@ pub struct VcpuState {
     pub apic: LocalApic,
     pub activity: Activity,
     pub stats: VcpuStats,
+    /// Whether the interrupt window was requested from the backend and not taken yet.
+    window_open: bool,
 }
 
 impl VcpuState {
@@ -71,6 +73,7 @@ impl VcpuState {
                 Activity::WaitingForStartup
             },
             stats: VcpuStats::default(),
+            window_open: false,
         }
     }
 }
@@ -108,7 +111,13 @@ pub fn next_timer(vm: &mut Vm, index: usize, now: u64) -> Option<u64> {
 /// Just before entry: apply a pending startup IPI, fire the APIC timer if due, and inject the
 /// highest pending interrupt if the guest can take it now, else ask for an exit as soon as it
 /// can (the interrupt window).
-pub fn prepare_entry(vm: &mut Vm, index: usize, vcpu: &mut dyn Vcpu, now: u64) {
+pub fn prepare_entry(
+    vm: &mut Vm,
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    now: u64,
+    exit_was_window: bool,
+) {
     let state = &mut vm.vcpus[index];
     if let Activity::StartupPending { vector } = state.activity {
         vcpu.start_at_startup_vector(vector);
@@ -121,15 +130,24 @@ pub fn prepare_entry(vm: &mut Vm, index: usize, vcpu: &mut dyn Vcpu, now: u64) {
     }
     let state = &mut vm.vcpus[index];
     state.apic.advance_timer(now);
-    match state.apic.pending_vector() {
+    let wanted_window = match state.apic.pending_vector() {
         Some(vector) if vcpu.can_inject_interrupt() => {
             vcpu.inject_interrupt(vector);
             state.apic.acknowledge(vector);
             state.stats.interrupts += 1;
-            vcpu.request_interrupt_window(false);
+            false
         }
-        Some(_) => vcpu.request_interrupt_window(true),
-        None => vcpu.request_interrupt_window(false),
+        Some(_) => true,
+        None => false,
+    };
+    // The backend closes the window itself when its exit is taken; otherwise open or close it
+    // only when that changes.
+    if exit_was_window {
+        state.window_open = false;
+    }
+    if wanted_window != state.window_open {
+        vcpu.request_interrupt_window(wanted_window);
+        state.window_open = wanted_window;
     }
 }
 

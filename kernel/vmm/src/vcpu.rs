@@ -152,4 +152,11 @@ pub trait Vcpu {
     /// preemption timer (VMX preemption timer), or removes the bound (`None`). Returns false when
     /// there is no such timer (SVM: the scheduler relies on the host timer interrupt instead).
     fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool;
+    /// Nested paging: the guest wrote `value` to CR0 (`register` 0) or CR4 (4) and the hardware
+    /// exited because the write changed a bit the host owns (VMX: a bit of the guest/host mask,
+    /// such as CR0.NE, which VMX requires set). Performs the write as the CPU would: the guest
+    /// reads back `value`, the real register keeps the bits VMX requires, and turning paging on
+    /// or off with EFER.LME set enters or leaves IA-32e mode. Returns false when the backend never
+    /// asks for this (SVM does not intercept these writes under nested paging).
+    fn write_guest_control_register(&mut self, register: u8, value: u64) -> bool;
 }

@@ -279,7 +279,7 @@ impl LockVm for spin::Mutex<Vm> {
     }
 }
 
-impl<'v> LockVm for RefCell<&'v mut Vm> {
+impl LockVm for RefCell<&mut Vm> {
     type Guard<'a>
         = RefMut<'a, Vm>
     where
@@ -356,6 +356,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
     host: &mut dyn HostMemory,
     slice_end: u64,
 ) -> SliceEnd {
+    let mut last_exit_was_window = false;
     loop {
         // Step 1: under the lock, see whether the VM still runs and what this vCPU must do:
         // start (SIPI), stay blocked, or take an interrupt at entry.
@@ -384,7 +385,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
                 }
                 Activity::Running | Activity::StartupPending { .. } => {}
             }
-            smp::prepare_entry(&mut vm, index, vcpu, now);
+            smp::prepare_entry(&mut vm, index, vcpu, now, last_exit_was_window);
         }
         // Step 2: enter the guest; the backend's world switch returns at the next exit.
         platform.guest_entering();
@@ -392,6 +393,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
         let exit = vcpu.run();
         let exited = platform.timestamp();
         platform.guest_left();
+        last_exit_was_window = exit == VmExit::InterruptWindow;
         if exit == VmExit::ExternalInterrupt {
             // A host interrupt (timer tick, a kick from another CPU) made the guest exit: the
             // host takes it now, outside the VM's lock.

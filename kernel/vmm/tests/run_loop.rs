@@ -109,6 +109,30 @@ struct FakeVcpu {
     entries: Vec<Registers>,
     efer: u64,
     efer_writes: Vec<u64>,
+    /// The scheduler's interface: external interrupts injected, in order (`inject_interrupt`).
+    interrupts_injected: Vec<u8>,
+    /// Whether the interrupt window is asked for (`request_interrupt_window`); like the
+    /// hardware, a scripted [`VmExit::InterruptWindow`] closes it again.
+    window_requested: bool,
+    /// Every `request_interrupt_window` call, in order.
+    window_requests: Vec<bool>,
+    /// The vector of the last `start_at_startup_vector`.
+    startup_vector: Option<u8>,
+    activations: u32,
+    deactivations: u32,
+    /// Whether this vCPU is the active one (between `activate` and `deactivate`).
+    active: bool,
+    /// What `can_inject_interrupt` answers when no injection is queued (tests set it; the
+    /// guest's IF and interrupt shadow in one flag).
+    interruptible: bool,
+    /// `write_guest_control_register` calls, and whether the fake accepts them.
+    control_register_writes: Vec<(u8, u64)>,
+    control_register_writes_supported: bool,
+    /// An injected interrupt not yet delivered: taken at the next `run`.
+    interrupt_queued: bool,
+    /// The last `set_preemption_timer` argument, and what it answers (VMX: true, SVM: false).
+    preemption_timer: Option<u64>,
+    preemption_timer_supported: bool,
 }
 
 impl FakeVcpu {
@@ -139,6 +163,19 @@ impl FakeVcpu {
             entries: Vec::new(),
             efer: 0x500,
             efer_writes: Vec::new(),
+            interrupts_injected: Vec::new(),
+            window_requested: false,
+            window_requests: Vec::new(),
+            startup_vector: None,
+            activations: 0,
+            deactivations: 0,
+            active: false,
+            interruptible: true,
+            control_register_writes: Vec::new(),
+            control_register_writes_supported: false,
+            interrupt_queued: false,
+            preemption_timer: None,
+            preemption_timer_supported: true,
         }
     }
 
@@ -158,25 +195,76 @@ impl FakeVcpu {
 }
 
 impl Vcpu for FakeVcpu {
-    // Stubs for the scheduler's interface; the real implementations follow (issue 6).
-    fn activate(&mut self) {}
-    fn deactivate(&mut self) {}
-    fn can_inject_interrupt(&self) -> bool {
-        false
+    fn activate(&mut self) {
+        self.activations += 1;
+        self.active = true;
     }
-    fn inject_interrupt(&mut self, _vector: u8) {}
-    fn request_interrupt_window(&mut self, _enabled: bool) {}
-    fn start_at_startup_vector(&mut self, _vector: u8) {}
-    fn set_preemption_timer(&mut self, _tsc_cycles: Option<u64>) -> bool {
-        false
+
+    fn deactivate(&mut self) {
+        self.deactivations += 1;
+        self.active = false;
+    }
+
+    fn can_inject_interrupt(&self) -> bool {
+        self.interruptible && !self.interrupt_queued
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.interrupts_injected.push(vector);
+        self.interrupt_queued = true;
+    }
+
+    fn request_interrupt_window(&mut self, enabled: bool) {
+        self.window_requests.push(enabled);
+        self.window_requested = enabled;
+    }
+
+    /// Real mode at (vector << 8):0 as after INIT + SIPI: RIP 0, RFLAGS 0x2, GPRs 0, CS base
+    /// vector << 12, 16-bit code.
+    fn start_at_startup_vector(&mut self, vector: u8) {
+        self.startup_vector = Some(vector);
+        self.registers = Registers::default();
+        self.registers.set(Register::Rflags, RFLAGS_FIXED);
+        self.state = GuestSnapshot {
+            rip: 0,
+            rsp: 0,
+            rflags: RFLAGS_FIXED,
+            cr0: 0x6000_0010,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            cs_base: u64::from(vector) << 12,
+            cs_long_mode: false,
+            cs_default_32: false,
+            cpl: 0,
+        };
+        self.efer = 0;
+        self.interrupt_queued = false;
+    }
+
+    fn write_guest_control_register(&mut self, register: u8, value: u64) -> bool {
+        self.control_register_writes.push((register, value));
+        self.control_register_writes_supported
+    }
+
+    fn set_preemption_timer(&mut self, tsc_cycles: Option<u64>) -> bool {
+        if self.preemption_timer_supported {
+            self.preemption_timer = tsc_cycles;
+        }
+        self.preemption_timer_supported
     }
 
     fn run(&mut self) -> VmExit {
         self.entries.push(self.registers);
+        // The injected interrupt is delivered at this entry.
+        self.interrupt_queued = false;
         match self.script.pop_front() {
             Some(step) => {
                 for (register, value) in step.setup {
                     self.registers.set(register, value);
+                }
+                if step.exit == VmExit::InterruptWindow {
+                    self.window_requested = false;
                 }
                 step.exit
             }
@@ -1058,6 +1146,62 @@ fn external_interrupt_resumes_at_the_same_rip() {
     assert_eq!(h.run(), success());
     assert_eq!(h.vcpu.rip_at_entry(1), START_RIP);
     assert!(h.vcpu.injected.is_empty());
+}
+
+#[test]
+fn window_and_timer_exits_resume_at_the_same_rip() {
+    let mut h = Harness::new(vec![
+        step(&[], VmExit::InterruptWindow),
+        step(&[], VmExit::PreemptionTimer),
+    ]);
+    h.vcpu.request_interrupt_window(true);
+    assert_eq!(h.run(), success());
+    assert_eq!(h.vcpu.rip_at_entry(1), START_RIP);
+    assert_eq!(h.vcpu.rip_at_entry(2), START_RIP);
+    assert!(h.vcpu.injected.is_empty());
+    assert!(h.vcpu.interrupts_injected.is_empty());
+    // Like the hardware, the fake closes the window once the exit is taken.
+    assert!(!h.vcpu.window_requested);
+    assert_eq!(h.vcpu.window_requests, [true]);
+    let stats = &h.vm.stats;
+    assert_eq!(stats.get(Reason::InterruptWindow).count, 1);
+    assert_eq!(stats.get(Reason::PreemptionTimer).count, 1);
+}
+
+/// The fake vCPU's side of the scheduler interface, as the core's tests will rely on it.
+#[test]
+fn fake_vcpu_records_the_scheduler_interface() {
+    let mut vcpu = FakeVcpu::new(Vec::new());
+    assert!(vcpu.can_inject_interrupt(), "interruptible by default");
+    vcpu.activate();
+    assert!(vcpu.active);
+    vcpu.inject_interrupt(0x30);
+    assert!(!vcpu.can_inject_interrupt(), "one event queued at a time");
+    let _ = vcpu.run();
+    assert!(vcpu.can_inject_interrupt(), "delivered at the entry");
+    vcpu.interruptible = false;
+    assert!(!vcpu.can_inject_interrupt());
+    vcpu.deactivate();
+    assert_eq!(
+        (vcpu.activations, vcpu.deactivations, vcpu.active),
+        (1, 1, false)
+    );
+    assert_eq!(vcpu.interrupts_injected, [0x30]);
+
+    assert!(vcpu.set_preemption_timer(Some(10_000)));
+    assert_eq!(vcpu.preemption_timer, Some(10_000));
+    assert!(vcpu.set_preemption_timer(None));
+    assert_eq!(vcpu.preemption_timer, None);
+    vcpu.preemption_timer_supported = false;
+    assert!(!vcpu.set_preemption_timer(Some(1)), "SVM has no such timer");
+
+    vcpu.start_at_startup_vector(0x9A);
+    assert_eq!(vcpu.startup_vector, Some(0x9A));
+    let snapshot = vcpu.snapshot();
+    assert_eq!((snapshot.rip, snapshot.cs_base), (0, 0x9_A000));
+    assert_eq!(snapshot.code_bitness(), 16);
+    assert!(!snapshot.interrupts_enabled());
+    assert_eq!(vcpu.register(Register::Rdx), 0);
 }
 
 #[test]
