@@ -16,22 +16,31 @@
 //!
 //! Bytes arriving before [`start`] stay in the UART (its FIFO, then the line's flow control
 //! under QEMU) until the first [`poll`].
+//!
+//! Every static here starts as all zeros, so it lives in `.bss`: the memory check after each VM
+//! (`guests::IntegrityCheck`) hashes the kernel image as loaded, `.data` included, and a
+//! changing `.data` static (a `Vec::new()`, or an `Option` whose `None` is not zero) would read
+//! as the kernel image being overwritten.
 
 use crate::console;
+use alloc::boxed::Box;
 use alloc::string::String;
-use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use ringzero_vmm::console_switch::{Action, ConsoleSwitch};
 use spin::Mutex;
 
 /// Bytes taken from the UART per [`poll`] (more wait for the next call).
 const MAX_BYTES_PER_POLL: usize = 64;
 
-static SWITCH: Mutex<Option<ConsoleSwitch>> = Mutex::new(None);
+/// Boxed, so that `None` is a null pointer (all zeros, `.bss`).
+static SWITCH: Mutex<Option<Box<ConsoleSwitch>>> = Mutex::new(None);
 /// Whether [`start`] has run: [`poll`] reads nothing before.
 static STARTED: AtomicBool = AtomicBool::new(false);
-/// VMs reported by [`vm_ended`] that [`poll`] has not told the switch about yet.
-static ENDED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// VMs reported by [`vm_ended`] that [`poll`] has not told the switch about yet, one bit per
+/// VM index (VM `i` is bit `i % 64` of word `i / 64`). The manifest allows at most 64 vCPUs,
+/// so at most 64 VMs; an index beyond the bitmap is not recorded, and [`poll`] still finds
+/// such a VM ended when `route` refuses its first byte.
+static ENDED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static ENDED_PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Hook 1: the VMs exist; input goes to the first. Prints
@@ -39,7 +48,7 @@ static ENDED_PENDING: AtomicBool = AtomicBool::new(false);
 pub fn start<S: Into<String>>(names: impl IntoIterator<Item = S>) {
     let switch = ConsoleSwitch::new(names);
     console::print_line(format_args!("{}", switch.announcement()));
-    *SWITCH.lock() = Some(switch);
+    *SWITCH.lock() = Some(Box::new(switch));
     STARTED.store(true, Ordering::Release);
 }
 
@@ -58,11 +67,14 @@ pub fn poll(route: &mut dyn FnMut(usize, u8) -> bool) {
         return;
     };
     if ENDED_PENDING.swap(false, Ordering::AcqRel) {
-        let ended = core::mem::take(&mut *ENDED.lock());
-        for vm in ended {
-            if let Some(line) = switch.vm_ended(vm) {
-                console::print_line(format_args!("{line}"));
-            }
+        let ended = ENDED.iter().enumerate().flat_map(|(word_index, word)| {
+            let bits = word.swap(0, Ordering::AcqRel);
+            (0..64)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| word_index * 64 + bit)
+        });
+        if let Some(line) = switch.vms_ended(ended) {
+            console::print_line(format_args!("{line}"));
         }
     }
     for &byte in &buffer[..count] {
@@ -82,8 +94,10 @@ pub fn poll(route: &mut dyn FnMut(usize, u8) -> bool) {
     }
 }
 
-/// Hook 3: VM `vm` has ended. Safe from any CPU and under any lock.
+/// Hook 3: VM `vm` has ended. Safe from any CPU and under any lock (it takes none).
 pub fn vm_ended(vm: usize) {
-    ENDED.lock().push(vm);
-    ENDED_PENDING.store(true, Ordering::Release);
+    if let Some(word) = ENDED.get(vm / 64) {
+        word.fetch_or(1 << (vm % 64), Ordering::AcqRel);
+        ENDED_PENDING.store(true, Ordering::Release);
+    }
 }

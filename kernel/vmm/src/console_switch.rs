@@ -145,15 +145,22 @@ impl ConsoleSwitch {
     /// VM `vm` has ended (or cannot take input). If it had the input, the input moves to the
     /// next running VM; returns the announcement to print then.
     pub fn vm_ended(&mut self, vm: usize) -> Option<String> {
-        let target = self.targets.get_mut(vm)?;
-        if !target.running {
+        self.vms_ended([vm])
+    }
+
+    /// Several VMs have ended at once: all are marked first, so the input moves (at most once)
+    /// straight to a VM that still runs; returns the announcement to print then.
+    pub fn vms_ended(&mut self, vms: impl IntoIterator<Item = usize>) -> Option<String> {
+        for vm in vms {
+            if let Some(target) = self.targets.get_mut(vm) {
+                target.running = false;
+            }
+        }
+        let selected = self.selected?;
+        if self.targets[selected].running {
             return None;
         }
-        target.running = false;
-        if self.selected != Some(vm) {
-            return None;
-        }
-        self.selected = self.next_running_after(vm);
+        self.selected = self.next_running_after(selected);
         Some(self.announcement())
     }
 
@@ -411,6 +418,24 @@ mod tests {
         // Ending twice says nothing more.
         assert_eq!(switch.vm_ended(2), None);
         assert_eq!(switch.vm_ended(9), None, "no such VM");
+    }
+
+    #[test]
+    fn vms_ending_together_move_the_input_once_to_one_still_running() {
+        let mut switch = three();
+        // alpha has the input; alpha and beta end together: straight to gamma, one line.
+        assert_eq!(
+            switch.vms_ended([0, 1]).as_deref(),
+            Some("ringzero: console input -> vm gamma (Ctrl-A n: next, Ctrl-A ?: help)")
+        );
+        let mut switch = three();
+        assert_eq!(
+            switch.vms_ended([2, 0, 1]).as_deref(),
+            Some("ringzero: console input -> none (no VM is running)")
+        );
+        let mut switch = three();
+        assert_eq!(switch.vms_ended([1, 2]), None, "alpha keeps the input");
+        assert_eq!(switch.vms_ended([]), None);
     }
 
     #[test]
