@@ -12,8 +12,8 @@ const CLEAN: i32 = 0;
 /// Ctrl-A, the escape key.
 const ESCAPE: char = '\u{1}';
 
-/// Boots `config` under QEMU (SVM, BIOS image) with `input` typed on the console.
-fn boot_with_input(test: &str, config: &str, input: &str) -> Run {
+/// Boots `config` under QEMU (SVM, BIOS image, `cpus` CPUs) with `input` typed on the console.
+fn boot_with_input(test: &str, cpus: &str, config: &str, input: &str) -> Run {
     let path = std::env::temp_dir().join(format!(
         "ringzero-console-{}-{test}.bin",
         std::process::id()
@@ -21,6 +21,8 @@ fn boot_with_input(test: &str, config: &str, input: &str) -> Run {
     std::fs::write(&path, input).expect("write the input file");
     let run = boot(&[
         "--bios",
+        "--smp",
+        cpus,
         "--config",
         config,
         "--input",
@@ -32,8 +34,25 @@ fn boot_with_input(test: &str, config: &str, input: &str) -> Run {
     run
 }
 
+/// One CPU: the two VMs time-share CPU 0, which also reads the console.
 #[test]
 fn qemu_svm_input_goes_to_the_selected_vm_and_ctrl_a_switches_it() {
+    input_goes_to_the_selected_vm_and_ctrl_a_switches_it("1");
+}
+
+/// Two CPUs: each VM on its own CPU; CPU 0 reads the console and feeds the VM on CPU 1 too.
+#[test]
+fn qemu_svm_input_reaches_vms_on_two_cpus() {
+    let run = input_goes_to_the_selected_vm_and_ctrl_a_switches_it("2");
+    assert_ne!(
+        run.vcpu("e1", 0).cpu,
+        run.vcpu("e2", 0).cpu,
+        "the two VMs shared a CPU\n{}",
+        run.report()
+    );
+}
+
+fn input_goes_to_the_selected_vm_and_ctrl_a_switches_it(cpus: &str) -> Run {
     // Enter is "\r", as a terminal sends it.
     let input = [
         "hello one\r".to_string(),            // to e1, which has the input at boot
@@ -47,7 +66,12 @@ fn qemu_svm_input_goes_to_the_selected_vm_and_ctrl_a_switches_it() {
         "back to one\rquit\r".to_string(),    // to e1, which ends
     ]
     .concat();
-    let run = boot_with_input("switch", "tests/configs/echo-two.toml", &input);
+    let run = boot_with_input(
+        &format!("switch-{cpus}"),
+        cpus,
+        "tests/configs/echo-two.toml",
+        &input,
+    );
     run.assert_status(CLEAN);
     // The boot line says where input goes and how to switch, before any VM has output.
     let boot_line =
@@ -95,4 +119,5 @@ fn qemu_svm_input_goes_to_the_selected_vm_and_ctrl_a_switches_it() {
         "{first:?} and {second:?} did not run at the same time\n{}",
         run.report()
     );
+    run
 }
