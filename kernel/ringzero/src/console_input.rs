@@ -10,7 +10,7 @@
 //!    most), outside any VM's lock. It reads what arrived on COM1 and calls `route(vm, byte)`
 //!    for each byte meant for VM `vm`; `route` queues it on that VM's UART (with
 //!    `ringzero_vmm::console_switch::push_to_console`) and returns false when the VM cannot
-//!    take it. With no input it costs an atomic load, a lock attempt and one LSR read.
+//!    take it. With no input it costs two atomic loads and one LSR read (an IN).
 //! 3. [`vm_ended`] when a VM has ended, from any CPU, holding any locks: it only records the
 //!    index; the next [`poll`] moves the input on and says so.
 //!
@@ -37,9 +37,9 @@ static SWITCH: Mutex<Option<Box<ConsoleSwitch>>> = Mutex::new(None);
 /// Whether [`start`] has run: [`poll`] reads nothing before.
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// VMs reported by [`vm_ended`] that [`poll`] has not told the switch about yet, one bit per
-/// VM index (VM `i` is bit `i % 64` of word `i / 64`). The manifest allows at most 64 vCPUs,
-/// so at most 64 VMs; an index beyond the bitmap is not recorded, and [`poll`] still finds
-/// such a VM ended when `route` refuses its first byte.
+/// VM index (VM `i` is bit `i % 64` of word `i / 64`): room for 256 VMs, where the manifest
+/// allows at most 64 (one vCPU each at least, 64 vCPUs in all). An index beyond the bitmap is
+/// not recorded; [`poll`] still finds such a VM ended when `route` refuses its first byte.
 static ENDED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static ENDED_PENDING: AtomicBool = AtomicBool::new(false);
 
