@@ -188,22 +188,14 @@ fn overcommit_on_qemu_with_one_gib() {
     }
     run.assert_serial_contains("ringzero: vm hog exit=out-of-host-memory status=255");
     run.assert_serial_contains("out of host memory: no frame for the guest's page at");
-    let order: Vec<usize> = [
-        "ringzero: vm small-1 ",
-        "ringzero: vm hog ",
-        "ringzero: vm small-2 ",
-        "ringzero: vm small-3 ",
-    ]
-    .iter()
-    .map(|needle| {
-        run.serial
-            .find(needle)
-            .unwrap_or_else(|| panic!("missing {needle:?}\n{}", run.report()))
-    })
-    .collect();
-    assert!(
-        order.windows(2).all(|pair| pair[0] < pair[1]),
-        "{}",
-        run.report()
-    );
+    // The VMs run at the same time: the small ones finish their 150 MiB while the hog is still
+    // taking frames, and the hog is stopped once the host has none left.
+    let hog = run.position_of("ringzero: vm hog ");
+    for name in ["small-1", "small-2", "small-3"] {
+        assert!(
+            run.position_of(&format!("ringzero: vm {name} ")) < hog,
+            "{name} ended after the hog\n{}",
+            run.report()
+        );
+    }
 }
