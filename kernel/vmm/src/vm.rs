@@ -18,7 +18,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::{RefCell, RefMut};
 use core::ops::DerefMut;
-use ringzero_devices::{DeviceEvent, ExitPort, MmioBus, PortBus, TimerClock, Uart16550};
+use ringzero_devices::{DeviceEvent, ExitPort, IoApic, MmioBus, PortBus, TimerClock, Uart16550};
 use ringzero_memory::{GuestPhysAddr, GuestRam, HostMemory};
 
 /// The status reported for a VM the hypervisor stopped (triple fault, bad access, ...).
@@ -56,6 +56,10 @@ pub struct Vm {
     /// Something other than the vCPUs can interrupt them (devices with interrupt lines): an
     /// HLT then waits even with one vCPU and no APIC timer.
     pub interrupt_sources: bool,
+    /// The I/O APIC (Linux VMs): routes device interrupt lines to the vCPUs' local APICs.
+    pub io_apic: Option<IoApic>,
+    /// The device interrupt lines (I/O APIC pins) last seen asserted, bit per pin.
+    pub(crate) irq_lines: u32,
     console_line: Vec<u8>,
     msrs_reported: BTreeSet<u32>,
 }
@@ -97,6 +101,8 @@ impl Vm {
             deadline: None,
             time_limit_seconds: 0,
             interrupt_sources: false,
+            io_apic: None,
+            irq_lines: 0,
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
@@ -624,6 +630,20 @@ fn handle(
                 guest_physical.0,
             )
             .err(),
+            // The I/O APIC's registers.
+            None if vm.io_apic.is_some()
+                && guest_physical.0 & !0xFFF == IoApic::BASE =>
+            {
+                crate::mmio::emulate(
+                    vm,
+                    crate::mmio::Target::IoApic,
+                    vcpu,
+                    platform,
+                    host,
+                    guest_physical.0,
+                )
+                .err()
+            }
             // A device's registers: emulate the instruction that touched them.
             None if vm.mmio.owns(guest_physical.0) => crate::mmio::emulate(
                 vm,
@@ -720,6 +740,12 @@ fn handle_io(
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
+    // The PIT counts in time: bring it to now before the guest looks at it.
+    if matches!(io.port, 0x40..=0x43 | 0x61) {
+        if let Some(pit) = vm.bus.device_mut::<ringzero_devices::Pit>(ringzero_devices::Pit::BASE) {
+            pit.advance(platform.timestamp());
+        }
+    }
     let access = match io.direction {
         IoDirection::In => {
             let access = vm.bus.read(io.port, io.size);
