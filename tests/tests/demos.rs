@@ -170,7 +170,7 @@ fn shadow_demo_shows_the_traps_shadow_paging_costs() {
             run.report()
         );
     }
-    let (nested, shadow) = counts("all exits");
+    let (nested, shadow) = counts("all exits the guest caused");
     assert!(shadow > nested, "{}", run.report());
 }
 

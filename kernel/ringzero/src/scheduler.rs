@@ -138,8 +138,10 @@ impl Platform for CpuPlatform {
 mod host {
     use crate::{apic, cpu, smp, time};
 
-    /// The scheduler's tick: at least one exit every 1/TICK_HZ s on every CPU with vCPUs.
-    const TICK_HZ: u32 = 1000;
+    /// The scheduler's tick: at least one exit every 1/TICK_HZ s on every CPU with vCPUs (and
+    /// the wake-up of an idle CPU). 250 Hz: 4 ms, under the 10 ms slice; under Bochs, whose TSC
+    /// counts instructions at 4 MHz, that is one tick per 16,000 guest instructions.
+    const TICK_HZ: u32 = 250;
 
     /// For each online CPU, whether it can take vCPUs: it prepared virtualization for itself
     /// (the boot CPU always did, or nothing would run).

@@ -205,4 +205,13 @@ impl Reason {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// Exits the host causes, not the guest's instructions: host interrupts (the scheduler's
+    /// tick, kicks), the interrupt window it asked for, the end of a time slice.
+    pub fn made_by_the_host(self) -> bool {
+        matches!(
+            self,
+            Reason::ExternalInterrupt | Reason::InterruptWindow | Reason::PreemptionTimer
+        )
+    }
 }

@@ -101,8 +101,9 @@ pub fn handle(
             })
         }
         number::EXIT_STATISTICS => {
-            vcpu.set_register(Register::Rbx, vm.stats.total_exits());
-            vcpu.set_register(Register::Rcx, vm.stats.total_cycles());
+            let caused = vm.stats.guest_caused();
+            vcpu.set_register(Register::Rbx, caused.count);
+            vcpu.set_register(Register::Rcx, caused.cycles);
             status::SUCCESS
         }
         _ => status::UNKNOWN_HYPERCALL,

@@ -42,6 +42,21 @@ impl ExitStats {
         self.reasons.iter().map(|entry| entry.count).sum()
     }
 
+    /// Exits the guest's own instructions caused, and their cycles: every exit except those of
+    /// the host's making (a host interrupt, the interrupt window, the preemption timer), whose
+    /// number depends on the host's timer and the other VMs, not on the guest.
+    pub fn guest_caused(&self) -> ReasonStats {
+        let mut total = ReasonStats::default();
+        for reason in Reason::ALL {
+            if !reason.made_by_the_host() {
+                let entry = self.get(reason);
+                total.count += entry.count;
+                total.cycles += entry.cycles;
+            }
+        }
+        total
+    }
+
     /// The table printed when a VM ends, one line per reason that occurred:
     /// `  reason             count   cycles   avg`.
     pub fn table(&self) -> String {

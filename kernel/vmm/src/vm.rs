@@ -419,7 +419,9 @@ pub fn run_slice<L: LockVm + ?Sized>(
             // Another vCPU ended the VM while this one ran: this exit no longer matters.
             return SliceEnd::VmEnded;
         }
-        if vm.trace {
+        // The trap trace shows what the guest's instructions trapped, not the host's own exits
+        // (its timer tick, the interrupt window, the end of a slice).
+        if vm.trace && !exit.reason().made_by_the_host() {
             trace_exit(vm, vcpu, host, &exit);
         }
         let outcome = handle(vm, index, vcpu, platform, host, &exit);
