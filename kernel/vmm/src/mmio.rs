@@ -177,12 +177,12 @@ fn load(vm: &mut Vm, target: Target, platform: &mut dyn Platform, address: u64, 
                     .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
             ) & ringzero_devices::mmio::size_mask(size)
         }
-        Target::IoApic => vm.io_apic.as_mut().map_or(
-            ringzero_devices::mmio::size_mask(size),
-            |io_apic| {
+        Target::IoApic => vm
+            .io_apic
+            .as_mut()
+            .map_or(ringzero_devices::mmio::size_mask(size), |io_apic| {
                 u64::from(io_apic.read_mmio(address - ringzero_devices::IoApic::BASE, size))
-            },
-        ),
+            }),
     }
 }
 

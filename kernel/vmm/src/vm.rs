@@ -26,6 +26,9 @@ pub const STATUS_STOPPED: u32 = 255;
 /// Exception vectors injected into guests.
 const VECTOR_INVALID_OPCODE: u8 = 6;
 const VECTOR_GENERAL_PROTECTION: u8 = 13;
+/// The ACPI PM blocks of the PC platform (`PlatformDescription::pc`: PM1a at 0x600, the PM timer
+/// at 0x608).
+const ACPI_PM_BASE: u16 = 0x600;
 /// Console lines longer than this are split.
 const MAX_CONSOLE_LINE: usize = 1024;
 
@@ -633,9 +636,7 @@ fn handle(
             )
             .err(),
             // The I/O APIC's registers.
-            None if vm.io_apic.is_some()
-                && guest_physical.0 & !0xFFF == IoApic::BASE =>
-            {
+            None if vm.io_apic.is_some() && guest_physical.0 & !0xFFF == IoApic::BASE => {
                 crate::mmio::emulate(
                     vm,
                     crate::mmio::Target::IoApic,
@@ -742,10 +743,18 @@ fn handle_io(
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
-    // The PIT counts in time: bring it to now before the guest looks at it.
+    // The PIT and the ACPI PM timer count in time: bring them to now before the guest looks.
     if matches!(io.port, 0x40..=0x43 | 0x61) {
-        if let Some(pit) = vm.bus.device_mut::<ringzero_devices::Pit>(ringzero_devices::Pit::BASE) {
+        if let Some(pit) = vm
+            .bus
+            .device_mut::<ringzero_devices::Pit>(ringzero_devices::Pit::BASE)
+        {
             pit.advance(platform.timestamp());
+        }
+    } else if (ACPI_PM_BASE..ACPI_PM_BASE + 0x10).contains(&io.port) {
+        let tsc_hz = vm.vcpus[0].apic.clock().tsc_hz;
+        if let Some(pm) = vm.bus.device_mut::<ringzero_devices::AcpiPm>(ACPI_PM_BASE) {
+            pm.set_tsc(platform.timestamp(), tsc_hz);
         }
     }
     let access = match io.direction {
