@@ -102,6 +102,21 @@ impl Run {
         }
     }
 
+    /// Like [`Run::exit_count`], 0 when the table has no row for `reason`.
+    pub fn exit_count_or_zero(&self, reason: &str) -> u64 {
+        let has_row = self.serial.lines().any(|line| {
+            line.split(']')
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                == Some(reason)
+        });
+        if has_row {
+            self.exit_count(reason)
+        } else {
+            0
+        }
+    }
+
     /// The count column of the exit-statistics row for `reason` (first table in the run).
     pub fn exit_count(&self, reason: &str) -> u64 {
         let row = self

@@ -313,7 +313,19 @@ impl SvmVcpu {
     }
 
     /// Gives the pages back (for the caller to free) when the VM is gone.
-    pub fn into_frames(self) -> SvmFrames {
+    /// Erases the guest's registers kept in hypervisor memory (the general-purpose registers
+    /// saved at each exit, the x87/SSE registers saved by `deactivate`), where the vCPU lies:
+    /// call it before moving the vCPU out of its place (a move leaves the old bytes behind), so
+    /// no guest data lingers in the heap once the vCPU is gone.
+    pub fn erase_saved_registers(&mut self) {
+        self.saved_fpu.erase();
+        // SAFETY: `self.registers` is a valid, exclusive, aligned place of that type.
+        unsafe { core::ptr::write_volatile(&mut self.registers, GuestRegisters::default()) };
+    }
+
+    pub fn into_frames(mut self) -> SvmFrames {
+        // The guest's x87/SSE registers saved by `deactivate` are erased with the vCPU.
+        self.saved_fpu.erase();
         self.frames
     }
 

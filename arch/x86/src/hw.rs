@@ -105,6 +105,15 @@ pub fn read_cr2() -> u64 {
 pub struct FpuState(pub [u8; 512]);
 
 impl FpuState {
+    /// Overwrites the image with zeros (volatile writes the compiler keeps), so a guest's
+    /// register contents do not linger in the hypervisor's memory once its vCPU is gone.
+    pub fn erase(&mut self) {
+        for byte in self.0.iter_mut() {
+            // SAFETY: `byte` is a valid, exclusive reference into the image.
+            unsafe { core::ptr::write_volatile(byte, 0) };
+        }
+    }
+
     /// The state a new vCPU starts with, as after FNINIT with SSE's default MXCSR: FCW 0x037F
     /// (bytes 0-1), every x87 register empty (abridged tag byte 4 = 0), MXCSR 0x1F80 (bytes
     /// 24-27: every SIMD exception masked), all data registers 0. See: SDM Vol 1 8.1.5, 10.2.3.3.

@@ -172,6 +172,14 @@ impl AnyVcpu {
         }
     }
 
+    /// Erases the guest registers the vCPU keeps in hypervisor memory, in place.
+    pub fn erase_saved_registers(&mut self) {
+        match self {
+            AnyVcpu::Svm(vcpu) => vcpu.erase_saved_registers(),
+            AnyVcpu::Vmx(vcpu) => vcpu.erase_saved_registers(),
+        }
+    }
+
     pub fn tear_down(self) {
         match self {
             AnyVcpu::Svm(vcpu) => {
@@ -387,8 +395,10 @@ impl IntegrityCheck {
         })
     }
 
-    /// Returns a description of what is wrong, or None when everything is intact.
-    pub fn verify(&self) -> Option<&'static str> {
+    /// Returns a description of what is wrong, or None when everything is intact. The heap is
+    /// scanned for a guest's marker only with `scan_heap`: while VMs run, their saved register
+    /// images (FXSAVE areas) legitimately hold guest data there.
+    pub fn verify(&self, scan_heap: bool) -> Option<&'static str> {
         if fnv1a(self.kernel_start, self.kernel_length) != self.kernel_hash {
             return Some("the hypervisor's kernel image changed");
         }
@@ -404,10 +414,18 @@ impl IntegrityCheck {
                 return Some("the canary page changed");
             }
         }
+        if !scan_heap {
+            return None;
+        }
         let heap = memory::physical_window(self.heap_start).cast::<u64>();
         for index in 0..(self.heap_size / 8) as usize {
             // SAFETY: the heap region is the hypervisor's own RAM, mapped by the window.
             if unsafe { heap.add(index).read_volatile() } == GUEST_MARKER_PREFIX {
+                log::error!(
+                    "memory check: the marker is at heap offset {:#x} (physical {:#x})",
+                    index * 8,
+                    self.heap_start.0 + index as u64 * 8
+                );
                 return Some("a guest's marker appeared in the hypervisor's heap");
             }
         }

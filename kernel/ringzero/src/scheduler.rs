@@ -508,6 +508,10 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         }
         last_preempted = outcome == SliceEnd::Preempted;
         if outcome == SliceEnd::VmEnded {
+            // Erase the guest's saved registers where they lie in the heap, then tear down.
+            if let Some(vcpu) = vcpus[index].as_mut() {
+                vcpu.erase_saved_registers();
+            }
             if let Some(vcpu) = vcpus[index].take() {
                 vcpu.tear_down();
             }
@@ -534,9 +538,20 @@ fn vcpu_done(schedule: &Schedule, slot_index: usize, cpu: usize) {
     let mut vm = slot.vm.lock();
     report_vcpus(&vm);
     let passed = guests::finish_vm(&mut vm);
-    match schedule.check.verify() {
-        None => log::info!(
+    // The last VM to end also has the heap scanned (no vCPU's saved registers are left in it).
+    let last = schedule
+        .slots
+        .iter()
+        .enumerate()
+        .all(|(index, other)| index == slot_index || other.finished.load(Ordering::SeqCst));
+    match schedule.check.verify(last) {
+        None if last => log::info!(
             "memory check after vm {}: hypervisor memory intact (kernel image hash, canary page, no guest marker in the heap); {} frames in use",
+            vm.name,
+            memory::allocated_frames()
+        ),
+        None => log::info!(
+            "memory check after vm {}: kernel image hash and canary page intact (the heap is scanned once no VM runs); {} frames in use",
             vm.name,
             memory::allocated_frames()
         ),
