@@ -463,7 +463,6 @@ pub fn build_vm(
     vm_manifest: &VmManifest<'_>,
     index: usize,
     backend: &BackendKind,
-    linux_experimental: bool,
     clock: ringzero_devices::TimerClock,
 ) -> Option<BuiltVm> {
     let name = vm_manifest.name;
@@ -481,16 +480,6 @@ pub fn build_vm(
             ""
         }
     );
-    if vm_manifest.format == GuestFormat::Linux && !linux_experimental {
-        // The loader builds a correct boot plan, but a Linux guest also needs the platform it
-        // probes (local APIC and its timer, I/O APIC, ACPI tables, RTC, PCI): those device
-        // models exist (kernel/devices, kernel/acpi) but are not wired into the run loop yet.
-        log::error!(
-            "vm {name}: Linux guests are validated and packed, but not run yet: interrupt delivery (timer, I/O APIC) is not wired in; VM not started (test hook linux-experimental runs it anyway)"
-        );
-        end_line(name, "unsupported-format", vm::STATUS_STOPPED, 0);
-        return None;
-    }
     // Linux guests find their platform through ACPI tables the hypervisor builds, in the
     // BIOS area below 1 MiB (the boot parameters point at the RSDP).
     let acpi = if vm_manifest.format == GuestFormat::Linux {
@@ -693,7 +682,11 @@ fn attach_pc_platform(vm: &mut Vm, tsc_hz: u64) {
     let results = [
         vm.bus.add(Box::new(pit)).is_ok(),
         vm.bus.add(Box::new(port_61)).is_ok(),
-        vm.bus.add(Box::new(ringzero_devices::Rtc::new(0))).is_ok(),
+        vm.bus
+            .add(Box::new(ringzero_devices::Rtc::new(
+                crate::time::unix_seconds(),
+            )))
+            .is_ok(),
         vm.bus
             .add(Box::new(ringzero_devices::PciBus::new()))
             .is_ok(),

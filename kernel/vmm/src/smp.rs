@@ -59,6 +59,8 @@ pub struct VcpuState {
     pub apic: LocalApic,
     pub activity: Activity,
     pub stats: VcpuStats,
+    /// IA32_TSC_AUX as the guest last wrote it.
+    pub tsc_aux: u64,
     /// Whether the interrupt window was requested from the backend and not taken yet.
     window_open: bool,
 }
@@ -76,6 +78,7 @@ impl VcpuState {
                 Activity::WaitingForStartup
             },
             stats: VcpuStats::default(),
+            tsc_aux: 0,
             window_open: false,
         }
     }

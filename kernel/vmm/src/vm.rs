@@ -537,6 +537,8 @@ fn handle(
             let value = match msr::read(msr_number, now) {
                 // The local APIC's MSRs (base, TSC deadline, x2APIC registers) are this vCPU's.
                 _ if is_apic_msr(msr_number) => vm.vcpus[index].apic.read_msr(msr_number, now),
+                // TSC_AUX: a plain per-vCPU value (Linux stores its CPU number there).
+                _ if msr_number == MSR_TSC_AUX => Some(vm.vcpus[index].tsc_aux),
                 MsrRead::Value(value) => Some(value),
                 MsrRead::Hardware if msr_number == msr::IA32_EFER => {
                     paging::read_efer(vm).or_else(|| vcpu.hardware_msr(msr_number))
@@ -566,6 +568,10 @@ fn handle(
                     && value & 0x000F_FFFF_FFFF_F000 != smp::APIC_PAGE =>
                 {
                     false
+                }
+                _ if msr_number == MSR_TSC_AUX => {
+                    vm.vcpus[index].tsc_aux = value & 0xFFFF_FFFF;
+                    value >> 32 == 0
                 }
                 _ if is_apic_msr(msr_number) => {
                     let now = platform.timestamp();
@@ -711,6 +717,11 @@ fn handle(
     }
 }
 
+/// IA32_TSC_AUX: what RDTSCP and RDPID return in ECX. Kept per vCPU as a plain value (the
+/// hardware register is not loaded with it: RDTSCP in the guest still reads the host's).
+/// See: SDM Vol 4 Table 2-2; Vol 2B RDTSCP.
+const MSR_TSC_AUX: u32 = 0xC000_0103;
+
 /// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers: the vCPU's local APIC.
 /// See: SDM Vol 3A 11.4.4, 11.5.4.1, 11.12.1.2.
 fn is_apic_msr(msr_number: u32) -> bool {
@@ -750,6 +761,11 @@ fn handle_io(
             .device_mut::<ringzero_devices::Pit>(ringzero_devices::Pit::BASE)
         {
             pit.advance(platform.timestamp());
+        }
+    } else if matches!(io.port, 0x70 | 0x71) {
+        let now = platform.unix_seconds();
+        if let Some(rtc) = vm.bus.device_mut::<ringzero_devices::Rtc>(0x70) {
+            rtc.set_clock(now);
         }
     } else if (ACPI_PM_BASE..ACPI_PM_BASE + 0x10).contains(&io.port) {
         let tsc_hz = vm.vcpus[0].apic.clock().tsc_hz;
