@@ -26,6 +26,12 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --no-guests       boot without guests (detection and smoke test only)
   --demo NAME       run a teaching demo (traps, paravirt, shadow) and explain it
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
+  --input FILE      type FILE's bytes on the hypervisor's serial console (QEMU only): they are
+                    written to QEMU's stdin, which is COM1's receiver, once the hypervisor has
+                    printed its "ringzero: console input ->" line (the VMs exist and input is
+                    routed), so none is lost to firmware or to the UART's reset at boot. QEMU
+                    paces them (its UART takes bytes as the hypervisor reads them). Ctrl-A
+                    (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state, linux-experimental)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
@@ -34,7 +40,7 @@ USAGE
 }
 
 firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="$RZ_ROOT/config/default.toml" timeout=600 hook=none
-build=1 build_only=0 extra=() demo=""
+build=1 build_only=0 extra=() demo="" input=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bios) firmware=bios ;;
@@ -46,6 +52,7 @@ while [ $# -gt 0 ]; do
         --no-guests) config="" ;;
         --demo) demo=${2:?--demo needs a name}; shift ;;
         --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
+        --input) input=${2:?--input needs a file}; shift ;;
         --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
         --no-build) build=0 ;;
         --build-only) build_only=1 ;;
@@ -59,6 +66,8 @@ done
 [[ $memory =~ ^[1-9][0-9]*$ ]] || rz_die "--memory wants MiB as a positive number, got '$memory'"
 [[ $timeout =~ ^[0-9]+$ ]] || rz_die "--timeout wants seconds, got '$timeout'"
 [ "$emulator" = bochs ] && [ ${#extra[@]} -gt 0 ] && rz_die "arguments after -- are for QEMU; not used with --bochs"
+[ -n "$input" ] && [ "$emulator" = bochs ] && rz_die "--input works with QEMU only (Bochs' serial port here is a file)"
+[ -z "$input" ] || [ -r "$input" ] || rz_die "--input: cannot read '$input'"
 
 if [ -n "$demo" ]; then
     source "$RZ_ROOT/scripts/lib/demo.sh"
@@ -95,6 +104,20 @@ image_dir=$run_dir/images
 rz_pack_images "$image_dir" "${hook_args[@]}" "${config_args[@]}"
 timeout_args=()
 [ "$timeout" != 0 ] && timeout_args=(timeout --kill-after=5 "$timeout")
+# From a terminal, timeout must leave the emulator in the terminal's foreground process group:
+# otherwise QEMU's first terminal call (raw mode for the serial console on stdin) stops it with
+# SIGTTOU, and nothing typed would reach the console.
+[ "$timeout" != 0 ] && [ -t 0 ] && timeout_args=(timeout --foreground --kill-after=5 "$timeout")
+
+# --input: waits for the hypervisor's "ringzero: console input ->" line in the serial log, then
+# writes the file. Its output is QEMU's stdin; it gives up when QEMU has ended (run_emulator
+# kills it).
+feed_input() {
+    until grep -q -a -F 'ringzero: console input ->' "$serial_log" 2>/dev/null; do
+        sleep 0.2
+    done
+    cat "$input"
+}
 
 # Runs the chosen emulator with the serial console on stdout; returns its exit status.
 run_emulator() {
@@ -107,7 +130,20 @@ run_emulator() {
         [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
         rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
         # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
-        "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+        if [ -z "$input" ]; then
+            "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+            return
+        fi
+        # With --input, QEMU's stdin is a FIFO that feed_input writes into.
+        local fifo=$run_dir/input.fifo feeder status
+        mkfifo "$fifo" || rz_die "cannot make $fifo"
+        feed_input >"$fifo" &
+        feeder=$!
+        "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" <"$fifo" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+        status=$?
+        kill "$feeder" 2>/dev/null
+        wait "$feeder" 2>/dev/null
+        return "$status"
     else
         source "$RZ_ROOT/scripts/lib/bochs.sh"
         rz_say "booting the BIOS image in Bochs (corei7_skylake_x, $smp CPU(s), $memory MiB)"

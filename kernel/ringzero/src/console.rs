@@ -78,6 +78,29 @@ pub fn print_line(args: fmt::Arguments<'_>) {
     });
 }
 
+/// Reads the bytes COM1 has received (up to `buffer.len()`) without waiting: one LSR read when
+/// nothing came. Used by `console_input`, on the bootstrap CPU only. It reads the two registers
+/// directly, without the console lock: the lock's byte sits in the kernel image's `.data`, which
+/// the memory check after each VM hashes, so taking it at every scheduler loop would make that
+/// check race with this poll.
+pub fn receive_bytes(buffer: &mut [u8]) -> usize {
+    const LINE_STATUS: u16 = COM1 + 5;
+    const DATA_READY: u8 = 1 << 0;
+    let mut count = 0;
+    for slot in buffer.iter_mut() {
+        // SAFETY: reading LSR and RBR does not disturb transmission (THR, and the LSR bits the
+        // writers poll, THRE/TEMT, are not changed by reads); DLAB is set only during `init`,
+        // before any CPU polls; only the bootstrap CPU reads RBR. See: PC16550D datasheet 8.4.
+        if unsafe { hw::inb(LINE_STATUS) } & DATA_READY == 0 {
+            break;
+        }
+        // SAFETY: as above; LSR.DR said a byte waits in RBR.
+        *slot = unsafe { hw::inb(COM1) };
+        count += 1;
+    }
+    count
+}
+
 /// Waits until the UART has shifted out every byte (LSR.TEMT), so nothing written before a
 /// power-off is lost (Bochs drops what is still in the shift register when it exits).
 pub fn drain() {

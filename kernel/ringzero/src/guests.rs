@@ -343,8 +343,9 @@ impl Backend {
 
 /// What the hypervisor checks after each VM: its own memory must be as it was.
 pub struct IntegrityCheck {
-    kernel_start: u64,
-    kernel_length: u64,
+    /// The kernel ELF's read-only loadable parts (code, read-only data), as (address in the
+    /// physical window, length): its writable data legitimately changes while CPUs run.
+    kernel_read_only: alloc::vec::Vec<(u64, u64)>,
     kernel_hash: u64,
     canary: HostPhysAddr,
     heap_start: HostPhysAddr,
@@ -355,14 +356,56 @@ const CANARY_WORD: u64 = 0x5249_4E47_5A45_524F;
 /// The first 8 bytes of the escape guest's marker ("RZ-ESCAP").
 const GUEST_MARKER_PREFIX: u64 = u64::from_le_bytes(*b"RZ-ESCAP");
 
-fn fnv1a(bytes_at: u64, length: u64) -> u64 {
+/// FNV-1a over the given ranges of the kernel image.
+fn fnv1a(ranges: &[(u64, u64)]) -> u64 {
     let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
-    for offset in 0..length {
-        // SAFETY: [bytes_at, +length) is the kernel image the bootloader loaded and mapped.
-        let byte = unsafe { ((bytes_at + offset) as *const u8).read_volatile() };
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3);
+    for &(bytes_at, length) in ranges {
+        for offset in 0..length {
+            // SAFETY: every range lies inside the kernel image the bootloader loaded and
+            // mapped (`read_only_segments` checked it against the image's length).
+            let byte = unsafe { ((bytes_at + offset) as *const u8).read_volatile() };
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3);
+        }
     }
     hash
+}
+
+/// The file ranges of the kernel ELF's loadable segments that are not writable (PT_LOAD
+/// without PF_W), as (address, length), for an image of `length` bytes at `image` (in the
+/// physical window). None when the image is not a 64-bit little-endian ELF file or a header
+/// points outside it. See: System V ABI, ELF-64 Object File Format (file and program headers).
+fn read_only_segments(image: u64, length: u64) -> Option<alloc::vec::Vec<(u64, u64)>> {
+    let read = |offset: u64, size: usize| -> Option<u64> {
+        if offset.checked_add(size as u64)? > length {
+            return None;
+        }
+        let mut bytes = [0u8; 8];
+        for (index, byte) in bytes.iter_mut().take(size).enumerate() {
+            // SAFETY: offset + size <= length: inside the mapped image.
+            *byte = unsafe { ((image + offset + index as u64) as *const u8).read_volatile() };
+        }
+        Some(u64::from_le_bytes(bytes))
+    };
+    // e_ident: magic, ELFCLASS64 (2), ELFDATA2LSB (1).
+    if read(0, 4)? != 0x464C_457F || read(4, 1)? != 2 || read(5, 1)? != 1 {
+        return None;
+    }
+    let (program_headers, entry_size, count) = (read(0x20, 8)?, read(0x36, 2)?, read(0x38, 2)?);
+    const PT_LOAD: u64 = 1;
+    const PF_W: u64 = 2;
+    let mut ranges = alloc::vec::Vec::new();
+    for index in 0..count {
+        let header = program_headers.checked_add(index.checked_mul(entry_size)?)?;
+        let (kind, flags) = (read(header, 4)?, read(header + 4, 4)?);
+        let (offset, file_size) = (read(header + 8, 8)?, read(header + 0x20, 8)?);
+        if kind == PT_LOAD && flags & PF_W == 0 && file_size > 0 {
+            if offset.checked_add(file_size)? > length {
+                return None;
+            }
+            ranges.push((image + offset, file_size));
+        }
+    }
+    Some(ranges)
 }
 
 impl IntegrityCheck {
@@ -382,12 +425,15 @@ impl IntegrityCheck {
                     .write_volatile(CANARY_WORD ^ index)
             };
         }
-        // Hash the kernel image through the physical window.
-        let kernel_start = memory::physical_window(HostPhysAddr(kernel_start)) as u64;
-        let kernel_hash = fnv1a(kernel_start, kernel_length);
+        // Hash the kernel's code and read-only data through the physical window.
+        let image = memory::physical_window(HostPhysAddr(kernel_start)) as u64;
+        let kernel_read_only = read_only_segments(image, kernel_length).unwrap_or_else(|| {
+            log::warn!("memory check: the kernel image is not an ELF file this check can read; its hash is left out");
+            alloc::vec::Vec::new()
+        });
+        let kernel_hash = fnv1a(&kernel_read_only);
         Some(IntegrityCheck {
-            kernel_start,
-            kernel_length,
+            kernel_read_only,
             kernel_hash,
             canary,
             heap_start,
@@ -399,8 +445,8 @@ impl IntegrityCheck {
     /// scanned for a guest's marker only with `scan_heap`: while VMs run, their saved register
     /// images (FXSAVE areas) legitimately hold guest data there.
     pub fn verify(&self, scan_heap: bool) -> Option<&'static str> {
-        if fnv1a(self.kernel_start, self.kernel_length) != self.kernel_hash {
-            return Some("the hypervisor's kernel image changed");
+        if fnv1a(&self.kernel_read_only) != self.kernel_hash {
+            return Some("the hypervisor's kernel image (code or read-only data) changed");
         }
         for index in 0..512u64 {
             // SAFETY: the canary frame is ours; the window maps it.

@@ -21,6 +21,7 @@ extern crate alloc;
 
 mod apic;
 mod console;
+mod console_input;
 mod cpu;
 mod guests;
 mod memory;

@@ -22,7 +22,7 @@
 
 use crate::guests::{self, AnyVcpu, Backend, IntegrityCheck, KernelHostMemory, KernelPlatform};
 use crate::virt::Extension;
-use crate::{console, memory};
+use crate::{console, console_input, memory};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use ringzero_loader::boot_plan::EntryState;
@@ -302,6 +302,13 @@ pub fn run_all(
         check,
         all_passed: AtomicBool::new(all_passed),
     });
+    // Console input (console_input.rs): say where keyboard input goes and how to switch.
+    console_input::start(
+        schedule
+            .slots
+            .iter()
+            .map(|slot| slot.vm.lock().name.clone()),
+    );
     // Step 2: wake the application processors, and take part.
     for cpu in 1..online {
         host::kick(cpu);
@@ -313,6 +320,7 @@ pub fn run_all(
         .iter()
         .any(|slot| !slot.finished.load(Ordering::SeqCst))
     {
+        poll_console_input(schedule);
         host::idle_until_interrupt();
     }
     report_cpus(schedule);
@@ -427,6 +435,9 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
     let mut last_preempted = false;
     let mut next = 0;
     loop {
+        if cpu == 0 {
+            poll_console_input(schedule);
+        }
         let now = hw::rdtsc();
         let mut picked = None;
         let mut live = 0;
@@ -567,9 +578,20 @@ fn vcpu_done(schedule: &Schedule, slot_index: usize, cpu: usize) {
     }
     drop(vm);
     slot.finished.store(true, Ordering::SeqCst);
+    console_input::vm_ended(slot_index);
     if cpu != 0 {
         host::kick(0);
     }
+}
+
+/// Console input (console_input.rs): hands what was typed on the hypervisor's console to the
+/// VM that has the input. Bootstrap CPU only, outside any VM's lock.
+fn poll_console_input(schedule: &Schedule) {
+    console_input::poll(&mut |vm, byte| {
+        schedule.slots.get(vm).is_some_and(|slot| {
+            ringzero_vmm::console_switch::push_to_console(&mut slot.vm.lock(), byte)
+        })
+    });
 }
 
 /// TSC cycles since boot (the time base of the log lines).

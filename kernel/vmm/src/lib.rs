@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod console_switch;
 pub mod cpuid;
 pub mod decode;
 pub mod exit;
