@@ -28,6 +28,9 @@ pub enum Activity {
     Running,
     /// Executed HLT with interrupts enabled (at TSC `since`): waits for an interrupt.
     Halted { since: u64 },
+    /// Executed HLT with interrupts disabled while other vCPUs run (an operating system parking
+    /// a CPU, as Linux does before it powers off): only INIT can start it again.
+    Parked,
     /// An application processor after power-up or INIT: waits for a startup IPI.
     /// See: SDM Vol 3A 9.4.4 (MP initialization), 11.4.7.3.
     WaitingForStartup,
@@ -100,7 +103,7 @@ pub fn is_runnable(vm: &mut Vm, index: usize, now: u64) -> bool {
     let vcpu = &mut vm.vcpus[index];
     match vcpu.activity {
         Activity::Running | Activity::StartupPending { .. } => true,
-        Activity::WaitingForStartup => false,
+        Activity::WaitingForStartup | Activity::Parked => false,
         Activity::Halted { .. } => {
             let _ = vcpu;
             poll_devices(vm, now);
@@ -276,6 +279,34 @@ pub fn halt(vm: &mut Vm, index: usize, now: u64) -> bool {
     }
     state.activity = Activity::Halted { since: now };
     true
+}
+
+/// HLT with interrupts disabled. With one vCPU nothing can ever wake it: the caller stops the
+/// VM (returns false). With several, the vCPU is parked (only INIT restarts it), unless every
+/// other vCPU is parked or waits for a startup IPI too: then the VM can never go on (false).
+pub fn park(vm: &mut Vm, index: usize) -> bool {
+    let others_can_run = vm.vcpus.iter().enumerate().any(|(other, state)| {
+        other != index
+            && !matches!(
+                state.activity,
+                Activity::Parked | Activity::WaitingForStartup
+            )
+    });
+    if others_can_run {
+        vm.vcpus[index].activity = Activity::Parked;
+    }
+    others_can_run
+}
+
+/// Whether every vCPU of the VM waits for something (halted, parked, or waiting for a startup
+/// IPI): the guest is idle, so a console line it left unfinished (a prompt) may be shown.
+pub fn all_waiting(vm: &Vm) -> bool {
+    vm.vcpus.iter().all(|state| {
+        !matches!(
+            state.activity,
+            Activity::Running | Activity::StartupPending { .. }
+        )
+    })
 }
 
 /// The vCPUs an IPI from `source` is for. See: SDM Vol 3A 11.6.2 (destination modes), 11.6.1

@@ -383,7 +383,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
             }
             let state = &mut vm.vcpus[index];
             match state.activity {
-                Activity::WaitingForStartup => return SliceEnd::Blocked,
+                Activity::WaitingForStartup | Activity::Parked => return SliceEnd::Blocked,
                 Activity::Halted { since } => {
                     state.apic.advance_timer(now);
                     if state.apic.pending_vector().is_none() {
@@ -436,7 +436,14 @@ pub fn run_slice<L: LockVm + ?Sized>(
             vm.end = Some(end);
             return SliceEnd::VmEnded;
         }
-        if matches!(vm.vcpus[index].activity, Activity::Halted { .. }) {
+        if matches!(
+            vm.vcpus[index].activity,
+            Activity::Halted { .. } | Activity::Parked
+        ) {
+            // A guest that waits (a shell at its prompt) shows the line it has not finished.
+            if smp::all_waiting(vm) {
+                vm.flush_console(platform);
+            }
             return SliceEnd::Blocked;
         }
         if now >= slice_end {
@@ -614,6 +621,9 @@ fn handle(
                     smp::halt(vm, index, platform.timestamp());
                 }
                 end
+            } else if smp::park(vm, index) {
+                // Another vCPU may still INIT this one: parked, RIP after the HLT.
+                skip_instruction(vm, vcpu, host).err()
             } else {
                 Some(VmEnd::HaltedForever { rip })
             }
