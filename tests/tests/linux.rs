@@ -92,3 +92,54 @@ fn linux_one_vcpu_nested_paging() {
 fn linux_two_vcpus_nested_paging() {
     boots_to_a_shell_runs_commands_and_powers_off("tests/configs/linux-smp.toml", "2", 2);
 }
+
+/// Two Linux VMs at once, each reaching its shell; the console's input goes to the first, then
+/// Ctrl-A n moves it to the second, and when that one powers off it comes back to the first.
+/// (The commands compute their output, `$((40+2))`, so the typed line's echo never matches.)
+#[test]
+fn two_linux_vms_side_by_side_and_the_console_switch() {
+    let run = boot(&[
+        "--config",
+        "tests/configs/linux-two.toml",
+        "--smp",
+        "2",
+        "--memory",
+        "1024",
+        "--input",
+        "tests/linux/two.txt",
+        "--timeout",
+        "600",
+    ]);
+    run.assert_status(CLEAN);
+    let a = guest_lines(&run, "a");
+    let b = guest_lines(&run, "b");
+    for (lines, mine, other) in [
+        (&a, "hello-from-42-a", "hello-from-42-b"),
+        (&b, "hello-from-42-b", "hello-from-42-a"),
+    ] {
+        assert!(
+            lines.iter().any(|line| line == mine),
+            "{mine} missing\n{}",
+            run.report()
+        );
+        assert!(
+            !lines.iter().any(|line| line == other),
+            "{other} in the wrong VM\n{}",
+            run.report()
+        );
+    }
+    assert!(
+        a.iter().any(|line| line == "still-2-a"),
+        "input did not come back to a\n{}",
+        run.report()
+    );
+    run.assert_serial_contains("ringzero: console input -> vm b");
+    run.assert_serial_contains("ringzero: vm a exit=poweroff status=0");
+    run.assert_serial_contains("ringzero: vm b exit=poweroff status=0");
+    // Both ran at the same time, on the two CPUs.
+    let (first, second) = (run.vcpu("a", 0), run.vcpu("b", 0));
+    assert!(
+        first.overlaps(&second) && first.cpu != second.cpu,
+        "{first:?} {second:?}"
+    );
+}
