@@ -143,3 +143,8 @@ fn two_linux_vms_side_by_side_and_the_console_switch() {
         "{first:?} {second:?}"
     );
 }
+
+#[test]
+fn linux_one_vcpu_shadow_paging() {
+    boots_to_a_shell_runs_commands_and_powers_off("tests/configs/linux-shadow.toml", "1", 1);
+}

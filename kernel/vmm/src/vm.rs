@@ -641,38 +641,11 @@ fn handle(
         } => match paging::nested_page_fault(vm, host, *guest_physical) {
             Some(Ok(())) => None,
             Some(Err(end)) => Some(end),
-            // This vCPU's local APIC registers: emulate the instruction on its APIC model.
-            None if guest_physical.0 & !0xFFF == smp::APIC_PAGE => crate::mmio::emulate(
-                vm,
-                crate::mmio::Target::LocalApic(index),
-                vcpu,
-                platform,
-                host,
-                guest_physical.0,
-            )
-            .err(),
-            // The I/O APIC's registers.
-            None if vm.io_apic.is_some() && guest_physical.0 & !0xFFF == IoApic::BASE => {
-                crate::mmio::emulate(
-                    vm,
-                    crate::mmio::Target::IoApic,
-                    vcpu,
-                    platform,
-                    host,
-                    guest_physical.0,
-                )
-                .err()
+            // Device registers (this vCPU's local APIC, the I/O APIC, the MMIO bus): emulate
+            // the instruction that touched them.
+            None if device_at(vm, guest_physical.0).is_some() => {
+                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
             }
-            // A device's registers: emulate the instruction that touched them.
-            None if vm.mmio.owns(guest_physical.0) => crate::mmio::emulate(
-                vm,
-                crate::mmio::Target::Bus,
-                vcpu,
-                platform,
-                host,
-                guest_physical.0,
-            )
-            .err(),
             None => Some(VmEnd::NestedPageFault {
                 guest_physical: *guest_physical,
                 access: *access,
@@ -695,7 +668,16 @@ fn handle(
         VmExit::PageFault {
             address,
             error_code,
-        } => paging::page_fault(vm, vcpu, host, *address, *error_code).err(),
+        } => match paging::page_fault(vm, vcpu, host, *address, *error_code) {
+            // The guest's own page tables map device registers: emulate the access, as under
+            // nested paging.
+            Err(VmEnd::NestedPageFault { guest_physical, .. })
+                if device_at(vm, guest_physical.0).is_some() =>
+            {
+                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
+            }
+            result => result.err(),
+        },
         VmExit::NestedPagingMisconfiguration { guest_physical } => {
             Some(VmEnd::NestedPagingMisconfiguration {
                 guest_physical: *guest_physical,
@@ -725,6 +707,38 @@ fn handle(
             rip,
         }),
     }
+}
+
+/// Which device's registers are at `guest_physical`, if any: this vCPU's local APIC page, the
+/// I/O APIC's (PC platform), or a device on the MMIO bus.
+fn device_at(vm: &Vm, guest_physical: u64) -> Option<crate::mmio::Target> {
+    if guest_physical & !0xFFF == smp::APIC_PAGE {
+        Some(crate::mmio::Target::LocalApic(0))
+    } else if vm.io_apic.is_some() && guest_physical & !0xFFF == IoApic::BASE {
+        Some(crate::mmio::Target::IoApic)
+    } else if vm.mmio.owns(guest_physical) {
+        Some(crate::mmio::Target::Bus)
+    } else {
+        None
+    }
+}
+
+/// Emulates the instruction at RIP that touched the device registers at `guest_physical`
+/// (see [`device_at`]; the local APIC is vCPU `index`'s own).
+fn emulate_device_access(
+    vm: &mut Vm,
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+    guest_physical: u64,
+) -> Result<(), VmEnd> {
+    let target = match device_at(vm, guest_physical) {
+        Some(crate::mmio::Target::LocalApic(_)) => crate::mmio::Target::LocalApic(index),
+        Some(target) => target,
+        None => return Ok(()),
+    };
+    crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical)
 }
 
 /// IA32_TSC_AUX: what RDTSCP and RDPID return in ECX. Kept per vCPU as a plain value (the
