@@ -30,7 +30,9 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
                     written to QEMU's stdin, which is COM1's receiver, once the hypervisor has
                     printed its "ringzero: console input ->" line (the VMs exist and input is
                     routed), so none is lost to firmware or to the UART's reset at boot. QEMU
-                    paces them (its UART takes bytes as the hypervisor reads them). Ctrl-A
+                    paces them (its UART takes bytes as the hypervisor reads them). A line
+                    `@wait TEXT` is not typed: it waits until TEXT appears in the output after
+                    the last line typed (to script a session: type, wait for its output). Ctrl-A
                     (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state, linux-experimental)
   --no-build        do not compile (the test harness compiles once); images are still packed
@@ -112,11 +114,24 @@ timeout_args=()
 # --input: waits for the hypervisor's "ringzero: console input ->" line in the serial log, then
 # writes the file. Its output is QEMU's stdin; it gives up when QEMU has ended (run_emulator
 # kills it).
+# A line `@wait TEXT` in the file is not typed: it waits until TEXT appears in the serial output
+# after what was typed last (a prompt, a command's output), so a session can be scripted.
 feed_input() {
     until grep -q -a -F 'ringzero: console input ->' "$serial_log" 2>/dev/null; do
         sleep 0.2
     done
-    cat "$input"
+    local line mark=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in
+            '@wait '*)
+                until tail -c "+$((mark + 1))" "$serial_log" 2>/dev/null | grep -q -a -F -- "${line#@wait }"; do
+                    sleep 0.2
+                done ;;
+            *)
+                mark=$(stat -c %s "$serial_log")
+                printf '%s\n' "$line" ;;
+        esac
+    done < "$input"
 }
 
 # Runs the chosen emulator with the serial console on stdout; returns its exit status.

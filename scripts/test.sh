@@ -53,6 +53,9 @@ cargo_test --quiet
 step "building the kernel, the image tool and the guest payloads"
 rz_build_binaries
 rz_build_guests
+# The stock Linux guest (Debian's cloud kernel and a busybox initramfs; fetched once, cached).
+source "$RZ_ROOT/scripts/lib/linux-guest.sh"
+rz_linux_guest
 
 step "emulator tests (QEMU SVM, Bochs VMX; each run packs its own images)"
 cargo_test --quiet -p ringzero-tests -- --test-threads=2

@@ -509,7 +509,6 @@ pub fn build_vm(
     vm_manifest: &VmManifest<'_>,
     index: usize,
     backend: &BackendKind,
-    linux_experimental: bool,
     clock: ringzero_devices::TimerClock,
 ) -> Option<BuiltVm> {
     let name = vm_manifest.name;
@@ -527,16 +526,6 @@ pub fn build_vm(
             ""
         }
     );
-    if vm_manifest.format == GuestFormat::Linux && !linux_experimental {
-        // The loader builds a correct boot plan, but a Linux guest also needs the platform it
-        // probes (local APIC and its timer, I/O APIC, ACPI tables, RTC, PCI): those device
-        // models exist (kernel/devices, kernel/acpi) but are not wired into the run loop yet.
-        log::error!(
-            "vm {name}: Linux guests are validated and packed, but not run yet: interrupt delivery (timer, I/O APIC) is not wired in; VM not started (test hook linux-experimental runs it anyway)"
-        );
-        end_line(name, "unsupported-format", vm::STATUS_STOPPED, 0);
-        return None;
-    }
     // Linux guests find their platform through ACPI tables the hypervisor builds, in the
     // BIOS area below 1 MiB (the boot parameters point at the RSDP).
     let acpi = if vm_manifest.format == GuestFormat::Linux {
@@ -643,8 +632,7 @@ pub fn build_vm(
     let mut vm = Vm::with_vcpus(name, ram, paging, vm_manifest.trace, vcpus, clock);
     vm.id = index;
     if vm_manifest.format == GuestFormat::Linux {
-        attach_pc_platform(&mut vm);
-        vm.interrupt_sources = true;
+        attach_pc_platform(&mut vm, clock.tsc_hz);
     }
     Some(BuiltVm {
         vm,
@@ -733,23 +721,18 @@ const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
 /// The PC platform a Linux guest probes: local APIC and I/O APIC on the MMIO bus, RTC, PCI
 /// configuration space, the two (masked) PICs and the ACPI PM block on the port bus, matching
 /// `ringzero_acpi::PlatformDescription::pc`. Interrupt delivery from them is not wired yet.
-fn attach_pc_platform(vm: &mut Vm) {
+fn attach_pc_platform(vm: &mut Vm, tsc_hz: u64) {
     use alloc::boxed::Box;
-    // TODO(issue 7): the TSC frequency should come from calibration (or CPUID 0x15/0x16).
-    let clock = ringzero_devices::TimerClock {
-        tsc_hz: 2_600_000_000,
-        apic_timer_hz: 1_000_000_000,
-    };
+    let pit = ringzero_devices::Pit::new(tsc_hz);
+    let port_61 = pit.nmi_status_control();
     let results = [
-        vm.mmio
-            .add(Box::new(LocalApicOnMmio(ringzero_devices::LocalApic::new(
-                0, true, clock,
-            ))))
+        vm.bus.add(Box::new(pit)).is_ok(),
+        vm.bus.add(Box::new(port_61)).is_ok(),
+        vm.bus
+            .add(Box::new(ringzero_devices::Rtc::new(
+                crate::time::unix_seconds(),
+            )))
             .is_ok(),
-        vm.mmio
-            .add(Box::new(IoApicOnMmio(ringzero_devices::IoApic::new(1))))
-            .is_ok(),
-        vm.bus.add(Box::new(ringzero_devices::Rtc::new(0))).is_ok(),
         vm.bus
             .add(Box::new(ringzero_devices::PciBus::new()))
             .is_ok(),
@@ -767,56 +750,8 @@ fn attach_pc_platform(vm: &mut Vm) {
             vm.name
         );
     }
-}
-
-/// The local APIC model on the MMIO bus, timed by the host TSC.
-struct LocalApicOnMmio(ringzero_devices::LocalApic);
-
-impl ringzero_devices::MmioDevice for LocalApicOnMmio {
-    fn name(&self) -> &'static str {
-        "local-apic"
-    }
-    fn range(&self) -> (u64, u64) {
-        (ringzero_devices::APIC_BASE, 0x1000)
-    }
-    fn read(&mut self, offset: u64, _size: u8) -> u64 {
-        u64::from(self.0.read_mmio(offset as u32, hw::rdtsc()))
-    }
-    fn write(
-        &mut self,
-        offset: u64,
-        _size: u8,
-        value: u64,
-        _events: &mut alloc::vec::Vec<ringzero_devices::DeviceEvent>,
-    ) {
-        // TODO(issue 7): deliver the APIC's events (IPIs, EOIs) and its timer.
-        let mut apic_events = alloc::vec::Vec::new();
-        self.0
-            .write_mmio(offset as u32, value as u32, hw::rdtsc(), &mut apic_events);
-    }
-}
-
-/// The I/O APIC model on the MMIO bus.
-struct IoApicOnMmio(ringzero_devices::IoApic);
-
-impl ringzero_devices::MmioDevice for IoApicOnMmio {
-    fn name(&self) -> &'static str {
-        "io-apic"
-    }
-    fn range(&self) -> (u64, u64) {
-        (ringzero_devices::IoApic::BASE, 0x1000)
-    }
-    fn read(&mut self, offset: u64, size: u8) -> u64 {
-        u64::from(self.0.read_mmio(offset, size))
-    }
-    fn write(
-        &mut self,
-        offset: u64,
-        size: u8,
-        value: u64,
-        _events: &mut alloc::vec::Vec<ringzero_devices::DeviceEvent>,
-    ) {
-        // TODO(issue 7): deliver what the I/O APIC routes.
-        let _ = self.0.write_mmio(offset, size, value as u32);
-    }
+    // The I/O APIC (ID 1, as the MADT says) is the core's: it routes the PIT's IRQ 0 and the
+    // UART's IRQ 4 to the vCPUs' local APICs (`ringzero_vmm::smp::poll_devices`).
+    vm.io_apic = Some(ringzero_devices::IoApic::new(1));
+    vm.interrupt_sources = true;
 }

@@ -79,6 +79,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     cpu::mask_legacy_pic();
     log::info!("cpu: GDT, TSS (IST stacks for #DF, NMI, #MC) and IDT loaded");
     time::calibrate();
+    time::read_wall_clock();
     if let Err(error) = apic::init_this_cpu() {
         log::warn!("apic: {error}; no timer, no other CPUs");
     }

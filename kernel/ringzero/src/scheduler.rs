@@ -108,6 +108,10 @@ impl Platform for CpuPlatform {
         self.inner.console_line(vm_name, line);
     }
 
+    fn unix_seconds(&self) -> u64 {
+        crate::time::unix_seconds()
+    }
+
     fn take_host_interrupts(&mut self) {
         host::take_pending_interrupts();
     }
@@ -199,7 +203,6 @@ pub fn run_all(
         tsc_hz: host::tsc_hz(),
         apic_timer_hz: GUEST_APIC_TIMER_HZ,
     };
-    let linux_experimental = manifest.test_hook == TestHook::LinuxExperimental;
     let mut all_passed = true;
     // Step 1: build the VMs and place their vCPUs.
     let mut slots = Vec::new();
@@ -226,8 +229,7 @@ pub fn run_all(
             all_passed = false;
             continue;
         }
-        let Some(built) = guests::build_vm(vm_manifest, index, &kind, linux_experimental, clock)
-        else {
+        let Some(built) = guests::build_vm(vm_manifest, index, &kind, clock) else {
             all_passed = false;
             continue;
         };

@@ -219,3 +219,103 @@ pub fn deadline_after_millis(millis: u64) -> u64 {
 pub fn passed(deadline: u64) -> bool {
     (deadline.wrapping_sub(hw::rdtsc()) as i64) <= 0
 }
+
+/// The wall-clock time at boot (Unix seconds, UTC) read from the host's CMOS RTC, and the TSC
+/// then: `unix_seconds()` counts on from them with the calibrated TSC.
+static BOOT_UNIX_SECONDS: AtomicU64 = AtomicU64::new(0);
+static BOOT_UNIX_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the host's real-time clock once (after `calibrate`), for the guests' RTCs. Logs the
+/// date it found. See: MC146818A datasheet (registers 0x00-0x09, A.UIP, B.DM and B.24/12), the
+/// IBM PC/AT CMOS map (century at 0x32).
+pub fn read_wall_clock() {
+    const INDEX: u16 = 0x70;
+    const DATA: u16 = 0x71;
+    // Bit 7 of the index port disables NMIs on PCs: keep it set while reading.
+    let read = |register: u8| -> u8 {
+        // SAFETY: ports 0x70/0x71 are the CMOS RTC's index and data ports; selecting a register
+        // and reading it has no other effect.
+        unsafe {
+            hw::outb(INDEX, 0x80 | register);
+            hw::inb(DATA)
+        }
+    };
+    let snapshot = || {
+        // Wait (bounded) while an update is in progress (register A bit 7).
+        for _ in 0..100_000 {
+            if read(0x0A) & 0x80 == 0 {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        [
+            read(0x00),
+            read(0x02),
+            read(0x04),
+            read(0x07),
+            read(0x08),
+            read(0x09),
+            read(0x32),
+        ]
+    };
+    // Read until two snapshots agree (an update may fall between the registers).
+    let mut values = snapshot();
+    for _ in 0..5 {
+        let again = snapshot();
+        if again == values {
+            break;
+        }
+        values = again;
+    }
+    let status_b = read(0x0B);
+    let binary = status_b & 0x04 != 0;
+    let decode = |value: u8| -> u64 {
+        if binary {
+            u64::from(value)
+        } else {
+            u64::from((value >> 4) * 10 + (value & 0x0F))
+        }
+    };
+    let [second, minute, hour_raw, day, month, year, century] = values;
+    let mut hour = decode(hour_raw & 0x7F);
+    if status_b & 0x02 == 0 && hour_raw & 0x80 != 0 {
+        // 12-hour mode, PM.
+        hour = (hour % 12) + 12;
+    }
+    let century = match decode(century) {
+        19..=21 => decode(century),
+        _ => 20,
+    };
+    let year = century * 100 + decode(year);
+    let (month, day) = (decode(month).clamp(1, 12), decode(day).clamp(1, 31));
+    let seconds = days_from_civil(year, month, day) * 86_400
+        + hour * 3600
+        + decode(minute) * 60
+        + decode(second);
+    BOOT_UNIX_TSC.store(hw::rdtsc(), Ordering::Relaxed);
+    BOOT_UNIX_SECONDS.store(seconds, Ordering::Relaxed);
+    log::info!(
+        "time: wall clock {year:04}-{month:02}-{day:02} {hour:02}:{:02}:{:02} UTC from the CMOS RTC ({seconds} Unix seconds)",
+        decode(minute),
+        decode(second)
+    );
+}
+
+/// Days from 1970-01-01 to the given date (proleptic Gregorian), for years from 1970.
+/// (H. Hinnant's `days_from_civil`.)
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let year_of_era = year - era * 400;
+    let month_index = (month + 9) % 12;
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    (era * 146_097 + day_of_era).saturating_sub(719_468)
+}
+
+/// The wall-clock time now, in Unix seconds (UTC).
+pub fn unix_seconds() -> u64 {
+    let hz = tsc_hz().max(1);
+    let elapsed = hw::rdtsc().saturating_sub(BOOT_UNIX_TSC.load(Ordering::Relaxed)) / hz;
+    BOOT_UNIX_SECONDS.load(Ordering::Relaxed) + elapsed
+}

@@ -34,6 +34,10 @@ pub trait Platform {
     /// Something happened to vCPU `vcpu` of VM `vm_id` (an IPI, a startup IPI): if it waits or
     /// runs on another physical CPU, that CPU should look at it soon.
     fn wake(&mut self, _vm_id: usize, _vcpu: usize) {}
+    /// The wall-clock time now, in Unix seconds (UTC), for the guests' RTCs (0: unknown).
+    fn unix_seconds(&self) -> u64 {
+        0
+    }
     /// Just before a guest entry and just after the exit (the kernel counts CPUs in guests).
     fn guest_entering(&mut self) {}
     fn guest_left(&mut self) {}

@@ -25,6 +25,8 @@ pub enum Target {
     Bus,
     /// The local APIC of this vCPU (every vCPU sees its own at the same address).
     LocalApic(usize),
+    /// The VM's I/O APIC.
+    IoApic,
 }
 
 /// Where a loaded value goes: a register, and which of its bytes.
@@ -175,6 +177,12 @@ fn load(vm: &mut Vm, target: Target, platform: &mut dyn Platform, address: u64, 
                     .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
             ) & ringzero_devices::mmio::size_mask(size)
         }
+        Target::IoApic => vm
+            .io_apic
+            .as_mut()
+            .map_or(ringzero_devices::mmio::size_mask(size), |io_apic| {
+                u64::from(io_apic.read_mmio(address - ringzero_devices::IoApic::BASE, size))
+            }),
     }
 }
 
@@ -203,6 +211,17 @@ pub fn emulate(
         VmEnd::UnsupportedMmio { address, rip }
     })?;
     match access {
+        Access::Store { size, value } if target == Target::IoApic => {
+            let now = platform.timestamp();
+            let offset = address - ringzero_devices::IoApic::BASE;
+            let delivery = vm
+                .io_apic
+                .as_mut()
+                .and_then(|io_apic| io_apic.write_mmio(offset, size, value as u32));
+            if let Some(delivery) = delivery {
+                crate::smp::deliver(vm, delivery, platform, now);
+            }
+        }
         Access::Store { size, value } if target != Target::Bus => {
             let Target::LocalApic(index) = target else {
                 unreachable!()

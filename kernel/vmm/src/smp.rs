@@ -12,7 +12,10 @@ use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 use crate::Platform;
 use alloc::vec::Vec;
-use ringzero_devices::{ApicEvent, IpiDelivery, IpiDestination, LocalApic, TimerClock};
+use ringzero_devices::ioapic::{Delivery, DeliveryMode, DestinationMode};
+use ringzero_devices::{
+    ApicEvent, IpiDelivery, IpiDestination, LocalApic, Pit, TimerClock, Uart16550,
+};
 
 /// The guest-physical page of every vCPU's local APIC registers (xAPIC mode).
 /// See: SDM Vol 3A 11.4.1.
@@ -25,6 +28,9 @@ pub enum Activity {
     Running,
     /// Executed HLT with interrupts enabled (at TSC `since`): waits for an interrupt.
     Halted { since: u64 },
+    /// Executed HLT with interrupts disabled while other vCPUs run (an operating system parking
+    /// a CPU, as Linux does before it powers off): only INIT can start it again.
+    Parked,
     /// An application processor after power-up or INIT: waits for a startup IPI.
     /// See: SDM Vol 3A 9.4.4 (MP initialization), 11.4.7.3.
     WaitingForStartup,
@@ -56,6 +62,8 @@ pub struct VcpuState {
     pub apic: LocalApic,
     pub activity: Activity,
     pub stats: VcpuStats,
+    /// IA32_TSC_AUX as the guest last wrote it.
+    pub tsc_aux: u64,
     /// Whether the interrupt window was requested from the backend and not taken yet.
     window_open: bool,
 }
@@ -73,6 +81,7 @@ impl VcpuState {
                 Activity::WaitingForStartup
             },
             stats: VcpuStats::default(),
+            tsc_aux: 0,
             window_open: false,
         }
     }
@@ -94,12 +103,117 @@ pub fn is_runnable(vm: &mut Vm, index: usize, now: u64) -> bool {
     let vcpu = &mut vm.vcpus[index];
     match vcpu.activity {
         Activity::Running | Activity::StartupPending { .. } => true,
-        Activity::WaitingForStartup => false,
+        Activity::WaitingForStartup | Activity::Parked => false,
         Activity::Halted { .. } => {
+            let _ = vcpu;
+            poll_devices(vm, now);
+            let vcpu = &mut vm.vcpus[index];
             vcpu.apic.advance_timer(now);
             vcpu.apic.pending_vector().is_some()
         }
     }
+}
+
+/// The I/O APIC pin of ISA IRQ `irq` (IRQ 0, the PIT, arrives at pin 2, as the MADT's interrupt
+/// source override says; the others at their own number). See: ACPI 6.5 5.2.12.5.
+fn gsi_of_isa_irq(irq: u8) -> u8 {
+    if irq == 0 {
+        2
+    } else {
+        irq
+    }
+}
+
+/// The PIT's IRQ 0 (edges).
+const PIT_IRQ: u8 = 0;
+/// COM1's IRQ 4 (a line: asserted while the UART has an interrupt pending and MCR.OUT2 gates
+/// it onto the bus, as on PCs). See: PC16550D datasheet 8.6 (MCR OUT2).
+const COM1_IRQ: u8 = 4;
+
+/// Samples the devices' interrupt lines and sends what the I/O APIC routes to the local APICs:
+/// the PIT's edges since the last look, and the UART's line when it changed. Only for VMs with
+/// an I/O APIC (the PC platform of Linux VMs). Called before each entry and for halted vCPUs.
+pub fn poll_devices(vm: &mut Vm, now: u64) {
+    if vm.io_apic.is_none() {
+        return;
+    }
+    let mut deliveries = Vec::new();
+    let pit_edges = vm
+        .bus
+        .device_mut::<Pit>(Pit::BASE)
+        .map_or(0, |pit| pit.irq0_edges(now));
+    let io_apic = vm.io_apic.as_mut().expect("checked above");
+    if pit_edges > 0 {
+        // Several periods passed unseen: one interrupt, as a late timer tick coalesces.
+        deliveries.extend(io_apic.pulse(gsi_of_isa_irq(PIT_IRQ)));
+    }
+    let uart_line = vm
+        .bus
+        .device_mut::<Uart16550>(Uart16550::COM1)
+        .is_some_and(|uart| uart.interrupt_pending() && uart.out2());
+    let pin = gsi_of_isa_irq(COM1_IRQ);
+    let bit = 1u32 << pin;
+    if uart_line != (vm.irq_lines & bit != 0) {
+        let io_apic = vm.io_apic.as_mut().expect("checked above");
+        if uart_line {
+            vm.irq_lines |= bit;
+            deliveries.extend(io_apic.raise(pin));
+        } else {
+            vm.irq_lines &= !bit;
+            io_apic.lower(pin);
+        }
+    }
+    for delivery in deliveries {
+        deliver_quietly(vm, delivery, now);
+    }
+}
+
+/// Delivers an interrupt message from the I/O APIC to the local APICs it names, waking them.
+pub fn deliver(vm: &mut Vm, delivery: Delivery, platform: &mut dyn Platform, now: u64) {
+    for target in deliver_quietly(vm, delivery, now) {
+        platform.wake(vm.id, target);
+    }
+}
+
+/// [`deliver`] without waking other CPUs (the caller is about to look at the targets itself).
+/// Returns the targets.
+fn deliver_quietly(vm: &mut Vm, delivery: Delivery, now: u64) -> Vec<usize> {
+    let destination = match delivery.destination_mode {
+        DestinationMode::Physical if delivery.destination == 0xFF => {
+            IpiDestination::AllIncludingSelf
+        }
+        DestinationMode::Physical => IpiDestination::Apic(u32::from(delivery.destination)),
+        DestinationMode::Logical => IpiDestination::Logical(u32::from(delivery.destination)),
+    };
+    let mut targets = targets(vm, 0, destination);
+    match delivery.mode {
+        DeliveryMode::Fixed => {}
+        // See: SDM Vol 3A 11.6.2.4: one of the targets (the first here).
+        DeliveryMode::LowestPriority => targets.truncate(1),
+        other => {
+            log::warn!(
+                "vm {}: I/O APIC delivery mode {other:?} (vector {:#x}) not supported; dropped",
+                vm.name,
+                delivery.vector
+            );
+            return Vec::new();
+        }
+    }
+    for &target in &targets {
+        let state = &mut vm.vcpus[target];
+        if delivery.level_triggered {
+            state.apic.accept_level_triggered(delivery.vector);
+        } else {
+            state.apic.accept(delivery.vector);
+        }
+        if let Activity::Halted { since } = state.activity {
+            if state.apic.pending_vector().is_some() {
+                state.stats.halted_cycles += now.saturating_sub(since);
+                state.activity = Activity::Running;
+            }
+        }
+    }
+    targets
 }
 
 /// The TSC at which a halted vCPU's APIC timer next fires, if armed (the scheduler may sleep
@@ -128,6 +242,7 @@ pub fn prepare_entry(
             u64::from(vector) << 12
         );
     }
+    poll_devices(vm, now);
     let state = &mut vm.vcpus[index];
     state.apic.advance_timer(now);
     let wanted_window = match state.apic.pending_vector() {
@@ -166,6 +281,34 @@ pub fn halt(vm: &mut Vm, index: usize, now: u64) -> bool {
     true
 }
 
+/// HLT with interrupts disabled. With one vCPU nothing can ever wake it: the caller stops the
+/// VM (returns false). With several, the vCPU is parked (only INIT restarts it), unless every
+/// other vCPU is parked or waits for a startup IPI too: then the VM can never go on (false).
+pub fn park(vm: &mut Vm, index: usize) -> bool {
+    let others_can_run = vm.vcpus.iter().enumerate().any(|(other, state)| {
+        other != index
+            && !matches!(
+                state.activity,
+                Activity::Parked | Activity::WaitingForStartup
+            )
+    });
+    if others_can_run {
+        vm.vcpus[index].activity = Activity::Parked;
+    }
+    others_can_run
+}
+
+/// Whether every vCPU of the VM waits for something (halted, parked, or waiting for a startup
+/// IPI): the guest is idle, so a console line it left unfinished (a prompt) may be shown.
+pub fn all_waiting(vm: &Vm) -> bool {
+    vm.vcpus.iter().all(|state| {
+        !matches!(
+            state.activity,
+            Activity::Running | Activity::StartupPending { .. }
+        )
+    })
+}
+
 /// The vCPUs an IPI from `source` is for. See: SDM Vol 3A 11.6.2 (destination modes), 11.6.1
 /// (shorthands).
 fn targets(vm: &Vm, source: usize, destination: IpiDestination) -> Vec<usize> {
@@ -194,8 +337,18 @@ pub fn apic_events(
                 destination,
                 delivery,
             } => deliver_ipi(vm, source, destination, delivery, platform, now),
-            // Level-triggered interrupts come from the I/O APIC, which is not wired yet.
-            ApicEvent::EndOfInterrupt { .. } => {}
+            // The EOI of a level-triggered interrupt: the I/O APIC may deliver it again if its
+            // line is still asserted. See: SDM Vol 3A 11.8.5; 82093AA 3.2.4 (Remote IRR).
+            ApicEvent::EndOfInterrupt { vector } => {
+                let again = vm
+                    .io_apic
+                    .as_mut()
+                    .map(|io_apic| io_apic.end_of_interrupt(vector))
+                    .unwrap_or_default();
+                for delivery in again {
+                    deliver(vm, delivery, platform, now);
+                }
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::{RefCell, RefMut};
 use core::ops::DerefMut;
-use ringzero_devices::{DeviceEvent, ExitPort, MmioBus, PortBus, TimerClock, Uart16550};
+use ringzero_devices::{DeviceEvent, ExitPort, IoApic, MmioBus, PortBus, TimerClock, Uart16550};
 use ringzero_memory::{GuestPhysAddr, GuestRam, HostMemory};
 
 /// The status reported for a VM the hypervisor stopped (triple fault, bad access, ...).
@@ -26,6 +26,9 @@ pub const STATUS_STOPPED: u32 = 255;
 /// Exception vectors injected into guests.
 const VECTOR_INVALID_OPCODE: u8 = 6;
 const VECTOR_GENERAL_PROTECTION: u8 = 13;
+/// The ACPI PM blocks of the PC platform (`PlatformDescription::pc`: PM1a at 0x600, the PM timer
+/// at 0x608).
+const ACPI_PM_BASE: u16 = 0x600;
 /// Console lines longer than this are split.
 const MAX_CONSOLE_LINE: usize = 1024;
 
@@ -56,6 +59,10 @@ pub struct Vm {
     /// Something other than the vCPUs can interrupt them (devices with interrupt lines): an
     /// HLT then waits even with one vCPU and no APIC timer.
     pub interrupt_sources: bool,
+    /// The I/O APIC (Linux VMs): routes device interrupt lines to the vCPUs' local APICs.
+    pub io_apic: Option<IoApic>,
+    /// The device interrupt lines (I/O APIC pins) last seen asserted, bit per pin.
+    pub(crate) irq_lines: u32,
     console_line: Vec<u8>,
     msrs_reported: BTreeSet<u32>,
 }
@@ -97,6 +104,8 @@ impl Vm {
             deadline: None,
             time_limit_seconds: 0,
             interrupt_sources: false,
+            io_apic: None,
+            irq_lines: 0,
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
@@ -374,7 +383,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
             }
             let state = &mut vm.vcpus[index];
             match state.activity {
-                Activity::WaitingForStartup => return SliceEnd::Blocked,
+                Activity::WaitingForStartup | Activity::Parked => return SliceEnd::Blocked,
                 Activity::Halted { since } => {
                     state.apic.advance_timer(now);
                     if state.apic.pending_vector().is_none() {
@@ -427,7 +436,14 @@ pub fn run_slice<L: LockVm + ?Sized>(
             vm.end = Some(end);
             return SliceEnd::VmEnded;
         }
-        if matches!(vm.vcpus[index].activity, Activity::Halted { .. }) {
+        if matches!(
+            vm.vcpus[index].activity,
+            Activity::Halted { .. } | Activity::Parked
+        ) {
+            // A guest that waits (a shell at its prompt) shows the line it has not finished.
+            if smp::all_waiting(vm) {
+                vm.flush_console(platform);
+            }
             return SliceEnd::Blocked;
         }
         if now >= slice_end {
@@ -528,6 +544,8 @@ fn handle(
             let value = match msr::read(msr_number, now) {
                 // The local APIC's MSRs (base, TSC deadline, x2APIC registers) are this vCPU's.
                 _ if is_apic_msr(msr_number) => vm.vcpus[index].apic.read_msr(msr_number, now),
+                // TSC_AUX: a plain per-vCPU value (Linux stores its CPU number there).
+                _ if msr_number == MSR_TSC_AUX => Some(vm.vcpus[index].tsc_aux),
                 MsrRead::Value(value) => Some(value),
                 MsrRead::Hardware if msr_number == msr::IA32_EFER => {
                     paging::read_efer(vm).or_else(|| vcpu.hardware_msr(msr_number))
@@ -557,6 +575,10 @@ fn handle(
                     && value & 0x000F_FFFF_FFFF_F000 != smp::APIC_PAGE =>
                 {
                     false
+                }
+                _ if msr_number == MSR_TSC_AUX => {
+                    vm.vcpus[index].tsc_aux = value & 0xFFFF_FFFF;
+                    value >> 32 == 0
                 }
                 _ if is_apic_msr(msr_number) => {
                     let now = platform.timestamp();
@@ -599,6 +621,9 @@ fn handle(
                     smp::halt(vm, index, platform.timestamp());
                 }
                 end
+            } else if smp::park(vm, index) {
+                // Another vCPU may still INIT this one: parked, RIP after the HLT.
+                skip_instruction(vm, vcpu, host).err()
             } else {
                 Some(VmEnd::HaltedForever { rip })
             }
@@ -616,26 +641,11 @@ fn handle(
         } => match paging::nested_page_fault(vm, host, *guest_physical) {
             Some(Ok(())) => None,
             Some(Err(end)) => Some(end),
-            // This vCPU's local APIC registers: emulate the instruction on its APIC model.
-            None if guest_physical.0 & !0xFFF == smp::APIC_PAGE => crate::mmio::emulate(
-                vm,
-                crate::mmio::Target::LocalApic(index),
-                vcpu,
-                platform,
-                host,
-                guest_physical.0,
-            )
-            .err(),
-            // A device's registers: emulate the instruction that touched them.
-            None if vm.mmio.owns(guest_physical.0) => crate::mmio::emulate(
-                vm,
-                crate::mmio::Target::Bus,
-                vcpu,
-                platform,
-                host,
-                guest_physical.0,
-            )
-            .err(),
+            // Device registers (this vCPU's local APIC, the I/O APIC, the MMIO bus): emulate
+            // the instruction that touched them.
+            None if device_at(vm, guest_physical.0).is_some() => {
+                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
+            }
             None => Some(VmEnd::NestedPageFault {
                 guest_physical: *guest_physical,
                 access: *access,
@@ -658,7 +668,16 @@ fn handle(
         VmExit::PageFault {
             address,
             error_code,
-        } => paging::page_fault(vm, vcpu, host, *address, *error_code).err(),
+        } => match paging::page_fault(vm, vcpu, host, *address, *error_code) {
+            // The guest's own page tables map device registers: emulate the access, as under
+            // nested paging.
+            Err(VmEnd::NestedPageFault { guest_physical, .. })
+                if device_at(vm, guest_physical.0).is_some() =>
+            {
+                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
+            }
+            result => result.err(),
+        },
         VmExit::NestedPagingMisconfiguration { guest_physical } => {
             Some(VmEnd::NestedPagingMisconfiguration {
                 guest_physical: *guest_physical,
@@ -689,6 +708,43 @@ fn handle(
         }),
     }
 }
+
+/// Which device's registers are at `guest_physical`, if any: this vCPU's local APIC page, the
+/// I/O APIC's (PC platform), or a device on the MMIO bus.
+fn device_at(vm: &Vm, guest_physical: u64) -> Option<crate::mmio::Target> {
+    if guest_physical & !0xFFF == smp::APIC_PAGE {
+        Some(crate::mmio::Target::LocalApic(0))
+    } else if vm.io_apic.is_some() && guest_physical & !0xFFF == IoApic::BASE {
+        Some(crate::mmio::Target::IoApic)
+    } else if vm.mmio.owns(guest_physical) {
+        Some(crate::mmio::Target::Bus)
+    } else {
+        None
+    }
+}
+
+/// Emulates the instruction at RIP that touched the device registers at `guest_physical`
+/// (see [`device_at`]; the local APIC is vCPU `index`'s own).
+fn emulate_device_access(
+    vm: &mut Vm,
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    platform: &mut dyn Platform,
+    host: &mut dyn HostMemory,
+    guest_physical: u64,
+) -> Result<(), VmEnd> {
+    let target = match device_at(vm, guest_physical) {
+        Some(crate::mmio::Target::LocalApic(_)) => crate::mmio::Target::LocalApic(index),
+        Some(target) => target,
+        None => return Ok(()),
+    };
+    crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical)
+}
+
+/// IA32_TSC_AUX: what RDTSCP and RDPID return in ECX. Kept per vCPU as a plain value (the
+/// hardware register is not loaded with it: RDTSCP in the guest still reads the host's).
+/// See: SDM Vol 4 Table 2-2; Vol 2B RDTSCP.
+const MSR_TSC_AUX: u32 = 0xC000_0103;
 
 /// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers: the vCPU's local APIC.
 /// See: SDM Vol 3A 11.4.4, 11.5.4.1, 11.12.1.2.
@@ -722,6 +778,25 @@ fn handle_io(
         2 => 0xFFFF,
         _ => 0xFFFF_FFFF,
     };
+    // The PIT and the ACPI PM timer count in time: bring them to now before the guest looks.
+    if matches!(io.port, 0x40..=0x43 | 0x61) {
+        if let Some(pit) = vm
+            .bus
+            .device_mut::<ringzero_devices::Pit>(ringzero_devices::Pit::BASE)
+        {
+            pit.advance(platform.timestamp());
+        }
+    } else if matches!(io.port, 0x70 | 0x71) {
+        let now = platform.unix_seconds();
+        if let Some(rtc) = vm.bus.device_mut::<ringzero_devices::Rtc>(0x70) {
+            rtc.set_clock(now);
+        }
+    } else if (ACPI_PM_BASE..ACPI_PM_BASE + 0x10).contains(&io.port) {
+        let tsc_hz = vm.vcpus[0].apic.clock().tsc_hz;
+        if let Some(pm) = vm.bus.device_mut::<ringzero_devices::AcpiPm>(ACPI_PM_BASE) {
+            pm.set_tsc(platform.timestamp(), tsc_hz);
+        }
+    }
     let access = match io.direction {
         IoDirection::In => {
             let access = vm.bus.read(io.port, io.size);
