@@ -102,9 +102,6 @@ pub enum TestHook {
     /// Break the first VM's guest state before its first entry: the decoded entry-failure
     /// report must print, that VM must stop, and the hypervisor must go on.
     InvalidGuestState,
-    /// Run Linux guests although their platform is incomplete (no interrupt delivery yet), to
-    /// see how far they get. For development only.
-    LinuxExperimental,
 }
 
 impl TestHook {
@@ -113,7 +110,6 @@ impl TestHook {
             TestHook::None => 0,
             TestHook::PageFault => 1,
             TestHook::InvalidGuestState => 2,
-            TestHook::LinuxExperimental => 3,
         }
     }
 
@@ -122,7 +118,6 @@ impl TestHook {
             0 => Ok(TestHook::None),
             1 => Ok(TestHook::PageFault),
             2 => Ok(TestHook::InvalidGuestState),
-            3 => Ok(TestHook::LinuxExperimental),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -133,7 +128,6 @@ impl TestHook {
             TestHook::None => "none",
             TestHook::PageFault => "page-fault",
             TestHook::InvalidGuestState => "invalid-guest-state",
-            TestHook::LinuxExperimental => "linux-experimental",
         }
     }
 
@@ -143,7 +137,6 @@ impl TestHook {
             TestHook::None,
             TestHook::PageFault,
             TestHook::InvalidGuestState,
-            TestHook::LinuxExperimental,
         ]
         .into_iter()
         .find(|hook| hook.name() == name)

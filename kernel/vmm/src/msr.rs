@@ -12,6 +12,12 @@ pub const IA32_APIC_BASE: u32 = 0x1B;
 pub const APIC_BASE_VALUE: u64 = 0xFEE0_0900;
 /// IA32_EFER.
 pub const IA32_EFER: u32 = 0xC000_0080;
+/// IA32_MISC_ENABLE (Intel): Linux reads it unconditionally early in boot on Intel CPUs (before
+/// it has an IDT, so a #GP there is a triple fault). See: SDM Vol 4 Table 2-2.
+pub const IA32_MISC_ENABLE: u32 = 0x1A0;
+/// What the guest reads: fast strings enabled (bit 0), branch trace storage and PEBS
+/// unavailable (bits 11, 12); XD not disabled (bit 34 clear).
+pub const MISC_ENABLE_VALUE: u64 = (1 << 0) | (1 << 11) | (1 << 12);
 
 /// What to do with an RDMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +32,7 @@ pub fn read(msr: u32, timestamp: u64) -> MsrRead {
     match msr {
         IA32_TIME_STAMP_COUNTER => MsrRead::Value(timestamp),
         IA32_APIC_BASE => MsrRead::Value(APIC_BASE_VALUE),
+        IA32_MISC_ENABLE => MsrRead::Value(MISC_ENABLE_VALUE),
         _ => MsrRead::Hardware,
     }
 }
@@ -48,6 +55,8 @@ pub fn write(msr: u32, value: u64) -> MsrWrite {
         IA32_APIC_BASE => MsrWrite::Fault,
         // Writing the TSC would need a per-VM offset; refuse until a guest needs it.
         IA32_TIME_STAMP_COUNTER => MsrWrite::Fault,
+        // Writes are accepted and ignored (the guest reads the fixed value back).
+        IA32_MISC_ENABLE => MsrWrite::Ignore,
         _ => MsrWrite::Hardware,
     }
 }
