@@ -148,3 +148,37 @@ fn two_linux_vms_side_by_side_and_the_console_switch() {
 fn linux_one_vcpu_shadow_paging() {
     boots_to_a_shell_runs_commands_and_powers_off("tests/configs/linux-shadow.toml", "1", 1);
 }
+
+/// The same kernel under Bochs (Intel VMX, EPT): Bochs gives no console input here, so
+/// `ringzero.auto` on the command line makes the initramfs run a fixed shell session and power
+/// off (scripts/lib/linux-guest.sh).
+#[test]
+fn linux_under_bochs_vmx() {
+    let run = boot(&[
+        "--bochs",
+        "--config",
+        "tests/configs/linux-bochs.toml",
+        "--memory",
+        "1024",
+        "--timeout",
+        "900",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("linux | ringzero-linux: automatic session");
+    let lines = guest_lines(&run, "linux");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("Linux ") && line.contains("x86_64")),
+        "no uname -a output\n{}",
+        run.report()
+    );
+    assert!(
+        lines.iter().any(|line| line.trim() == "1"),
+        "{}",
+        run.report()
+    );
+    run.assert_serial_contains(&format!("ringzero-date={}", today()));
+    run.assert_serial_contains("linux | ringzero-linux: automatic session done");
+    run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
+}
