@@ -8,7 +8,9 @@
 # within one emulator.
 # With --smp it measures the scheduler instead: one CPU-bound worker VM alone, then two of them
 # at once, on a 2-CPU QEMU (-cpu EPYC), in one run, and prints the ratio of their times.
-# Usage: scripts/bench.sh [--smp]   (builds first, like run-qemu.sh)
+# With --linux it measures the stock Linux guest's boot to its shell prompt under ringzero
+# (nested and shadow paging) against QEMU booting the same kernel directly, in one run.
+# Usage: scripts/bench.sh [--smp | --linux]   (builds first, like run-qemu.sh)
 set -euo pipefail
 
 RZ_PROG=bench
@@ -47,8 +49,56 @@ smp_bench() {
         rm -f "$log"
     done
 }
+# --linux: the stock Linux guest booted to its shell prompt by ringzero (nested and shadow paging)
+# and by QEMU directly (-kernel, the same kernel, initramfs and emulated CPU): the wall time from
+# launch until the shell's banner is printed, and the kernel's own clock at "Run /init".
+linux_bench() {
+    source "$RZ_ROOT/scripts/lib/linux-guest.sh"
+    rz_linux_guest
+    printf '| %-32s | %14s | %15s | %16s |\n' run "to shell, wall s" "kernel at init s" "ratio to direct"
+    local variant log pid started elapsed kernel direct=""
+    for variant in direct nested shadow; do
+        log=$(mktemp)
+        started=$(date +%s.%N)
+        case "$variant" in
+            direct)
+                qemu-system-x86_64 -machine pc -cpu EPYC -m 256 -display none -no-reboot \
+                    -kernel "$RZ_LINUX_VMLINUZ" -initrd "$RZ_LINUX_INITRAMFS" -append console=ttyS0 \
+                    -serial stdio < /dev/null > "$log" 2>/dev/null &
+                ;;
+            nested | shadow)
+                local config=tests/configs/linux.toml
+                [ "$variant" = shadow ] && config=tests/configs/linux-shadow.toml
+                bash scripts/run-qemu.sh --no-build --config "$config" --memory 1024 \
+                    --input tests/linux/poweroff.txt --timeout 600 > "$log" 2>/dev/null &
+                ;;
+        esac
+        pid=$!
+        elapsed=-
+        for _ in $(seq 6000); do
+            if grep -q -a 'built-in shell' "$log"; then
+                elapsed=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { printf "%.1f", a - b }')
+                break
+            fi
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if [ "$variant" = direct ]; then kill "$pid" 2>/dev/null; fi
+        wait "$pid" 2>/dev/null || true
+        kernel=$(grep -a -o '\[ *[0-9.]*\] Run /init' "$log" | head -n 1 | tr -d '[]' | awk '{ print $1 }')
+        [ "$variant" = direct ] && direct=$elapsed
+        printf '| %-32s | %14s | %15s | %16s |\n' "$([ "$variant" = direct ] && echo "QEMU -kernel (no hypervisor)" || echo "ringzero, $variant paging")" \
+            "$elapsed" "${kernel:--}" \
+            "$(awk -v a="$elapsed" -v b="$direct" 'BEGIN { if (b + 0 == 0 || a == "-") print "-"; else printf "%.2f", a / b }')"
+        rm -f "$log"
+    done
+}
 if [ "${1:-}" = --smp ]; then
     smp_bench
+    exit 0
+fi
+if [ "${1:-}" = --linux ]; then
+    linux_bench
     exit 0
 fi
 

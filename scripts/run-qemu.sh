@@ -87,6 +87,11 @@ if [ "$build" = 1 ]; then
     rz_ensure_toolchain
     rz_build_binaries
     rz_build_guests
+    # A configuration with a Linux guest (the default one) needs the stock kernel and initramfs.
+    if [ -n "$config" ] && grep -q 'target/linux/' "$config"; then
+        source "$RZ_ROOT/scripts/lib/linux-guest.sh"
+        rz_linux_guest
+    fi
 fi
 if [ "$build_only" = 1 ]; then
     rz_pack_images "$RZ_IMAGES" "${hook_args[@]}" "${config_args[@]}"

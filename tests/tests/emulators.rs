@@ -11,8 +11,12 @@ const GUEST_FAILED: i32 = 6;
 
 #[test]
 fn qemu_uefi_epyc_detects_svm_with_nested_paging() {
-    let run = boot(&["--timeout", "120"]);
+    // The plain run: the default configuration's Linux guest reaches its shell prompt, and
+    // `poweroff -f` typed there ends it (tests/linux/poweroff.txt).
+    let run = boot(&["--input", "tests/linux/poweroff.txt", "--timeout", "300"]);
     run.assert_status(CLEAN);
+    run.assert_serial_contains("linux | ~ #");
+    run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
     run.assert_serial_contains(
         "ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1 unrestricted=0 vpid=0 asids=16 cpus=1",
     );
@@ -23,7 +27,13 @@ fn qemu_uefi_epyc_detects_svm_with_nested_paging() {
 
 #[test]
 fn qemu_bios_epyc_detects_svm_with_nested_paging() {
-    let run = boot(&["--bios", "--timeout", "120"]);
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "config/test-guests.toml",
+        "--timeout",
+        "120",
+    ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1");
     run.assert_serial_contains("SVM works on this CPU");
@@ -31,12 +41,20 @@ fn qemu_bios_epyc_detects_svm_with_nested_paging() {
 
 #[test]
 fn qemu_smp_counts_cpus_from_the_madt() {
-    let run = boot(&["--bios", "--smp", "2", "--timeout", "120"]);
+    let run = boot(&[
+        "--bios",
+        "--smp",
+        "2",
+        "--config",
+        "config/test-guests.toml",
+        "--timeout",
+        "120",
+    ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains(
         "ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1 unrestricted=0 vpid=0 asids=16 cpus=2",
     );
-    // The second CPU idles while the guests run on the first.
+    // Two CPUs, two VMs: one on each.
     run.assert_serial_contains("ringzero: cpus online=2 of=2");
 }
 
@@ -92,7 +110,14 @@ fn qemu64_without_nested_paging_refuses_nested_vms_and_runs_shadow_ones() {
     // QEMU 7.2's qemu64 model has SVM but no NPT: the machine can virtualize, but only with
     // shadow paging. The default configuration asks for nested paging: each VM is refused with
     // the missing bit and the fix named, and the hypervisor reports failed guests.
-    let run = boot(&["--cpu", "qemu64", "--timeout", "60"]);
+    let run = boot(&[
+        "--cpu",
+        "qemu64",
+        "--config",
+        "config/test-guests.toml",
+        "--timeout",
+        "60",
+    ]);
     run.assert_status(GUEST_FAILED);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=0");
     run.assert_serial_contains("CPUID.8000000Ah:EDX.NP[bit 0] is 0");
@@ -114,7 +139,15 @@ fn qemu64_without_nested_paging_refuses_nested_vms_and_runs_shadow_ones() {
 
 #[test]
 fn page_fault_in_the_hypervisor_is_reported_and_powers_off() {
-    let run = boot(&["--bios", "--test-hook", "page-fault", "--timeout", "60"]);
+    let run = boot(&[
+        "--bios",
+        "--test-hook",
+        "page-fault",
+        "--config",
+        "config/test-guests.toml",
+        "--timeout",
+        "60",
+    ]);
     run.assert_status(HYPERVISOR_EXCEPTION);
     run.assert_serial_contains("CPU exception 14 (#PF page fault) error_code=0x0");
     run.assert_serial_contains("cr2=0x00007eadbeef0000");

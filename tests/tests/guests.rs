@@ -173,7 +173,7 @@ fn entry_failure_is_decoded_and_the_hypervisor_goes_on(backend: &[&str]) {
         backend,
         &[
             "--config",
-            "config/default.toml",
+            "config/test-guests.toml",
             "--test-hook",
             "invalid-guest-state",
             "--timeout",
