@@ -182,3 +182,24 @@ fn linux_under_bochs_vmx() {
     run.assert_serial_contains("linux | ringzero-linux: automatic session done");
     run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
 }
+
+/// A Linux guest that panics (no init) and then reboots (panic=1) is stopped with a report
+/// when it writes the reset register its FADT names; the VM beside it and the hypervisor go on.
+#[test]
+fn a_panicking_linux_guest_is_stopped_and_the_others_go_on() {
+    let run = boot(&[
+        "--config",
+        "tests/configs/linux-panic.toml",
+        "--memory",
+        "1024",
+        "--timeout",
+        "600",
+    ]);
+    run.assert_serial_contains("Kernel panic - not syncing");
+    run.assert_serial_contains("ringzero: vm linux exit=reset status=255");
+    run.assert_serial_contains("the guest asked for a reset (reset control register, port 0xCF9)");
+    run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0");
+    // One VM failed: the hypervisor says so in its status, after running everything.
+    run.assert_status(6);
+    run.assert_serial_contains("ringzero: poweroff status=6");
+}

@@ -42,7 +42,8 @@ pub fn build(platform: &PlatformDescription, dsdt_address: u64, facs_address: u6
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
         .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton);
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
 
     // Pointers. See: Table 5.9 FIRMWARE_CTRL (offset 36), DSDT (40), X_FIRMWARE_CTRL (132),
     // X_DSDT (140).
@@ -79,9 +80,17 @@ pub fn build(platform: &PlatformDescription, dsdt_address: u64, facs_address: u6
             AccessSize::DwordAccess,
         );
     }
+    // The reset register: a byte write of 0x06 to port 0xCF9 (the PCI bus model's reset
+    // control register). See: ACPI 6.5 Table 5.9 RESET_REG, RESET_VALUE; 4.8.3.6.
+    fadt.reset_reg = io_register(RESET_PORT, 1, AccessSize::ByteAccess);
+    fadt.reset_value = RESET_VALUE;
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
     fadt.finalize()
 }
+
+/// Where and what the guest writes to reset the machine (`ringzero_devices::PciBus`).
+const RESET_PORT: u16 = 0xCF9;
+const RESET_VALUE: u8 = 0x06;
 
 /// The FACS: no global lock, no S4BIOS, waking vector 0 (the guest writes it on suspend).
 pub fn build_facs() -> FACS {

@@ -30,6 +30,9 @@ pub enum DeviceEvent {
     /// The guest powered its VM off (ACPI S5: SLP_EN with SLP_TYPx = 5 in PM1_CNT, see
     /// [`crate::AcpiPm`]). Stop the VM as a clean power-off.
     PowerOff,
+    /// The guest asked for a reset of the machine (the reset control register, see
+    /// [`crate::PciBus`]). ringzero does not restart VMs: stop the VM and say so.
+    Reset,
 }
 
 /// A device on the I/O-port bus. Sizes are 1, 2 or 4 bytes; `port` is the first port accessed

@@ -406,6 +406,8 @@ impl Default for PciBus {
 impl PciBus {
     /// CONFIG_ADDRESS.
     pub const ADDRESS_PORT: u16 = 0xCF8;
+    /// The reset control register (a byte inside CONFIG_ADDRESS's dword).
+    pub const RESET_CONTROL_PORT: u16 = 0xCF9;
     /// The first port of CONFIG_DATA.
     pub const DATA_PORT: u16 = 0xCFC;
     /// The last port the bus owns.
@@ -535,10 +537,19 @@ impl PortDevice for PciBus {
         value
     }
 
-    fn write(&mut self, port: u16, size: u8, value: u32, _events: &mut Vec<DeviceEvent>) {
+    fn write(&mut self, port: u16, size: u8, value: u32, events: &mut Vec<DeviceEvent>) {
         let width = access_width(size);
         if port == Self::ADDRESS_PORT && width == 4 {
             self.address = value & ADDRESS_IMPLEMENTED;
+            return;
+        }
+        // The reset control register: a byte write to 0xCF9 with RST_CPU (bit 2) set resets
+        // the machine (the FADT's RESET_REG points here). See: Intel PCH datasheets, "Reset
+        // Control Register (RST_CNT), I/O 0xCF9"; ACPI 6.5 4.8.3.6 (reset register).
+        if port == Self::RESET_CONTROL_PORT && width == 1 {
+            if value & RESET_CPU != 0 {
+                events.push(DeviceEvent::Reset);
+            }
             return;
         }
         if port < Self::DATA_PORT {
@@ -561,10 +572,27 @@ impl PortDevice for PciBus {
     }
 }
 
+/// RST_CNT bit 2: reset the CPU (with bit 1, SYS_RST, a full reset). Linux writes 0x06.
+const RESET_CPU: u32 = 1 << 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bus::PortBus;
+
+    #[test]
+    fn a_byte_write_of_rst_cpu_to_0xcf9_asks_for_a_reset() {
+        let mut pci = PciBus::new();
+        let mut events = Vec::new();
+        pci.write(0xCF9, 1, 0x02, &mut events);
+        assert!(events.is_empty(), "SYS_RST alone does not reset");
+        pci.write(0xCF9, 1, 0x06, &mut events);
+        assert_eq!(events, [DeviceEvent::Reset]);
+        // A dword write at 0xCF8 is CONFIG_ADDRESS, not a reset.
+        let mut events = Vec::new();
+        pci.write(0xCF8, 4, 0x8000_0600, &mut events);
+        assert!(events.is_empty());
+    }
 
     /// A device with three BARs, for the sizing protocol.
     struct TestDevice {
@@ -923,6 +951,7 @@ mod tests {
         pci.write(0xFFFF, 4, 0, &mut events);
         pci.read(0, 4);
         pci.write(0, 4, 0, &mut events);
-        assert!(events.is_empty());
+        // The only event any of this may raise: the reset, from the byte writes to 0xCF9.
+        assert!(events.iter().all(|event| *event == DeviceEvent::Reset));
     }
 }

@@ -245,6 +245,7 @@ pub fn emulate(
                     DeviceEvent::ConsoleByte(byte) => vm.console_byte(byte, platform),
                     DeviceEvent::StopVm { status } => return Err(VmEnd::ExitPort { status }),
                     DeviceEvent::PowerOff => return Err(VmEnd::PowerOff),
+                    DeviceEvent::Reset => return Err(VmEnd::Reset),
                 }
             }
         }

@@ -181,6 +181,8 @@ pub enum VmEnd {
     UnsupportedIo { io: IoExit, rip: u64 },
     /// The VM ran longer than its configured time limit.
     TimeLimit { seconds: u32 },
+    /// The guest asked for a reset (a reboot, or its kernel after a panic).
+    Reset,
 }
 
 impl VmEnd {
@@ -202,6 +204,7 @@ impl VmEnd {
             VmEnd::OutOfHostMemory { .. } => "out-of-host-memory",
             VmEnd::UnsupportedPaging { .. } => "unsupported-paging-mode",
             VmEnd::TimeLimit { .. } => "time-limit",
+            VmEnd::Reset => "reset",
         }
     }
 
@@ -263,6 +266,9 @@ impl VmEnd {
             VmEnd::UnsupportedIo { io, rip } => format!(
                 "string/REP port I/O on port {:#x} at rip={rip:#x} is not emulated; VM stopped",
                 io.port
+            ),
+            VmEnd::Reset => String::from(
+                "the guest asked for a reset (reset control register, port 0xCF9): ringzero does not restart VMs; VM stopped",
             ),
             VmEnd::TimeLimit { seconds } => format!(
                 "the VM was still running after its time limit of {seconds} s; VM stopped"
@@ -819,6 +825,7 @@ fn handle_io(
                     DeviceEvent::ConsoleByte(byte) => vm.console_byte(byte, platform),
                     DeviceEvent::StopVm { status } => return Some(VmEnd::ExitPort { status }),
                     DeviceEvent::PowerOff => return Some(VmEnd::PowerOff),
+                    DeviceEvent::Reset => return Some(VmEnd::Reset),
                 }
             }
             access
