@@ -18,6 +18,10 @@ pub const IA32_MISC_ENABLE: u32 = 0x1A0;
 /// What the guest reads: fast strings enabled (bit 0), branch trace storage and PEBS
 /// unavailable (bits 11, 12); XD not disabled (bit 34 clear).
 pub const MISC_ENABLE_VALUE: u64 = (1 << 0) | (1 << 11) | (1 << 12);
+/// AMD NB_CFG: Linux reads it, then writes it (not "safely") to enable extended PCI
+/// configuration access; it reads 0 and writes are ignored, as KVM does. See: AMD BKDG for
+/// family 10h, MSRC001_001F.
+pub const AMD_NB_CFG: u32 = 0xC001_001F;
 
 /// What to do with an RDMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +37,7 @@ pub fn read(msr: u32, timestamp: u64) -> MsrRead {
         IA32_TIME_STAMP_COUNTER => MsrRead::Value(timestamp),
         IA32_APIC_BASE => MsrRead::Value(APIC_BASE_VALUE),
         IA32_MISC_ENABLE => MsrRead::Value(MISC_ENABLE_VALUE),
+        AMD_NB_CFG => MsrRead::Value(0),
         _ => MsrRead::Hardware,
     }
 }
@@ -56,7 +61,7 @@ pub fn write(msr: u32, value: u64) -> MsrWrite {
         // Writing the TSC would need a per-VM offset; refuse until a guest needs it.
         IA32_TIME_STAMP_COUNTER => MsrWrite::Fault,
         // Writes are accepted and ignored (the guest reads the fixed value back).
-        IA32_MISC_ENABLE => MsrWrite::Ignore,
+        IA32_MISC_ENABLE | AMD_NB_CFG => MsrWrite::Ignore,
         _ => MsrWrite::Hardware,
     }
 }
