@@ -686,18 +686,9 @@ mod tests {
         assert_eq!(reinjected_event(0x20), 0);
     }
 
-    /// A vCPU over heap pages (nothing here touches the hardware: only methods that read and
-    /// write the VMCB are called).
-    fn vcpu_on_the_heap(vmcb: &mut Vmcb, host_state: &mut Vmcb) -> SvmVcpu {
-        let frame = |page: &mut Vmcb| Frame {
-            physical: HostPhysAddr(0x10_0000),
-            virtual_address: NonNull::from(page).cast(),
-        };
-        let maps = PermissionMaps {
-            iopm: HostPhysAddr(0x20_0000),
-            msrpm: HostPhysAddr(0x30_0000),
-        };
-        let entry = EntryState {
+    /// A flat64 guest's first-instruction state (docs/specs/guest-boot.md).
+    fn flat64_entry() -> EntryState {
+        EntryState {
             mode: CpuMode::Long64,
             code_selector: 0x8,
             data_selector: 0x10,
@@ -714,7 +705,21 @@ mod tests {
             rbx: 0,
             rdi: 0x8000,
             rsi: 0,
+        }
+    }
+
+    /// A vCPU over heap pages (nothing here touches the hardware: only methods that read and
+    /// write the VMCB are called).
+    fn vcpu_on_the_heap(vmcb: &mut Vmcb, host_state: &mut Vmcb) -> SvmVcpu {
+        let frame = |page: &mut Vmcb| Frame {
+            physical: HostPhysAddr(0x10_0000),
+            virtual_address: NonNull::from(page).cast(),
         };
+        let maps = PermissionMaps {
+            iopm: HostPhysAddr(0x20_0000),
+            msrpm: HostPhysAddr(0x30_0000),
+        };
+        let entry = flat64_entry();
         let features = SvmFeatures {
             nrip_save: false,
             decode_assists: false,
@@ -818,22 +823,12 @@ mod tests {
         let mut vmcb = Vmcb::zeroed();
         // A 64-bit guest's state first, so every field the INIT state resets is seen to change.
         let long_mode = EntryState {
-            mode: CpuMode::Long64,
-            code_selector: 0x8,
-            data_selector: 0x10,
-            gdt_base: 0x1000,
-            gdt_limit: 0x17,
-            cr0: 0x8000_0033,
-            cr3: 0x2000,
-            cr4: 0x20,
-            efer: 0x500,
             rflags: 0x202,
-            rip: 0x10_0000,
-            rsp: 0x8000,
             rax: 1,
             rbx: 2,
             rdi: 3,
             rsi: 4,
+            ..flat64_entry()
         };
         load_entry_state(&mut vmcb.save, &long_mode);
         load_startup_state(&mut vmcb.save, 0x9A);

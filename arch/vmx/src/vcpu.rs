@@ -1136,6 +1136,15 @@ mod tests {
     use crate::controls::bochs_capabilities;
     use crate::exit::{diagnose_guest_state, GuestStateFields};
 
+    /// The value `startup_state` writes to `field` (the test fails if it writes none).
+    fn written(writes: &[(Field, u64)], field: Field) -> u64 {
+        writes
+            .iter()
+            .find(|(written, _)| *written == field)
+            .map(|(_, value)| *value)
+            .unwrap_or_else(|| panic!("{} is not written", field.name()))
+    }
+
     #[test]
     fn external_interrupt_encoding() {
         // Vector 0x20, type 0 (external interrupt), no error code, valid.
@@ -1219,13 +1228,7 @@ mod tests {
         let controls = controls::compute(&capabilities, false).unwrap();
         let long_mode_entry = controls.entry | entry::IA32E_MODE_GUEST;
         let writes = startup_state(0x9A, &capabilities, long_mode_entry);
-        let value = |field: Field| {
-            writes
-                .iter()
-                .find(|(written, _)| *written == field)
-                .map(|(_, value)| *value)
-                .unwrap()
-        };
+        let value = |field: Field| written(&writes, field);
         assert_eq!(value(vmcs::GUEST_CS_SELECTOR), 0x9A00);
         assert_eq!(value(vmcs::GUEST_CS_BASE), 0x9_A000);
         assert_eq!(value(vmcs::GUEST_CS_LIMIT), 0xFFFF);
@@ -1276,13 +1279,7 @@ mod tests {
         capabilities.cr0_fixed0 = 0x8000_0031;
         capabilities.cr4_fixed0 = 0x2000 | (1 << 5);
         let writes = startup_state(0x10, &capabilities, 0);
-        let value = |field: Field| {
-            writes
-                .iter()
-                .find(|(written, _)| *written == field)
-                .map(|(_, value)| *value)
-                .unwrap()
-        };
+        let value = |field: Field| written(&writes, field);
         assert_eq!(value(vmcs::GUEST_CR0), 0x6000_0030);
         assert_eq!(value(vmcs::GUEST_CR4), 0x2020);
         assert_eq!(value(vmcs::CR4_GUEST_HOST_MASK), 0x2020);
