@@ -1,7 +1,8 @@
-//! Runs the VMs the manifest lists, one after another, on this CPU: builds each VM's RAM and
-//! nested page tables, loads its image, creates its vCPU on the vendor's backend, hands it to
-//! the vendor-neutral run loop (`ringzero_vmm::vm::run`), reports how it ended, releases it,
-//! and checks that the hypervisor's own memory came through untouched.
+//! The VMs as the kernel builds them: each VM's RAM, nested page tables or shadow paging, image
+//! and platform devices (`build_vm`); the vendor backends and their vCPUs (`Backend`,
+//! `AnyVcpu`, the only place the vendor matters); the report when a VM ends (`finish_vm`); and
+//! the check that the hypervisor's own memory came through untouched (`IntegrityCheck`). The
+//! scheduler (`scheduler.rs`) runs the vCPUs.
 
 use crate::console;
 use crate::memory::{self, HostPhysAddr};
@@ -718,9 +719,10 @@ fn report(vm: &Vm, end: &VmEnd) {
 /// Where a Linux guest's ACPI tables go (the BIOS area the kernel may also scan).
 const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
 
-/// The PC platform a Linux guest probes: local APIC and I/O APIC on the MMIO bus, RTC, PCI
-/// configuration space, the two (masked) PICs and the ACPI PM block on the port bus, matching
-/// `ringzero_acpi::PlatformDescription::pc`. Interrupt delivery from them is not wired yet.
+/// The PC platform a Linux guest probes, matching `ringzero_acpi::PlatformDescription::pc`: the
+/// PIT (and port 0x61), RTC, PCI configuration space (with the reset register), the two (masked)
+/// PICs and the ACPI PM blocks on the port bus, and the I/O APIC, which the core routes to the
+/// vCPUs' local APICs (each vCPU's local APIC exists for every VM).
 fn attach_pc_platform(vm: &mut Vm, tsc_hz: u64) {
     use alloc::boxed::Box;
     let pit = ringzero_devices::Pit::new(tsc_hz);
