@@ -5,11 +5,6 @@
 
 /// IA32_TIME_STAMP_COUNTER. See: SDM Vol 4 Table 2-2.
 pub const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
-/// IA32_APIC_BASE. See: SDM Vol 3A 11.4.4.
-pub const IA32_APIC_BASE: u32 = 0x1B;
-/// The value guests read from IA32_APIC_BASE: the default base 0xFEE0_0000, enabled (bit 11),
-/// bootstrap processor (bit 8).
-pub const APIC_BASE_VALUE: u64 = 0xFEE0_0900;
 /// IA32_EFER.
 pub const IA32_EFER: u32 = 0xC000_0080;
 /// IA32_MISC_ENABLE (Intel): Linux reads it unconditionally early in boot on Intel CPUs (before
@@ -22,6 +17,12 @@ pub const MISC_ENABLE_VALUE: u64 = (1 << 0) | (1 << 11) | (1 << 12);
 /// configuration access; it reads 0 and writes are ignored, as KVM does. See: AMD BKDG for
 /// family 10h, MSRC001_001F.
 pub const AMD_NB_CFG: u32 = 0xC001_001F;
+/// IA32_TSC_AUX: what RDTSCP and RDPID return in ECX. The core keeps it per vCPU as a plain value
+/// (the hardware register is not loaded with it: RDTSCP in the guest still reads the host's).
+/// See: SDM Vol 4 Table 2-2; Vol 2B RDTSCP.
+pub const IA32_TSC_AUX: u32 = 0xC000_0103;
+// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers are each vCPU's local APIC's
+// (`ringzero_devices::LocalApic`, routed by the core before these policies).
 
 /// What to do with an RDMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +36,6 @@ pub enum MsrRead {
 pub fn read(msr: u32, timestamp: u64) -> MsrRead {
     match msr {
         IA32_TIME_STAMP_COUNTER => MsrRead::Value(timestamp),
-        IA32_APIC_BASE => MsrRead::Value(APIC_BASE_VALUE),
         IA32_MISC_ENABLE => MsrRead::Value(MISC_ENABLE_VALUE),
         AMD_NB_CFG => MsrRead::Value(0),
         _ => MsrRead::Hardware,
@@ -45,7 +45,7 @@ pub fn read(msr: u32, timestamp: u64) -> MsrRead {
 /// What to do with a WRMSR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrWrite {
-    /// Accepted and ignored (e.g. APIC base unchanged).
+    /// Accepted and ignored.
     Ignore,
     /// Pass to the backend (`Vcpu::set_hardware_msr`), then #GP if it does not hold it.
     Hardware,
@@ -56,8 +56,6 @@ pub enum MsrWrite {
 /// The core's policy for WRMSR of `msr` = `value`.
 pub fn write(msr: u32, value: u64) -> MsrWrite {
     match msr {
-        IA32_APIC_BASE if value == APIC_BASE_VALUE => MsrWrite::Ignore,
-        IA32_APIC_BASE => MsrWrite::Fault,
         // Writing the TSC would need a per-VM offset; refuse until a guest needs it.
         IA32_TIME_STAMP_COUNTER => MsrWrite::Fault,
         // Writes are accepted and ignored (the guest reads the fixed value back).
@@ -73,15 +71,14 @@ mod tests {
     #[test]
     fn emulated_reads() {
         assert_eq!(read(IA32_TIME_STAMP_COUNTER, 1234), MsrRead::Value(1234));
-        assert_eq!(read(IA32_APIC_BASE, 0), MsrRead::Value(0xFEE0_0900));
+        assert_eq!(read(IA32_MISC_ENABLE, 0), MsrRead::Value(0x1801));
         assert_eq!(read(IA32_EFER, 0), MsrRead::Hardware);
         assert_eq!(read(0x1234_5678, 0), MsrRead::Hardware);
     }
 
     #[test]
     fn write_policy() {
-        assert_eq!(write(IA32_APIC_BASE, APIC_BASE_VALUE), MsrWrite::Ignore);
-        assert_eq!(write(IA32_APIC_BASE, 0), MsrWrite::Fault);
+        assert_eq!(write(IA32_MISC_ENABLE, 1), MsrWrite::Ignore);
         assert_eq!(write(IA32_TIME_STAMP_COUNTER, 0), MsrWrite::Fault);
         assert_eq!(write(IA32_EFER, 0xD00), MsrWrite::Hardware);
     }

@@ -551,7 +551,7 @@ fn handle(
                 // The local APIC's MSRs (base, TSC deadline, x2APIC registers) are this vCPU's.
                 _ if is_apic_msr(msr_number) => vm.vcpus[index].apic.read_msr(msr_number, now),
                 // TSC_AUX: a plain per-vCPU value (Linux stores its CPU number there).
-                _ if msr_number == MSR_TSC_AUX => Some(vm.vcpus[index].tsc_aux),
+                _ if msr_number == msr::IA32_TSC_AUX => Some(vm.vcpus[index].tsc_aux),
                 MsrRead::Value(value) => Some(value),
                 MsrRead::Hardware if msr_number == msr::IA32_EFER => {
                     paging::read_efer(vm).or_else(|| vcpu.hardware_msr(msr_number))
@@ -582,7 +582,7 @@ fn handle(
                 {
                     false
                 }
-                _ if msr_number == MSR_TSC_AUX => {
+                _ if msr_number == msr::IA32_TSC_AUX => {
                     vm.vcpus[index].tsc_aux = value & 0xFFFF_FFFF;
                     value >> 32 == 0
                 }
@@ -746,11 +746,6 @@ fn emulate_device_access(
     };
     crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical)
 }
-
-/// IA32_TSC_AUX: what RDTSCP and RDPID return in ECX. Kept per vCPU as a plain value (the
-/// hardware register is not loaded with it: RDTSCP in the guest still reads the host's).
-/// See: SDM Vol 4 Table 2-2; Vol 2B RDTSCP.
-const MSR_TSC_AUX: u32 = 0xC000_0103;
 
 /// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers: the vCPU's local APIC.
 /// See: SDM Vol 3A 11.4.4, 11.5.4.1, 11.12.1.2.
