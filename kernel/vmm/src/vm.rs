@@ -648,15 +648,17 @@ fn handle(
             Some(Ok(())) => None,
             Some(Err(end)) => Some(end),
             // Device registers (this vCPU's local APIC, the I/O APIC, the MMIO bus): emulate
-            // the instruction that touched them.
-            None if device_at(vm, guest_physical.0).is_some() => {
-                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
-            }
-            None => Some(VmEnd::NestedPageFault {
-                guest_physical: *guest_physical,
-                access: *access,
-                rip,
-            }),
+            // the instruction that touched them; anything else is outside the VM.
+            None => match device_at(vm, index, guest_physical.0) {
+                Some(target) => {
+                    crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical.0).err()
+                }
+                None => Some(VmEnd::NestedPageFault {
+                    guest_physical: *guest_physical,
+                    access: *access,
+                    rip,
+                }),
+            },
         },
         // Shadow paging: the guest changes its paging state or invalidates a translation.
         VmExit::ControlRegister(access) => {
@@ -677,10 +679,14 @@ fn handle(
         } => match paging::page_fault(vm, vcpu, host, *address, *error_code) {
             // The guest's own page tables map device registers: emulate the access, as under
             // nested paging.
-            Err(VmEnd::NestedPageFault { guest_physical, .. })
-                if device_at(vm, guest_physical.0).is_some() =>
-            {
-                emulate_device_access(vm, index, vcpu, platform, host, guest_physical.0).err()
+            Err(end @ VmEnd::NestedPageFault { guest_physical, .. }) => {
+                match device_at(vm, index, guest_physical.0) {
+                    Some(target) => {
+                        crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical.0)
+                            .err()
+                    }
+                    None => Some(end),
+                }
             }
             result => result.err(),
         },
@@ -715,11 +721,11 @@ fn handle(
     }
 }
 
-/// Which device's registers are at `guest_physical`, if any: this vCPU's local APIC page, the
-/// I/O APIC's (PC platform), or a device on the MMIO bus.
-fn device_at(vm: &Vm, guest_physical: u64) -> Option<crate::mmio::Target> {
+/// Whose device registers are at `guest_physical`, if anyone's: vCPU `index`'s own local APIC
+/// page, the I/O APIC's (PC platform), or a device on the MMIO bus.
+fn device_at(vm: &Vm, index: usize, guest_physical: u64) -> Option<crate::mmio::Target> {
     if guest_physical & !0xFFF == smp::APIC_PAGE {
-        Some(crate::mmio::Target::LocalApic(0))
+        Some(crate::mmio::Target::LocalApic(index))
     } else if vm.io_apic.is_some() && guest_physical & !0xFFF == IoApic::BASE {
         Some(crate::mmio::Target::IoApic)
     } else if vm.mmio.owns(guest_physical) {
@@ -727,24 +733,6 @@ fn device_at(vm: &Vm, guest_physical: u64) -> Option<crate::mmio::Target> {
     } else {
         None
     }
-}
-
-/// Emulates the instruction at RIP that touched the device registers at `guest_physical`
-/// (see [`device_at`]; the local APIC is vCPU `index`'s own).
-fn emulate_device_access(
-    vm: &mut Vm,
-    index: usize,
-    vcpu: &mut dyn Vcpu,
-    platform: &mut dyn Platform,
-    host: &mut dyn HostMemory,
-    guest_physical: u64,
-) -> Result<(), VmEnd> {
-    let target = match device_at(vm, guest_physical) {
-        Some(crate::mmio::Target::LocalApic(_)) => crate::mmio::Target::LocalApic(index),
-        Some(target) => target,
-        None => return Ok(()),
-    };
-    crate::mmio::emulate(vm, target, vcpu, platform, host, guest_physical)
 }
 
 /// IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers: the vCPU's local APIC.
