@@ -87,6 +87,22 @@ impl VcpuState {
     }
 }
 
+impl VcpuState {
+    /// A halted vCPU whose local APIC now has an interrupt to deliver runs again (the time it
+    /// was halted is counted). Returns whether the vCPU may run: true unless it is still halted.
+    pub fn wake_if_interrupted(&mut self, now: u64) -> bool {
+        let Activity::Halted { since } = self.activity else {
+            return true;
+        };
+        if self.apic.pending_vector().is_none() {
+            return false;
+        }
+        self.stats.halted_cycles += now.saturating_sub(since);
+        self.activity = Activity::Running;
+        true
+    }
+}
+
 /// The clock guests' APIC timers count against when the platform gave none: a 1 GHz TSC and a
 /// 1 GHz APIC timer input.
 pub const DEFAULT_CLOCK: TimerClock = TimerClock {
@@ -206,12 +222,7 @@ fn deliver_quietly(vm: &mut Vm, delivery: Delivery, now: u64) -> Vec<usize> {
         } else {
             state.apic.accept(delivery.vector);
         }
-        if let Activity::Halted { since } = state.activity {
-            if state.apic.pending_vector().is_some() {
-                state.stats.halted_cycles += now.saturating_sub(since);
-                state.activity = Activity::Running;
-            }
-        }
+        state.wake_if_interrupted(now);
     }
     targets
 }
@@ -372,12 +383,7 @@ fn deliver_ipi(
         match delivery {
             IpiDelivery::Fixed { vector } | IpiDelivery::LowestPriority { vector } => {
                 state.apic.accept(vector);
-                if let Activity::Halted { since } = state.activity {
-                    if state.apic.pending_vector().is_some() {
-                        state.stats.halted_cycles += now.saturating_sub(since);
-                        state.activity = Activity::Running;
-                    }
-                }
+                state.wake_if_interrupted(now);
             }
             IpiDelivery::Init => {
                 state.apic.receive_init();

@@ -390,13 +390,11 @@ pub fn run_slice<L: LockVm + ?Sized>(
             let state = &mut vm.vcpus[index];
             match state.activity {
                 Activity::WaitingForStartup | Activity::Parked => return SliceEnd::Blocked,
-                Activity::Halted { since } => {
+                Activity::Halted { .. } => {
                     state.apic.advance_timer(now);
-                    if state.apic.pending_vector().is_none() {
+                    if !state.wake_if_interrupted(now) {
                         return SliceEnd::Blocked;
                     }
-                    state.stats.halted_cycles += now.saturating_sub(since);
-                    state.activity = Activity::Running;
                 }
                 Activity::Running | Activity::StartupPending { .. } => {}
             }
@@ -574,7 +572,7 @@ fn handle(
             let msr_number = vcpu.register(Register::Rcx) as u32;
             let value =
                 (vcpu.register(Register::Rdx) << 32) | (vcpu.register(Register::Rax) & 0xFFFF_FFFF);
-            let accepted = match msr::write(msr_number, value) {
+            let accepted = match msr::write(msr_number) {
                 // The APIC may be switched between xAPIC and x2APIC mode or disabled, not moved:
                 // its registers are emulated at the architectural base only.
                 _ if msr_number == ringzero_devices::lapic::MSR_APIC_BASE
