@@ -69,6 +69,15 @@ fn boots_to_a_shell_runs_commands_and_powers_off(config: &str, smp: &str, cpus: 
         "grep -c hypervisor /proc/cpuinfo did not print {cpus}\n{}",
         run.report()
     );
+    // `dmesg | grep -i hypervisor`: Linux names the platform it found in the SMBIOS tables
+    // the hypervisor built (its `DMI:` line), once on the boot console and once from the grep.
+    let dmi = "DMI: ringzero hypervisor VM, BIOS ringzero-0.1.0";
+    let named = lines.iter().filter(|line| line.contains(dmi)).count();
+    assert!(
+        named >= 2,
+        "dmesg | grep -i hypervisor did not show '{dmi}' ({named} lines)\n{}",
+        run.report()
+    );
     let timer = timer_counts(&lines);
     assert!(
         timer.len() == 2 && timer[1] > timer[0],

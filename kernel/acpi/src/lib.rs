@@ -33,6 +33,7 @@ extern crate alloc;
 mod dsdt;
 mod fadt;
 mod madt;
+pub mod smbios;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;

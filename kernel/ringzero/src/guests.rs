@@ -567,10 +567,21 @@ pub fn build_vm(
         }
     }
     if let Some(tables) = &acpi {
-        if let Err(error) =
-            ram.write_allocating(&mut host, GuestPhysAddr(ACPI_TABLES_ADDRESS), &tables.bytes)
-        {
-            log::error!("vm {name}: cannot place the ACPI tables ({error:?})");
+        // The SMBIOS tables (who made the platform: Linux's `DMI:` line) after the ACPI ones,
+        // where a guest's scan of 0xF0000..0xFFFFF finds them.
+        let smbios = ringzero_acpi::smbios::build(
+            &ringzero_acpi::smbios::SmbiosIdentity { vm_name: name },
+            SMBIOS_ADDRESS,
+        );
+        let fits = ACPI_TABLES_ADDRESS + tables.bytes.len() as u64 <= SMBIOS_ADDRESS;
+        let placed = ram
+            .write_allocating(&mut host, GuestPhysAddr(ACPI_TABLES_ADDRESS), &tables.bytes)
+            .and_then(|()| ram.write_allocating(&mut host, GuestPhysAddr(SMBIOS_ADDRESS), &smbios));
+        if !fits || placed.is_err() {
+            log::error!(
+                "vm {name}: cannot place the ACPI ({} bytes) and SMBIOS tables below 1 MiB ({placed:?})",
+                tables.bytes.len()
+            );
             ram.release(&mut host);
             end_line(name, "load-failed", vm::STATUS_STOPPED, 0);
             return None;
@@ -718,6 +729,8 @@ fn report(vm: &Vm, end: &VmEnd) {
 
 /// Where a Linux guest's ACPI tables go (the BIOS area the kernel may also scan).
 const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
+/// Where a Linux guest's SMBIOS entry point goes (the start of the range Linux scans for it).
+const SMBIOS_ADDRESS: u64 = 0xF0000;
 
 /// The PC platform a Linux guest probes, matching `ringzero_acpi::PlatformDescription::pc`: the
 /// PIT (and port 0x61), RTC, PCI configuration space (with the reset register), the two (masked)
