@@ -12,7 +12,8 @@
 # at most once, saying what it does. Every message goes to stderr, prefixed with $RZ_PROG.
 #
 # The initramfs /init mounts proc, sys and dev (devtmpfs), prints "ringzero-linux: init
-# started", then runs `setsid cttyhack sh` (the console, ttyS0 with console=ttyS0, as the
+# started", loads the virtio modules it carries (RZ_LINUX_MODULES; "ringzero-linux: modules
+# loaded: ..."), then runs `setsid cttyhack sh` (the console, ttyS0 with console=ttyS0, as the
 # controlling terminal; a fixed prompt "~ # " that tests can wait for). When that shell exits,
 # init powers the guest off (`poweroff -f`) instead of exiting, which would panic the kernel
 # ("Attempted to kill init").
@@ -110,7 +111,7 @@ rz_linux_fetch_kernel() {
     [ -n "$image" ] || rz_die "$package has no boot/vmlinuz-*"
     cp "$image" "$RZ_LINUX_VMLINUZ" || rz_die "cannot copy $image"
     # The kernel's config is kept beside it (useful to check what is built in); the modules
-    # stay in kernel-deb/root/lib/modules for an initramfs that needs them later.
+    # stay in kernel-deb/root/lib/modules, where the initramfs takes the ones it carries from.
     cp "$dir"/root/boot/config-* "$RZ_LINUX_DIR/config" 2>/dev/null || true
     rz_say "kernel: $RZ_LINUX_VMLINUZ (from $package, $(stat -c %s "$RZ_LINUX_VMLINUZ") bytes)"
 }
@@ -127,6 +128,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "ringzero-linux: init started"
+# The virtio drivers (modules in this kernel, in dependency order): disks and NICs on the PCI
+# bus the hypervisor emulates. Each is loaded whether or not the VM has such a device.
+loaded=""
+for module in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$module.ko" && loaded="$loaded $module"
+done
+echo "ringzero-linux: modules loaded:$loaded"
 cd /root
 # With `ringzero.auto` on the kernel command line (tests/configs/linux-bochs.toml), a shell runs a
 # fixed session and the guest powers off: for emulators without console input (Bochs).
@@ -148,6 +156,27 @@ poweroff -f
 INIT
 }
 
+# The kernel modules the initramfs carries, in load order (each after what it depends on, as
+# the modules' own `depends=` fields say): the virtio core and PCI transport, virtio-blk, and
+# virtio-net with the failover modules it needs.
+RZ_LINUX_MODULES="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev
+drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
+net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+
+# Copies RZ_LINUX_MODULES from the extracted kernel package into $1, with an `order` file.
+rz_linux_copy_modules() {
+    local into=$1 base module
+    base=$(ls -d "$RZ_LINUX_DIR"/kernel-deb/root/lib/modules/*/kernel 2>/dev/null | head -n 1)
+    [ -n "$base" ] || rz_die "no kernel modules in $RZ_LINUX_DIR/kernel-deb (fetch the kernel package first)"
+    mkdir -p "$into" || rz_die "cannot create $into"
+    : >"$into/order"
+    for module in $RZ_LINUX_MODULES; do
+        [ -f "$base/$module.ko" ] || rz_die "the kernel package has no $module.ko"
+        cp "$base/$module.ko" "$into/" || rz_die "cannot copy $module.ko"
+        basename "$module" >>"$into/order"
+    done
+}
+
 # Builds target/linux/initramfs.cpio.gz from busybox-static and the /init above.
 rz_linux_build_initramfs() {
     local dir=$RZ_LINUX_DIR/busybox-deb tree=$RZ_LINUX_DIR/initramfs
@@ -158,6 +187,7 @@ rz_linux_build_initramfs() {
     cp "$dir/root/bin/busybox" "$tree/bin/busybox"
     ln -s busybox "$tree/bin/sh"
     rz_linux_init_script >"$tree/init"
+    rz_linux_copy_modules "$tree/lib/modules"
     chmod 755 "$tree/init" "$tree/bin/busybox"
     (cd "$tree" && find . -print0 | LC_ALL=C sort -z \
         | cpio --null --create --format=newc --owner=0:0 --quiet | gzip -9 -n) >"$RZ_LINUX_INITRAMFS.tmp" \
@@ -176,7 +206,7 @@ rz_linux_guest() {
     busybox_version=$(rz_linux_package_version busybox-static)
     [ -n "$busybox_version" ] || { rz_linux_apt_update_once; busybox_version=$(rz_linux_package_version busybox-static); }
     [ -n "$busybox_version" ] || rz_die "apt does not know busybox-static"
-    init_sum=$(rz_linux_init_script | cksum | cut -d' ' -f1)
+    init_sum=$( (rz_linux_init_script; echo "$RZ_LINUX_MODULES") | cksum | cut -d' ' -f1)
     stamp="kernel=$package=$kernel_version busybox-static=$busybox_version init=$init_sum"
     if [ -s "$RZ_LINUX_VMLINUZ" ] && [ -s "$RZ_LINUX_INITRAMFS" ] && [ -f "$RZ_LINUX_STAMP" ] \
         && [ "$(cat "$RZ_LINUX_STAMP")" = "$stamp" ]; then
@@ -187,7 +217,8 @@ rz_linux_guest() {
     rm -f "$RZ_LINUX_STAMP"
     local old_kernel=""
     [ -f "$RZ_LINUX_STAMP.kernel" ] && old_kernel=$(cat "$RZ_LINUX_STAMP.kernel")
-    if [ -s "$RZ_LINUX_VMLINUZ" ] && [ "$old_kernel" = "$package=$kernel_version" ]; then
+    if [ -s "$RZ_LINUX_VMLINUZ" ] && [ "$old_kernel" = "$package=$kernel_version" ] \
+        && ls -d "$RZ_LINUX_DIR"/kernel-deb/root/lib/modules/*/kernel >/dev/null 2>&1; then
         rz_say "kernel up to date ($package $kernel_version)"
     else
         rz_linux_fetch_kernel "$package"
