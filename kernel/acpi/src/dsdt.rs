@@ -9,6 +9,9 @@
 //!         Device (PCI0) {                        // if pci_config_ports
 //!             Name (_HID, EisaId ("PNP0A03"))  Name (_ADR, 0)  Name (_SEG, 0)
 //!             Name (_UID, 0)  Name (_BBN, 0)
+//!             Name (_PRT, Package () {             // INTx: devices 1-31, pins A-D
+//!                 Package () { 0x0001FFFF, 0, 0, 17 }, ...  // GSI 16 + (device + pin) % 4
+//!             })
 //!             Name (_CRS, ResourceTemplate () {
 //!                 WordBusNumber (0x00-0xFF)
 //!                 IO (Decode16, 0xCF8, 0xCF8, 1, 8)         // configuration mechanism 1
@@ -25,8 +28,8 @@
 //! }
 //! ```
 //! `\_S5` is a literal package so that a byte scan (`ringzero_x86::acpi_sleep::find_s5`)
-//! finds it as well as an AML interpreter does. There is no `_PRT` yet: PCI INTx routing is
-//! left to the devices' Interrupt Line registers (or MSI) until the VMM models it.
+//! finds it as well as an AML interpreter does. PCI INTx lines go to I/O APIC pins 16-19 with
+//! the usual swizzle (`crate::pci_intx_gsi`), which the VMM's routing follows.
 //!
 //! See: ACPI 6.5 spec, 7.4.2 "\_Sx", 6.1.5 "\_HID", 6.2.2 "\_CRS", 6.4.2.1 "IRQ Descriptor",
 //! 6.4.2.5 "I/O Port Descriptor", 6.4.3.5 "Address Space Resource Descriptors"; PCI Firmware
@@ -127,10 +130,31 @@ fn pci_root_bridge() -> Serialized {
     let uid = Name::new(Path::new("_UID"), &0u8);
     let bbn = Name::new(Path::new("_BBN"), &0u8);
     let crs = Name::new(Path::new("_CRS"), &resources);
+    let prt = interrupt_routing_table();
+    let prt = Name::new(Path::new("_PRT"), &prt);
     serialize(&Device::new(
         Path::new("PCI0"),
-        alloc::vec![&hid, &adr, &seg, &uid, &bbn, &crs],
+        alloc::vec![&hid, &adr, &seg, &uid, &bbn, &crs, &prt],
     ))
+}
+
+/// `_PRT`, serialized: for every device 1..=31 on bus 0 and each pin INTA#..INTD#,
+/// `Package { 0xDDDDFFFF, pin, 0, gsi }` (no link device: the GSI is hard-wired, level
+/// triggered, active low) with the GSI from [`crate::pci_intx_gsi`].
+/// See: ACPI 6.5 6.2.13 "_PRT (PCI Routing Table)".
+fn interrupt_routing_table() -> Serialized {
+    let mut entries = Vec::new();
+    for device in 1u8..32 {
+        for pin in 0u8..4 {
+            let address = u32::from(device) << 16 | 0xFFFF;
+            let gsi = crate::pci_intx_gsi(device, pin);
+            entries.push(serialize(&Package::new(alloc::vec![
+                &address, &pin, &0u8, &gsi
+            ])));
+        }
+    }
+    let children: Vec<&dyn Aml> = entries.iter().map(|entry| entry as &dyn Aml).collect();
+    serialize(&Package::new(children))
 }
 
 /// `Device (COM1)`, serialized: the first 16550 UART at 0x3F8, ISA IRQ 4.
@@ -183,6 +207,28 @@ fn serialize(object: &dyn Aml) -> Serialized {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pci_routing_table_follows_the_swizzle() {
+        let dsdt = build(&PlatformDescription::pc(1));
+        let aml = dsdt.as_slice();
+        let at = aml
+            .windows(4)
+            .position(|window| window == b"_PRT")
+            .expect("a _PRT");
+        // NameOp "_PRT" PackageOp PkgLength(2 bytes) NumElements(124), then the first entry:
+        // PackageOp PkgLength NumElements(4) DWordPrefix 0x0001FFFF Zero Zero BytePrefix 17.
+        assert_eq!(aml[at + 7], 124);
+        assert_eq!(
+            &aml[at + 8..at + 20],
+            &[0x12, 0x0B, 0x04, 0x0C, 0xFF, 0xFF, 0x01, 0x00, 0x00, 0x00, 0x0A, 17]
+        );
+        assert_eq!(crate::pci_intx_gsi(1, 0), 17);
+        assert_eq!(crate::pci_intx_gsi(3, 1), 16);
+        if let Ok(path) = std::env::var("RINGZERO_DUMP_DSDT") {
+            std::fs::write(path, aml).unwrap();
+        }
+    }
 
     #[test]
     fn s5_package_is_literal() {

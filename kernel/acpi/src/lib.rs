@@ -161,6 +161,17 @@ impl fmt::Display for AcpiBuildError {
     }
 }
 
+/// The first I/O APIC pin of the PCI INTx lines (pins 16-19: above the ISA IRQs).
+pub const PCI_INTX_FIRST_GSI: u32 = 16;
+
+/// The GSI (I/O APIC pin) that INTx pin `pin` (0 = INTA#) of PCI device `device` on bus 0 is
+/// wired to: the conventional swizzle `16 + (device + pin) % 4`, so neighbouring devices'
+/// INTA# lines land on different pins. The DSDT's `_PRT` says the same to the guest; the VMM
+/// routes the device models' lines with it.
+pub const fn pci_intx_gsi(device: u8, pin: u8) -> u32 {
+    PCI_INTX_FIRST_GSI + (device as u32 + pin as u32) % 4
+}
+
 /// Most vCPUs the MADT can describe with (8-bit) Processor Local APIC entries.
 pub const MAX_CPUS: u32 = 255;
 
