@@ -16,7 +16,8 @@
 # loaded: ..."), then runs `setsid cttyhack sh` (the console, ttyS0 with console=ttyS0, as the
 # controlling terminal; a fixed prompt "~ # " that tests can wait for). When that shell exits,
 # init powers the guest off (`poweroff -f`) instead of exiting, which would panic the kernel
-# ("Attempted to kill init").
+# ("Attempted to kill init"). With `ringzero.run=NAME` on the kernel command line it runs
+# /scripts/NAME.sh (tests/linux/scripts/NAME.sh) instead of the shell, then powers off.
 
 if ! declare -F rz_say >/dev/null 2>&1; then
     # shellcheck source=common.sh
@@ -136,16 +137,18 @@ for module in $(cat /lib/modules/order); do
 done
 echo "ringzero-linux: modules loaded:$loaded"
 cd /root
-# With `ringzero.auto` on the kernel command line (tests/configs/linux-bochs.toml), a shell runs a
-# fixed session and the guest powers off: for emulators without console input (Bochs).
-if grep -q ringzero.auto /proc/cmdline; then
-    sh -s <<'SESSION'
-echo "ringzero-linux: automatic session"
-uname -a
-grep -c hypervisor /proc/cpuinfo
-date -u +ringzero-date=%Y-%m-%d
-echo "ringzero-linux: automatic session done"
-SESSION
+# With `ringzero.run=NAME` on the kernel command line, /scripts/NAME.sh (from tests/linux/scripts)
+# runs instead of the interactive shell, and the guest powers off after it: sessions for
+# emulators without console input (Bochs) and for tests that run several VMs at once.
+run=$(sed -n 's/.*ringzero\.run=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
+if [ -n "$run" ]; then
+    if [ -f "/scripts/$run.sh" ]; then
+        echo "ringzero-linux: running /scripts/$run.sh"
+        sh "/scripts/$run.sh"
+        echo "ringzero-linux: /scripts/$run.sh exited with status $?"
+    else
+        echo "ringzero-linux: no /scripts/$run.sh (ringzero.run=$run); the scripts are: $(ls /scripts)"
+    fi
     poweroff -f
 fi
 # The shell gets the console (ttyS0 with console=ttyS0) as its controlling terminal. init must
@@ -188,6 +191,8 @@ rz_linux_build_initramfs() {
     ln -s busybox "$tree/bin/sh"
     rz_linux_init_script >"$tree/init"
     rz_linux_copy_modules "$tree/lib/modules"
+    mkdir -p "$tree/scripts" && cp "$RZ_ROOT"/tests/linux/scripts/*.sh "$tree/scripts/" \
+        || rz_die "cannot copy tests/linux/scripts into the initramfs"
     chmod 755 "$tree/init" "$tree/bin/busybox"
     (cd "$tree" && find . -print0 | LC_ALL=C sort -z \
         | cpio --null --create --format=newc --owner=0:0 --quiet | gzip -9 -n) >"$RZ_LINUX_INITRAMFS.tmp" \
@@ -206,7 +211,8 @@ rz_linux_guest() {
     busybox_version=$(rz_linux_package_version busybox-static)
     [ -n "$busybox_version" ] || { rz_linux_apt_update_once; busybox_version=$(rz_linux_package_version busybox-static); }
     [ -n "$busybox_version" ] || rz_die "apt does not know busybox-static"
-    init_sum=$( (rz_linux_init_script; echo "$RZ_LINUX_MODULES") | cksum | cut -d' ' -f1)
+    init_sum=$( (rz_linux_init_script; echo "$RZ_LINUX_MODULES"; cat "$RZ_ROOT"/tests/linux/scripts/*.sh) \
+        | cksum | cut -d' ' -f1)
     stamp="kernel=$package=$kernel_version busybox-static=$busybox_version init=$init_sum"
     if [ -s "$RZ_LINUX_VMLINUZ" ] && [ -s "$RZ_LINUX_INITRAMFS" ] && [ -f "$RZ_LINUX_STAMP" ] \
         && [ "$(cat "$RZ_LINUX_STAMP")" = "$stamp" ]; then

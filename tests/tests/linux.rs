@@ -159,7 +159,7 @@ fn linux_one_vcpu_shadow_paging() {
 }
 
 /// The same kernel under Bochs (Intel VMX, EPT): Bochs gives no console input here, so
-/// `ringzero.auto` on the command line makes the initramfs run a fixed shell session and power
+/// `ringzero.run=auto` on the command line makes the initramfs run a fixed shell session and power
 /// off (scripts/lib/linux-guest.sh).
 #[test]
 fn linux_under_bochs_vmx() {
