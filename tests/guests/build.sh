@@ -21,7 +21,7 @@ objcopy="$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/llvm-
 
 elf_dir="$build_dir/x86_64-unknown-none/release"
 mkdir -p "$out_dir"
-for guest in basic triple-fault escape toucher torture demo-traps demo-paravirt smp worker spinner echo; do
+for guest in basic triple-fault escape toucher torture demo-traps demo-paravirt smp worker spinner echo disk-abuse; do
     "$objcopy" -O binary "$elf_dir/$guest" "$out_dir/$guest.bin"
     echo "built $out_dir/$guest.bin (flat64, $(stat -c %s "$out_dir/$guest.bin") bytes)"
 done

@@ -87,6 +87,17 @@ pub fn outb(port: u16, value: u8) {
     };
 }
 
+/// 4-byte IN. Counted.
+pub fn inl(port: u16) -> u32 {
+    count(&IO_COUNT);
+    let value: u32;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
 /// 4-byte OUT. Counted.
 pub fn outl(port: u16, value: u32) {
     count(&IO_COUNT);
