@@ -6,10 +6,14 @@
 //! writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`. The ramdisk is the manifest,
 //! with every guest's image and modules inside; without `--config` it lists no VMs.
 //!
+//! `ringzero-boot disk create|list|read ...` makes and inspects GPT disk images for the VMs'
+//! partition disks (see `disk.rs`).
+//!
 //! Exit status: 0 on success, 2 when the guest configuration has errors (every error is
 //! printed, one line each, naming the file, the VM and the key), 1 on any other failure.
 
 mod config;
+mod disk;
 
 use bootloader::{BiosBoot, BootConfig, UefiBoot};
 use bootloader_boot_config::LevelFilter;
@@ -38,7 +42,8 @@ struct Options {
     config: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state] [--config FILE]";
+const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state] [--config FILE]
+       ringzero-boot disk create|list|read ... (ringzero-boot disk --help)";
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let (mut kernel, mut out_dir, mut test_hook, mut config) = (None, None, TestHook::None, None);
@@ -163,7 +168,17 @@ fn build(options: &Options) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let result = parse_options(std::env::args().skip(1))
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("disk") {
+        return match disk::main(args.skip(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("ringzero-boot: error: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = parse_options(args)
         .map_err(Failure::Other)
         .and_then(|options| build(&options));
     match result {
