@@ -115,6 +115,7 @@ impl VmConfig {
                 })
                 .collect(),
             initrd: self.initrd.as_ref().map(|(_, bytes)| bytes.as_slice()),
+            disks: Vec::new(),
         }
     }
 }
