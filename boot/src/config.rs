@@ -15,7 +15,19 @@
 //! paging = "nested"         # optional: "nested" (default) | "shadow"
 //! trace = false             # optional: log every exit
 //! time_limit = 60           # optional: stop the VM after 1..=86400 seconds of wall time
+//!
+//! [[vm.disk]]               # optional, up to 4 per VM: virtio-blk disks, in device order
+//! partition = "vm1"         # a partition of the physical disk by GPT label, or
+//! # guid = "8DA63339-0007-60C0-C436-083AC8230908"   # by unique GUID (as sgdisk -i prints it), or
+//! # image = "disks/ro.img"  # an image file (relative to the config file), packed into the
+//! #                         # bundle and held in RAM; a whole number of 512-byte sectors
+//! writable = true           # optional, default false; a writable image's changes are lost at power-off
 //! ```
+//!
+//! A partition given `writable = true` to one disk may not be named (by the same label or
+//! GUID) by any other disk of any VM. With `ringzero-boot --disk FILE` (the physical disk the
+//! hypervisor will get), every partition must exist on it ([`check_partitions`]), which also
+//! catches a label and a GUID that name the same partition.
 //!
 //! Over all VMs, at most 64 vCPUs ([`MAX_TOTAL_CPUS`]). Whether a pinned CPU exists is only
 //! known at boot; the hypervisor refuses that then.
@@ -29,9 +41,11 @@
 
 use ringzero_loader::boot_plan::{self, LoadError};
 use ringzero_loader::manifest::{
-    is_valid_vm_name, GuestFormat, Manifest, Module, Paging, TestHook, VmManifest, MAX_CMDLINE_LEN,
-    MAX_CPUS, MAX_HOST_CPU, MAX_MODULES, MAX_TIME_LIMIT_SECONDS, MAX_TOTAL_CPUS,
+    is_valid_partition_label, is_valid_vm_name, DiskManifest, DiskSource, GuestFormat, Manifest,
+    Module, Paging, TestHook, VmManifest, DISK_SECTOR_SIZE, MAX_CMDLINE_LEN, MAX_CPUS, MAX_DISKS,
+    MAX_HOST_CPU, MAX_MODULES, MAX_MODULE_NAME_LEN, MAX_TIME_LIMIT_SECONDS, MAX_TOTAL_CPUS,
 };
+use ringzero_vdisk::gpt::{guid_text, parse_guid, GptTable, Guid, PartitionSelector};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
@@ -41,7 +55,7 @@ pub const MIN_MEMORY_MIB: i64 = 2;
 /// Largest accepted `memory`, in MiB (4 GiB: the boot protocols' address limit).
 pub const MAX_MEMORY_MIB: i64 = 4096;
 /// The keys a `[[vm]]` table may have.
-pub const VM_KEYS: [&str; 12] = [
+pub const VM_KEYS: [&str; 13] = [
     "name",
     "kernel",
     "format",
@@ -54,7 +68,10 @@ pub const VM_KEYS: [&str; 12] = [
     "paging",
     "trace",
     "time_limit",
+    "disk",
 ];
+/// The keys a `[[vm.disk]]` table may have.
+pub const DISK_KEYS: [&str; 4] = ["partition", "guid", "image", "writable"];
 
 /// One checked guest, with its image and modules read into memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +93,56 @@ pub struct VmConfig {
     pub modules: Vec<ModuleFile>,
     /// The initial RAM disk of a linux guest: its path and bytes.
     pub initrd: Option<(PathBuf, Vec<u8>)>,
+    /// The virtual disks, in device order (at most [`MAX_DISKS`]).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One checked `[[vm.disk]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub source: DiskConfigSource,
+    pub writable: bool,
+}
+
+/// What backs a configured disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskConfigSource {
+    /// `partition = "LABEL"`.
+    PartitionLabel(String),
+    /// `guid = "..."`, in GPT byte order.
+    PartitionGuid([u8; 16]),
+    /// `image = "path"`: the file's name (the disk's serial), path and bytes.
+    Image {
+        name: String,
+        path: PathBuf,
+        bytes: Vec<u8>,
+    },
+}
+
+impl DiskConfigSource {
+    /// How the disk is named in messages: `partition "vm1"`, `guid ...`, `image "path"`.
+    fn describe(&self) -> String {
+        match self {
+            DiskConfigSource::PartitionLabel(label) => format!("partition \"{label}\""),
+            DiskConfigSource::PartitionGuid(guid) => {
+                format!("guid {}", guid_text(Guid::from_bytes(*guid)))
+            }
+            DiskConfigSource::Image { path, .. } => format!("image \"{}\"", path.display()),
+        }
+    }
+
+    /// The partition it names on a GPT, if it names one.
+    fn selector(&self) -> Option<PartitionSelector> {
+        match self {
+            DiskConfigSource::PartitionLabel(label) => {
+                Some(PartitionSelector::Label(label.clone()))
+            }
+            DiskConfigSource::PartitionGuid(guid) => {
+                Some(PartitionSelector::Guid(Guid::from_bytes(*guid)))
+            }
+            DiskConfigSource::Image { .. } => None,
+        }
+    }
 }
 
 /// A Multiboot module file; `name` (the file name) is what the guest sees.
@@ -115,6 +182,22 @@ impl VmConfig {
                 })
                 .collect(),
             initrd: self.initrd.as_ref().map(|(_, bytes)| bytes.as_slice()),
+            disks: self
+                .disks
+                .iter()
+                .map(|disk| DiskManifest {
+                    source: match &disk.source {
+                        DiskConfigSource::PartitionLabel(label) => {
+                            DiskSource::PartitionLabel(label)
+                        }
+                        DiskConfigSource::PartitionGuid(guid) => DiskSource::PartitionGuid(*guid),
+                        DiskConfigSource::Image { name, bytes, .. } => {
+                            DiskSource::Image { name, bytes }
+                        }
+                    },
+                    writable: disk.writable,
+                })
+                .collect(),
         }
     }
 }
@@ -271,6 +354,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, Vec<ConfigEr
             vms.push(vm);
         }
     }
+    check_shared_partitions(&mut errors, &vms);
     let total_cpus = total_cpus(&table);
     if total_cpus > u64::from(MAX_TOTAL_CPUS) {
         errors.push(
@@ -654,6 +738,8 @@ fn check_vm(
         }
     };
 
+    let disks = check_disks(&mut check, base);
+
     if check.failed {
         return None;
     }
@@ -676,6 +762,7 @@ fn check_vm(
         kernel,
         modules,
         initrd,
+        disks,
     };
     // The hypervisor will plan exactly this; refuse here what it would refuse there.
     if let Err(error) = boot_plan::plan(&vm.manifest()) {
@@ -684,6 +771,224 @@ fn check_vm(
         return None;
     }
     Some(vm)
+}
+
+/// Checks the `[[vm.disk]]` tables of the VM `check` is about.
+fn check_disks(check: &mut VmChecker<'_, '_>, base: &Path) -> Vec<DiskConfig> {
+    let tables: Vec<&Value> = match check.table.get("disk") {
+        None => return Vec::new(),
+        Some(Value::Array(tables)) => tables.iter().collect(),
+        Some(other) => {
+            check.wrong_type("disk", "[[vm.disk]] tables", other);
+            return Vec::new();
+        }
+    };
+    if tables.len() > MAX_DISKS {
+        check.error(
+            "disk",
+            format!(
+                "{} [[vm.disk]] tables, at most {MAX_DISKS} disks per VM are allowed",
+                tables.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut disks = Vec::new();
+    for (index, value) in tables.into_iter().enumerate() {
+        let number = index + 1;
+        let mut fail = |message: String| check.error("disk", format!("disk #{number}: {message}"));
+        let Value::Table(table) = value else {
+            fail(format!(
+                "expected a table, found {}",
+                with_article(value.type_str())
+            ));
+            continue;
+        };
+        let mut failed = false;
+        for key in table.keys() {
+            if !DISK_KEYS.contains(&key.as_str()) {
+                fail(format!(
+                    "unknown key \"{key}\" (known: {})",
+                    DISK_KEYS.join(", ")
+                ));
+                failed = true;
+            }
+        }
+        let writable = match table.get("writable") {
+            None => false,
+            Some(Value::Boolean(writable)) => *writable,
+            Some(other) => {
+                fail(format!(
+                    "key \"writable\": expected a boolean (true or false), found {}",
+                    with_article(other.type_str())
+                ));
+                failed = true;
+                false
+            }
+        };
+        let given: Vec<&str> = ["partition", "guid", "image"]
+            .into_iter()
+            .filter(|key| table.contains_key(*key))
+            .collect();
+        let [key] = given[..] else {
+            fail(if given.is_empty() {
+                "give one of partition = \"LABEL\", guid = \"GUID\" or image = \"PATH\"".into()
+            } else {
+                format!(
+                    "give only one of {} (a disk is one partition or one image)",
+                    given.join(", ")
+                )
+            });
+            continue;
+        };
+        let Some(Value::String(text)) = table.get(key) else {
+            let found = table.get(key).map_or("nothing", Value::type_str);
+            fail(format!(
+                "key \"{key}\": expected a string, found {}",
+                with_article(found)
+            ));
+            continue;
+        };
+        let source = match key {
+            "partition" if is_valid_partition_label(text) => {
+                DiskConfigSource::PartitionLabel(text.clone())
+            }
+            "partition" => {
+                fail(format!(
+                    "partition \"{text}\" is not a GPT label (1 to 36 UTF-16 characters, no NUL)"
+                ));
+                continue;
+            }
+            "guid" => match parse_guid(text) {
+                Some(guid) if !guid.is_zero() => DiskConfigSource::PartitionGuid(guid.to_bytes()),
+                _ => {
+                    fail(format!(
+                        "guid \"{text}\" is not a partition GUID (8-4-4-4-12 hex digits, not all zero)"
+                    ));
+                    continue;
+                }
+            },
+            _ => match read_file(base, text) {
+                Err(message) => {
+                    fail(format!("image: {message}"));
+                    continue;
+                }
+                Ok((path, bytes)) => {
+                    if bytes.is_empty() || !bytes.len().is_multiple_of(DISK_SECTOR_SIZE) {
+                        fail(format!(
+                            "image \"{}\" is {} bytes, not a whole (non-zero) number of {DISK_SECTOR_SIZE}-byte sectors",
+                            path.display(),
+                            bytes.len()
+                        ));
+                        continue;
+                    }
+                    let name: String = path
+                        .file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| text.clone())
+                        .chars()
+                        .filter(|c| *c != '\0')
+                        .take(MAX_MODULE_NAME_LEN / 4)
+                        .collect();
+                    DiskConfigSource::Image { name, path, bytes }
+                }
+            },
+        };
+        if !failed {
+            disks.push(DiskConfig { source, writable });
+        }
+    }
+    disks
+}
+
+/// Refuses a partition that is writable for one disk and named (by the same label or GUID)
+/// by another disk of any VM; the error is on the later disk.
+fn check_shared_partitions(errors: &mut Errors<'_>, vms: &[VmConfig]) {
+    let disks: Vec<(&str, usize, &DiskConfig)> = vms
+        .iter()
+        .flat_map(|vm| {
+            vm.disks
+                .iter()
+                .enumerate()
+                .map(move |(index, disk)| (vm.name.as_str(), index + 1, disk))
+        })
+        .collect();
+    for (later, &(vm, number, disk)) in disks.iter().enumerate() {
+        let Some(selector) = disk.source.selector() else {
+            continue;
+        };
+        let earlier = disks[..later].iter().find(|(_, _, other)| {
+            (disk.writable || other.writable) && other.source.selector().as_ref() == Some(&selector)
+        });
+        if let Some((other_vm, other_number, _)) = earlier {
+            errors.push(
+                Some(format!("vm \"{vm}\"")),
+                Some("disk"),
+                format!(
+                    "disk #{number}: {} is also disk #{other_number} of vm \"{other_vm}\"; a partition that is writable for one disk cannot be named by another",
+                    disk.source.describe()
+                ),
+            );
+        }
+    }
+}
+
+/// Checks every partition disk of `config` against the GPT of the physical disk (`disk`
+/// names it in messages): each must exist, and no two disks may name the same partition when
+/// one of them is writable (a label and a GUID can name the same one). Errors name the
+/// configuration `file`, the VM and key "disk".
+pub fn check_partitions(
+    config: &Config,
+    file: &str,
+    disk: &Path,
+    table: &GptTable,
+) -> Vec<ConfigError> {
+    let mut errors = Errors {
+        file,
+        list: Vec::new(),
+    };
+    // (vm, disk number, partition index, writable, how it was named)
+    let mut found: Vec<(&str, usize, u32, bool, String)> = Vec::new();
+    for vm in &config.vms {
+        for (index, entry) in vm.disks.iter().enumerate() {
+            let Some(selector) = entry.source.selector() else {
+                continue;
+            };
+            match table.find(&selector) {
+                Ok(partition) => {
+                    if let Some((other_vm, other_number, _, _, other_name)) =
+                        found.iter().find(|(_, _, other, other_writable, _)| {
+                            *other == partition.index && (entry.writable || *other_writable)
+                        })
+                    {
+                        errors.push(
+                            Some(format!("vm \"{}\"", vm.name)),
+                            Some("disk"),
+                            format!(
+                                "disk #{}: {} on {} is the partition {other_name} names (disk #{other_number} of vm \"{other_vm}\"); a partition that is writable for one disk cannot be named by another",
+                                index + 1,
+                                entry.source.describe(),
+                                disk.display()
+                            ),
+                        );
+                    }
+                    found.push((
+                        &vm.name,
+                        index + 1,
+                        partition.index,
+                        entry.writable,
+                        entry.source.describe(),
+                    ));
+                }
+                Err(error) => errors.push(
+                    Some(format!("vm \"{}\"", vm.name)),
+                    Some("disk"),
+                    format!("disk #{}: {}: {error}", index + 1, disk.display()),
+                ),
+            }
+        }
+    }
+    errors.list
 }
 
 /// The configuration key a planning error is about.

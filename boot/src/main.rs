@@ -2,14 +2,21 @@
 //! images (UEFI and BIOS, through the rust-osdev `bootloader` crate) and packs the boot
 //! manifest into the bootloader's ramdisk.
 //!
-//! Usage: `ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook NAME] [--config FILE]`
-//! writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`. The ramdisk is the manifest,
-//! with every guest's image and modules inside; without `--config` it lists no VMs.
+//! Usage: `ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook NAME] [--config FILE]
+//! [--disk FILE]` writes `DIR/uefi.img`, `DIR/bios.img` and `DIR/manifest.bin`. The ramdisk is
+//! the manifest, with every guest's image, modules and disk images inside; without `--config`
+//! it lists no VMs. `--disk` names the physical disk image the hypervisor will be given: the
+//! partitions the VMs' disks name are checked against its GPT (a configuration error if one
+//! is missing).
+//!
+//! `ringzero-boot disk create|list|read ...` makes and inspects GPT disk images for the VMs'
+//! partition disks (see `disk.rs`).
 //!
 //! Exit status: 0 on success, 2 when the guest configuration has errors (every error is
 //! printed, one line each, naming the file, the VM and the key), 1 on any other failure.
 
 mod config;
+mod disk;
 
 use bootloader::{BiosBoot, BootConfig, UefiBoot};
 use bootloader_boot_config::LevelFilter;
@@ -36,12 +43,15 @@ struct Options {
     out_dir: PathBuf,
     test_hook: TestHook,
     config: Option<PathBuf>,
+    disk: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state] [--config FILE]";
+const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state] [--config FILE] [--disk FILE]
+       ringzero-boot disk create|list|read ... (ringzero-boot disk --help)";
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
-    let (mut kernel, mut out_dir, mut test_hook, mut config) = (None, None, TestHook::None, None);
+    let (mut kernel, mut out_dir, mut test_hook, mut config, mut disk) =
+        (None, None, TestHook::None, None, None);
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -59,6 +69,7 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
                 })?;
             }
             "--config" => config = Some(PathBuf::from(value()?)),
+            "--disk" => disk = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
         }
@@ -68,6 +79,7 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
         out_dir: out_dir.ok_or_else(|| format!("--out-dir is required\n{USAGE}"))?,
         test_hook,
         config,
+        disk,
     })
 }
 
@@ -76,6 +88,19 @@ fn build(options: &Options) -> Result<(), Failure> {
         Some(path) => config::load(path).map_err(Failure::Config)?,
         None => config::Config { vms: Vec::new() },
     };
+    if let Some(disk) = &options.disk {
+        let io = disk::FileIo::open(disk, false)?;
+        let table = ringzero_vdisk::gpt::read_gpt(&io)
+            .map_err(|error| format!("physical disk {}: {error}", disk.display()))?;
+        let file = options.config.as_ref().map_or_else(
+            || "(no --config)".to_string(),
+            |path| path.display().to_string(),
+        );
+        let errors = config::check_partitions(&guests, &file, disk, &table);
+        if !errors.is_empty() {
+            return Err(Failure::Config(errors));
+        }
+    }
     if !options.kernel.is_file() {
         return Err(Failure::Other(format!(
             "kernel '{}' not found: build it first (scripts/run-qemu.sh does)",
@@ -91,7 +116,7 @@ fn build(options: &Options) -> Result<(), Failure> {
         .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
     for vm in &guests.vms {
         println!(
-            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} vCPU{}, paging {}{}{}",
+            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} disk(s), {} vCPU{}, paging {}{}{}",
             vm.name,
             vm.format.name(),
             vm.memory_mib,
@@ -102,6 +127,7 @@ fn build(options: &Options) -> Result<(), Failure> {
                 Some((path, bytes)) => format!(", initrd {} bytes ({})", bytes.len(), path.display()),
                 None => String::new(),
             },
+            vm.disks.len(),
             vm.cpus,
             if vm.pin.is_empty() {
                 String::new()
@@ -163,7 +189,17 @@ fn build(options: &Options) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let result = parse_options(std::env::args().skip(1))
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("disk") {
+        return match disk::main(args.skip(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("ringzero-boot: error: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = parse_options(args)
         .map_err(Failure::Other)
         .and_then(|options| build(&options));
     match result {

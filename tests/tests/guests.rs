@@ -265,6 +265,30 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
         "vm \"basic\": key \"time_limit\": expected an integer, found a string",
     ),
     ("missing", "cannot read the configuration"),
+    (
+        "disk-missing-image",
+        "vm \"basic\": key \"disk\": disk #1: image: cannot read \"tests/configs/bad/no-such-disk.img\"",
+    ),
+    (
+        "disk-partition-and-image",
+        "vm \"basic\": key \"disk\": disk #1: give only one of partition, image (a disk is one partition or one image)",
+    ),
+    (
+        "disk-no-source",
+        "vm \"basic\": key \"disk\": disk #1: give one of partition = \"LABEL\", guid = \"GUID\" or image = \"PATH\"",
+    ),
+    (
+        "disk-shared-writable",
+        "vm \"other\": key \"disk\": disk #1: partition \"vm1\" is also disk #1 of vm \"basic\"; a partition that is writable for one disk cannot be named by another",
+    ),
+    (
+        "disk-partial-sector",
+        "vm \"basic\": key \"disk\": disk #1: image \"tests/configs/bad/partial-sector.img\" is 1000 bytes, not a whole (non-zero) number of 512-byte sectors",
+    ),
+    (
+        "disk-too-many",
+        "vm \"basic\": key \"disk\": 5 [[vm.disk]] tables, at most 4 disks per VM are allowed",
+    ),
 ];
 
 #[test]

@@ -217,7 +217,7 @@ fn unknown_key() {
     let line = one_error(&scratch, &format!("{BASIC}colour = \"red\"\n"));
     assert_eq!(
         line,
-        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, pin, paging, trace, time_limit)"
+        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, pin, paging, trace, time_limit, disk)"
     );
 }
 
@@ -815,4 +815,210 @@ fn the_repository_linux_config_when_built() {
     assert!(linux.initrd.is_some());
     let plan = boot_plan::plan(&linux.manifest()).unwrap();
     assert_eq!(plan.entry.rip, 0x10_0200);
+}
+
+/// BASIC with `disks` appended as `[[vm.disk]]` tables, and a second VM "other" with
+/// `other_disks`.
+fn with_disks(disks: &[&str], other_disks: &[&str]) -> String {
+    let mut text = BASIC.to_string();
+    for disk in disks {
+        text += &format!("[[vm.disk]]\n{disk}\n");
+    }
+    if !other_disks.is_empty() {
+        text += &BASIC.replace("basic", "other");
+        for disk in other_disks {
+            text += &format!("[[vm.disk]]\n{disk}\n");
+        }
+    }
+    text
+}
+
+const SECTORS_2: &[u8] = &[0x5A; 1024];
+
+#[test]
+fn disks_round_trip_through_the_manifest() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY), ("ro.img", SECTORS_2)]);
+    let config = scratch
+        .load(&with_disks(
+            &[
+                "partition = \"vm1\"\nwritable = true",
+                "guid = \"8da63339-0007-60c0-c436-083ac8230908\"",
+                "image = \"ro.img\"\nwritable = false",
+                "partition = \"shared\"",
+            ],
+            &[
+                "partition = \"shared\"",
+                "image = \"ro.img\"\nwritable = true",
+            ],
+        ))
+        .unwrap();
+    let disks = &config.vms[0].disks;
+    assert_eq!(disks.len(), 4);
+    assert_eq!(
+        disks[0],
+        DiskConfig {
+            source: DiskConfigSource::PartitionLabel("vm1".into()),
+            writable: true
+        }
+    );
+    let encoded = config.manifest(TestHook::None).encode();
+    let manifest = Manifest::decode(&encoded).unwrap();
+    let vm = &manifest.vms[0];
+    assert_eq!(vm.disks[0].source, DiskSource::PartitionLabel("vm1"));
+    assert!(vm.disks[0].writable);
+    assert_eq!(
+        vm.disks[1].source,
+        DiskSource::PartitionGuid(
+            parse_guid("8DA63339-0007-60C0-C436-083AC8230908")
+                .unwrap()
+                .to_bytes()
+        )
+    );
+    assert!(!vm.disks[1].writable);
+    assert_eq!(
+        vm.disks[2].source,
+        DiskSource::Image {
+            name: "ro.img",
+            bytes: SECTORS_2
+        }
+    );
+    assert!(!vm.disks[2].writable);
+    assert!(manifest.vms[1].disks[1].writable);
+}
+
+#[test]
+fn bad_disks() {
+    let scratch = Scratch::new(&[
+        ("tiny.bin", TINY),
+        ("ro.img", SECTORS_2),
+        ("odd.img", &[1; 1000]),
+        ("empty.img", &[]),
+    ]);
+    let errors = |disks: &[&str], other: &[&str]| scratch.errors(&with_disks(disks, other));
+    let one = |disks: &[&str]| {
+        let lines = errors(disks, &[]);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        lines.into_iter().next().unwrap()
+    };
+    let prefix = "DIR/vms.toml: vm \"basic\": key \"disk\": ";
+    let line = one(&["image = \"gone.img\""]);
+    assert!(
+        line.starts_with(&format!(
+            "{prefix}disk #1: image: cannot read \"DIR/gone.img\": "
+        )),
+        "{line}"
+    );
+    assert_eq!(
+        one(&["partition = \"vm1\"", "partition = \"vm2\"\nimage = \"ro.img\""]),
+        format!("{prefix}disk #2: give only one of partition, image (a disk is one partition or one image)")
+    );
+    assert_eq!(
+        one(&["writable = true"]),
+        format!("{prefix}disk #1: give one of partition = \"LABEL\", guid = \"GUID\" or image = \"PATH\"")
+    );
+    assert_eq!(
+        one(&["image = \"odd.img\""]),
+        format!("{prefix}disk #1: image \"DIR/odd.img\" is 1000 bytes, not a whole (non-zero) number of 512-byte sectors")
+    );
+    assert_eq!(
+        one(&["image = \"empty.img\""]),
+        format!("{prefix}disk #1: image \"DIR/empty.img\" is 0 bytes, not a whole (non-zero) number of 512-byte sectors")
+    );
+    assert_eq!(
+        one(&["partition = \"vm1\"", "partition = \"vm1\"\nwritable = true"]),
+        format!("{prefix}disk #2: partition \"vm1\" is also disk #1 of vm \"basic\"; a partition that is writable for one disk cannot be named by another")
+    );
+    assert_eq!(
+        one(&["partition = \"a\""; 5]),
+        format!("{prefix}5 [[vm.disk]] tables, at most 4 disks per VM are allowed")
+    );
+    assert_eq!(
+        one(&["partition = \"a\"\nsize = 3"]),
+        format!("{prefix}disk #1: unknown key \"size\" (known: partition, guid, image, writable)")
+    );
+    assert_eq!(
+        one(&["partition = \"a\"\nwritable = \"yes\""]),
+        format!(
+            "{prefix}disk #1: key \"writable\": expected a boolean (true or false), found a string"
+        )
+    );
+    assert_eq!(
+        one(&["partition = 3"]),
+        format!("{prefix}disk #1: key \"partition\": expected a string, found an integer")
+    );
+    assert_eq!(
+        one(&["partition = \"\""]),
+        format!("{prefix}disk #1: partition \"\" is not a GPT label (1 to 36 UTF-16 characters, no NUL)")
+    );
+    assert_eq!(
+        one(&["guid = \"8da63339-0007-60c0-c436\""]),
+        format!("{prefix}disk #1: guid \"8da63339-0007-60c0-c436\" is not a partition GUID (8-4-4-4-12 hex digits, not all zero)")
+    );
+    assert_eq!(
+        one(&["guid = \"00000000-0000-0000-0000-000000000000\""]),
+        format!("{prefix}disk #1: guid \"00000000-0000-0000-0000-000000000000\" is not a partition GUID (8-4-4-4-12 hex digits, not all zero)")
+    );
+    // Two VMs, one writable partition (named the same way; by GUID too).
+    assert_eq!(
+        errors(&["partition = \"vm1\"\nwritable = true"], &["partition = \"vm1\""]),
+        ["DIR/vms.toml: vm \"other\": key \"disk\": disk #1: partition \"vm1\" is also disk #1 of vm \"basic\"; a partition that is writable for one disk cannot be named by another"]
+    );
+    let guid = "guid = \"8da63339-0007-60c0-c436-083ac8230908\"";
+    assert_eq!(
+        errors(&[guid], &[&format!("{guid}\nwritable = true")]),
+        ["DIR/vms.toml: vm \"other\": key \"disk\": disk #1: guid 8DA63339-0007-60C0-C436-083AC8230908 is also disk #1 of vm \"basic\"; a partition that is writable for one disk cannot be named by another"]
+    );
+    // `disk` that is not an array of tables.
+    assert_eq!(
+        one_error(&scratch, &format!("{BASIC}disk = \"vm1\"\n")),
+        format!("{prefix}expected [[vm.disk]] tables, found a string")
+    );
+}
+
+#[test]
+fn partitions_are_checked_against_the_physical_disk() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let disk_path = scratch.dir.join("disk.img");
+    let vm2 = "8DA63339-0007-60C0-C436-083AC8230908";
+    crate::disk::create(
+        &disk_path,
+        8 << 20,
+        &[
+            crate::disk::parse_partition_spec("vm1:2M").unwrap(),
+            crate::disk::parse_partition_spec(&format!("vm2:2M:{vm2}")).unwrap(),
+        ],
+    )
+    .unwrap();
+    let io = crate::disk::FileIo::open(&disk_path, false).unwrap();
+    let table = ringzero_vdisk::gpt::read_gpt(&io).unwrap();
+    let check = |disks: &[&str], other: &[&str]| -> Vec<String> {
+        let config = scratch.load(&with_disks(disks, other)).unwrap();
+        check_partitions(&config, "vms.toml", &disk_path, &table)
+            .iter()
+            .map(|error| {
+                error
+                    .to_string()
+                    .replace(&scratch.dir.display().to_string(), "DIR")
+            })
+            .collect()
+    };
+    assert!(check(
+        &["partition = \"vm1\"\nwritable = true"],
+        &[&format!("guid = \"{vm2}\"\nwritable = true")]
+    )
+    .is_empty());
+    assert_eq!(
+        check(&["partition = \"vm3\""], &["guid = \"11111111-2222-3333-4444-555555555555\""]),
+        [
+            "vms.toml: vm \"basic\": key \"disk\": disk #1: DIR/disk.img: no partition with label \"vm3\" on the disk (its partitions: \"vm1\", \"vm2\")",
+            "vms.toml: vm \"other\": key \"disk\": disk #1: DIR/disk.img: no partition with GUID 11111111-2222-3333-4444-555555555555 on the disk (its partitions: \"vm1\", \"vm2\")",
+        ]
+    );
+    // A label and a GUID naming the same partition, one of them writable.
+    assert_eq!(
+        check(&["partition = \"vm2\"\nwritable = true"], &[&format!("guid = \"{vm2}\"")]),
+        [format!("vms.toml: vm \"other\": key \"disk\": disk #1: guid {vm2} on DIR/disk.img is the partition partition \"vm2\" names (disk #1 of vm \"basic\"); a partition that is writable for one disk cannot be named by another")]
+    );
+    // Read-only sharing is fine.
+    assert!(check(&["partition = \"vm2\""], &[&format!("guid = \"{vm2}\"")]).is_empty());
 }

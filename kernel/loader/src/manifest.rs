@@ -3,24 +3,26 @@
 //! settings, kernel image, modules and initial RAM disk); the decoded [`Manifest`] borrows the
 //! images from the ramdisk bytes, nothing is copied.
 //!
-//! Layout, version 4 (all integers little-endian; every offset counts from the manifest's
+//! Layout, version 5 (all integers little-endian; every offset counts from the manifest's
 //! first byte). Version 3 added the Linux format (code 3) and the initrd: the VM record grew
 //! from 96 to 112 bytes (the initrd span at 96) and flag bit 1 says whether there is one.
 //! Version 4 added guest SMP: the vCPU count is 1..=[`MAX_CPUS`] (16; it was 1..=256 and
 //! only 1 was ever written), the pin count and the time limit took reserved bytes 84 and 88,
-//! and the record grew from 112 to 128 bytes (the pin list at 112). The header is unchanged.
+//! and the record grew from 112 to 128 bytes (the pin list at 112). Version 5 added virtual
+//! disks: the record grew from 128 to 144 bytes (the disk table's offset and count at 128)
+//! and each VM has a disk table. The header is unchanged.
 //!
 //! Header (32 bytes):
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `RZMANIF1` (unchanged since version 1) |
-//! | 8 | 4 | format version (4); at the same place as in versions 1 to 3 |
+//! | 8 | 4 | format version (5); at the same place as in versions 1 to 4 |
 //! | 12 | 4 | test hook ([`TestHook`]), 0 in normal builds |
 //! | 16 | 8 | total length in bytes, header included |
 //! | 24 | 4 | number of VMs (at most [`MAX_VMS`]) |
 //! | 28 | 4 | reserved, 0 |
 //!
-//! VM table: at offset 32, one 128-byte record per VM, in run order. A *span* is a u64 offset
+//! VM table: at offset 32, one 144-byte record per VM, in run order. A *span* is a u64 offset
 //! and a u64 length of bytes in the blob area.
 //! | offset | size | field |
 //! |---|---|---|
@@ -39,9 +41,27 @@
 //! | 92 | 4 | reserved, 0 |
 //! | 96 | 16 | span: initrd (the initial RAM disk); offset and length both 0 when flag bit 1 is clear |
 //! | 112 | 16 | pin list: one byte per entry, a host CPU index 0..=[`MAX_HOST_CPU`]; the bytes past the pin count are 0 |
+//! | 128 | 8 | offset of this VM's disk table |
+//! | 136 | 4 | number of disks (at most [`MAX_DISKS`]) |
+//! | 140 | 4 | reserved, 0 |
 //!
 //! Module tables: one 32-byte record per module: span of the name (UTF-8, at most
 //! [`MAX_MODULE_NAME_LEN`] bytes, no NUL), span of the module's bytes.
+//!
+//! Disk tables: one 64-byte record per disk, in the order the VM's virtio-blk devices get:
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | kind: 1 = partition by GPT label, 2 = partition by unique GUID, 3 = image ([`DiskSource`]) |
+//! | 4 | 4 | flags: bit 0 = writable; other bits 0 |
+//! | 8 | 16 | kind 2: the partition's unique GUID in GPT byte order (non-zero); else 0 |
+//! | 24 | 16 | span: kind 1: the label (UTF-8, 1..=36 UTF-16 units, no NUL); kind 3: the image's name (at most [`MAX_MODULE_NAME_LEN`] bytes, no NUL); kind 2: 0 |
+//! | 40 | 16 | span: kind 3: the image's bytes (a whole number of [`DISK_SECTOR_SIZE`] sectors); else 0 |
+//! | 56 | 8 | reserved, 0 |
+//!
+//! A partition that is writable for one disk may not be named (by the same label or GUID) by
+//! any other disk of any VM; the host checks that, and so does [`Manifest::decode`]. Whether
+//! a label and a GUID name the same partition only the physical disk can tell: the hypervisor
+//! checks that when it opens the partitions.
 //!
 //! Blob area: names, command lines, images, modules and initrds, each starting 8-byte aligned (the
 //! encoder's choice; the decoder only needs every span to lie inside the total length).
@@ -56,11 +76,20 @@ use core::fmt;
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"RZMANIF1";
 /// The format version this code reads and writes.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The size of the header (the same since version 1).
 pub const HEADER_LEN: usize = 32;
-/// The size of one VM record in the VM table (96 in version 2, 112 in version 3).
-pub const VM_RECORD_LEN: usize = 128;
+/// The size of one VM record in the VM table (96 in version 2, 112 in version 3, 128 in
+/// version 4).
+pub const VM_RECORD_LEN: usize = 144;
+/// The size of one disk record in a disk table.
+pub const DISK_RECORD_LEN: usize = 64;
+/// At most this many disks per VM.
+pub const MAX_DISKS: usize = 4;
+/// The sector size of virtual disks: an image's length is a multiple of it.
+pub const DISK_SECTOR_SIZE: usize = 512;
+/// The longest GPT partition label, in UTF-16 code units (UEFI 2.10 Table 5.6: 72 bytes).
+pub const MAX_PARTITION_LABEL_UNITS: usize = 36;
 /// The size of one module record in a module table.
 pub const MODULE_RECORD_LEN: usize = 32;
 /// At most this many VMs in one manifest.
@@ -88,6 +117,7 @@ const MAX_PIN_ENTRIES: usize = MAX_CPUS as usize;
 
 const FLAG_TRACE: u32 = 1 << 0;
 const FLAG_INITRD: u32 = 1 << 1;
+const DISK_FLAG_WRITABLE: u32 = 1 << 0;
 
 /// A test-only behaviour the hypervisor performs at boot, so the harness can prove a path
 /// (e.g. the exception report) without a special kernel build.
@@ -260,6 +290,62 @@ pub struct VmManifest<'a> {
     pub modules: Vec<Module<'a>>,
     /// The initial RAM disk (linux only; the boot plan refuses it for the other formats).
     pub initrd: Option<&'a [u8]>,
+    /// The VM's virtual disks (at most [`MAX_DISKS`]), in device order: the guest sees them
+    /// as virtio-blk devices in this order (the first is `/dev/vda` in a Linux guest). The
+    /// boot plan does not use them; the VM builder does, through `ringzero-vdisk`:
+    /// [`DiskSource::PartitionLabel`] / [`DiskSource::PartitionGuid`] ->
+    /// `GptTable::find` on the physical disk's table, then `PartitionDisk::new(io, partition,
+    /// writable)`; [`DiskSource::Image`] -> `ImageDisk::read_only(bytes, name)` or, when
+    /// `writable`, `ImageDisk::writable_copy(bytes, name)` (changes last until power-off).
+    pub disks: Vec<DiskManifest<'a>>,
+}
+
+/// One virtual disk of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskManifest<'a> {
+    pub source: DiskSource<'a>,
+    /// Whether the guest may write (`writable = true` in the configuration; default false).
+    pub writable: bool,
+}
+
+/// What backs a virtual disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskSource<'a> {
+    /// The partition of the physical disk with this GPT label (1..=36 UTF-16 units).
+    PartitionLabel(&'a str),
+    /// The partition with this unique GUID, in GPT (mixed-endian) byte order, the order of
+    /// `uguid::Guid::from_bytes` / `ringzero_vdisk::gpt::Guid::from_bytes`.
+    PartitionGuid([u8; 16]),
+    /// An image file packed into the manifest: its file name (the disk's serial) and bytes
+    /// (a whole number of [`DISK_SECTOR_SIZE`] sectors), borrowed from the ramdisk.
+    Image { name: &'a str, bytes: &'a [u8] },
+}
+
+impl DiskSource<'_> {
+    fn code(&self) -> u32 {
+        match self {
+            DiskSource::PartitionLabel(_) => 1,
+            DiskSource::PartitionGuid(_) => 2,
+            DiskSource::Image { .. } => 3,
+        }
+    }
+
+    /// True if both name the same partition the same way (same label, or same GUID).
+    fn same_partition(&self, other: &DiskSource<'_>) -> bool {
+        match (self, other) {
+            (DiskSource::PartitionLabel(a), DiskSource::PartitionLabel(b)) => a == b,
+            (DiskSource::PartitionGuid(a), DiskSource::PartitionGuid(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// True for a GPT partition label the configuration and the manifest accept: 1..=36 UTF-16
+/// code units, no NUL.
+pub fn is_valid_partition_label(label: &str) -> bool {
+    !label.is_empty()
+        && !label.contains('\0')
+        && label.encode_utf16().count() <= MAX_PARTITION_LABEL_UNITS
 }
 
 impl VmManifest<'_> {
@@ -302,6 +388,10 @@ pub enum Field {
     ModuleName(u32),
     ModuleBytes(u32),
     Initrd,
+    DiskTable,
+    DiskLabel(u32),
+    DiskImageName(u32),
+    DiskImage(u32),
 }
 
 impl fmt::Display for Field {
@@ -315,6 +405,10 @@ impl fmt::Display for Field {
             Field::ModuleName(index) => write!(formatter, "module #{index} name"),
             Field::ModuleBytes(index) => write!(formatter, "module #{index} bytes"),
             Field::Initrd => write!(formatter, "initrd"),
+            Field::DiskTable => write!(formatter, "disk table"),
+            Field::DiskLabel(index) => write!(formatter, "disk #{index} partition label"),
+            Field::DiskImageName(index) => write!(formatter, "disk #{index} image name"),
+            Field::DiskImage(index) => write!(formatter, "disk #{index} image"),
         }
     }
 }
@@ -370,6 +464,23 @@ pub enum ManifestError {
     BadUtf8 { vm: u32, field: Field },
     /// A string that is too long, empty where it must not be, or has forbidden characters.
     BadString { vm: u32, field: Field },
+    /// More disks than [`MAX_DISKS`].
+    TooManyDisks { vm: u32, count: u32 },
+    /// A disk kind code that is not a [`DiskSource`].
+    UnknownDiskKind { vm: u32, disk: u32, code: u32 },
+    /// Disk flag bits this hypervisor does not know.
+    UnknownDiskFlags { vm: u32, disk: u32, flags: u32 },
+    /// A partition GUID of zero.
+    ZeroPartitionGuid { vm: u32, disk: u32 },
+    /// An image whose length is not a whole number of [`DISK_SECTOR_SIZE`] sectors.
+    ImageNotWholeSectors { vm: u32, disk: u32, length: u64 },
+    /// A partition writable for one disk is named by another (`other_vm`'s disk `other_disk`).
+    SharedWritablePartition {
+        vm: u32,
+        disk: u32,
+        other_vm: u32,
+        other_disk: u32,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -437,6 +548,26 @@ impl fmt::Display for ManifestError {
                 formatter,
                 "manifest vm #{vm}: {field} is empty, too long or has forbidden characters"
             ),
+            ManifestError::TooManyDisks { vm, count } => {
+                write!(formatter, "manifest vm #{vm}: {count} disks, at most {MAX_DISKS} are allowed")
+            }
+            ManifestError::UnknownDiskKind { vm, disk, code } => {
+                write!(formatter, "manifest vm #{vm}: disk #{disk} has unknown kind {code}")
+            }
+            ManifestError::UnknownDiskFlags { vm, disk, flags } => {
+                write!(formatter, "manifest vm #{vm}: disk #{disk} has unknown flag bits {flags:#x}")
+            }
+            ManifestError::ZeroPartitionGuid { vm, disk } => {
+                write!(formatter, "manifest vm #{vm}: disk #{disk} names the zero partition GUID")
+            }
+            ManifestError::ImageNotWholeSectors { vm, disk, length } => write!(
+                formatter,
+                "manifest vm #{vm}: disk #{disk} image of {length} bytes is not a whole number of {DISK_SECTOR_SIZE}-byte sectors"
+            ),
+            ManifestError::SharedWritablePartition { vm, disk, other_vm, other_disk } => write!(
+                formatter,
+                "manifest vm #{vm}: disk #{disk} names the same partition as vm #{other_vm} disk #{other_disk}, and one of them is writable"
+            ),
         }
     }
 }
@@ -503,7 +634,9 @@ impl<'a> Manifest<'a> {
         let vm_table = HEADER_LEN;
         let module_tables = vm_table + self.vms.len() * VM_RECORD_LEN;
         let module_count: usize = self.vms.iter().map(|vm| vm.modules.len()).sum();
-        let mut bytes = alloc::vec![0u8; module_tables + module_count * MODULE_RECORD_LEN];
+        let disk_tables = module_tables + module_count * MODULE_RECORD_LEN;
+        let disk_count: usize = self.vms.iter().map(|vm| vm.disks.len()).sum();
+        let mut bytes = alloc::vec![0u8; disk_tables + disk_count * DISK_RECORD_LEN];
 
         bytes[..8].copy_from_slice(&MAGIC);
         put_u32(&mut bytes, 8, VERSION);
@@ -511,6 +644,7 @@ impl<'a> Manifest<'a> {
         put_u32(&mut bytes, 24, self.vms.len() as u32);
 
         let mut next_module_record = module_tables;
+        let mut next_disk_record = disk_tables;
         for (index, vm) in self.vms.iter().enumerate() {
             let record = vm_table + index * VM_RECORD_LEN;
             put_u32(&mut bytes, record, vm.format.code());
@@ -562,6 +696,39 @@ impl<'a> Manifest<'a> {
                 let (offset, length) = blob(&mut bytes, initrd);
                 put_u64(&mut bytes, record + 96, offset);
                 put_u64(&mut bytes, record + 104, length);
+            }
+            put_u64(&mut bytes, record + 128, next_disk_record as u64);
+            put_u32(
+                &mut bytes,
+                record + 136,
+                u32::try_from(vm.disks.len()).unwrap_or(u32::MAX),
+            );
+            for disk in &vm.disks {
+                let at = next_disk_record;
+                put_u32(&mut bytes, at, disk.source.code());
+                put_u32(
+                    &mut bytes,
+                    at + 4,
+                    if disk.writable { DISK_FLAG_WRITABLE } else { 0 },
+                );
+                let mut spans: [Option<&[u8]>; 2] = [None, None];
+                match disk.source {
+                    DiskSource::PartitionLabel(label) => spans[0] = Some(label.as_bytes()),
+                    DiskSource::PartitionGuid(guid) => {
+                        bytes[at + 8..at + 24].copy_from_slice(&guid)
+                    }
+                    DiskSource::Image { name, bytes: image } => {
+                        spans = [Some(name.as_bytes()), Some(image)];
+                    }
+                }
+                for (field_offset, data) in [(24, spans[0]), (40, spans[1])] {
+                    if let Some(data) = data {
+                        let (offset, length) = blob(&mut bytes, data);
+                        put_u64(&mut bytes, at + field_offset, offset);
+                        put_u64(&mut bytes, at + field_offset + 8, length);
+                    }
+                }
+                next_disk_record += DISK_RECORD_LEN;
             }
         }
         align8(&mut bytes);
@@ -626,8 +793,35 @@ impl<'a> Manifest<'a> {
         if total_cpus > u64::from(MAX_TOTAL_CPUS) {
             return Err(ManifestError::TooManyCpus { total: total_cpus });
         }
+        check_shared_partitions(&vms)?;
         Ok(Manifest { test_hook, vms })
     }
+}
+
+/// Refuses a partition that is writable for one disk and named (the same way) by another.
+/// At most [`MAX_VMS`] x [`MAX_DISKS`] disks, so the pairwise check is bounded.
+fn check_shared_partitions(vms: &[VmManifest<'_>]) -> Result<(), ManifestError> {
+    let disks: Vec<(u32, u32, &DiskManifest<'_>)> = (0u32..)
+        .zip(vms)
+        .flat_map(|(vm, manifest)| {
+            (0u32..)
+                .zip(&manifest.disks)
+                .map(move |(disk, entry)| (vm, disk, entry))
+        })
+        .collect();
+    for (later, &(vm, disk, entry)) in disks.iter().enumerate() {
+        for &(other_vm, other_disk, other) in &disks[..later] {
+            if (entry.writable || other.writable) && entry.source.same_partition(&other.source) {
+                return Err(ManifestError::SharedWritablePartition {
+                    vm,
+                    disk,
+                    other_vm,
+                    other_disk,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Decodes the VM record at `record` (already known to lie inside the manifest).
@@ -794,6 +988,7 @@ fn decode_vm<'a>(
         }
         None
     };
+    let disks = decode_disks(reader, vm, record, total)?;
     Ok(VmManifest {
         name,
         format,
@@ -807,7 +1002,131 @@ fn decode_vm<'a>(
         kernel,
         modules,
         initrd,
+        disks,
     })
+}
+
+/// Decodes the disk table of the VM record at `record`.
+fn decode_disks<'a>(
+    reader: &Reader<'a>,
+    vm: u32,
+    record: u64,
+    total: u64,
+) -> Result<Vec<DiskManifest<'a>>, ManifestError> {
+    let out_of_bounds = |field: Field, offset: u64, length: u64| ManifestError::OutOfBounds {
+        vm,
+        field,
+        offset,
+        length,
+        total,
+    };
+    let word = |at: u64| {
+        reader
+            .u32_at(at)
+            .ok_or(out_of_bounds(Field::DiskTable, at, 4))
+    };
+    let quad = |at: u64| {
+        reader
+            .u64_at(at)
+            .ok_or(out_of_bounds(Field::DiskTable, at, 8))
+    };
+    let span = |field: Field, at: u64| -> Result<&'a [u8], ManifestError> {
+        let (offset, length) = (quad(at)?, quad(at + 8)?);
+        reader
+            .slice(offset, length)
+            .ok_or(out_of_bounds(field, offset, length))
+    };
+    let text = |field: Field, at: u64, max: usize| -> Result<&'a str, ManifestError> {
+        let text = core::str::from_utf8(span(field, at)?)
+            .map_err(|_| ManifestError::BadUtf8 { vm, field })?;
+        if text.len() > max || text.contains('\0') {
+            return Err(ManifestError::BadString { vm, field });
+        }
+        Ok(text)
+    };
+    let reserved = |at: u64, length: u64| -> Result<(), ManifestError> {
+        for offset in (at..at + length).step_by(8) {
+            if quad(offset)? != 0 {
+                return Err(ManifestError::ReservedNotZero { offset });
+            }
+        }
+        Ok(())
+    };
+
+    let table = quad(record + 128)?;
+    let count = word(record + 136)?;
+    if word(record + 140)? != 0 {
+        return Err(ManifestError::ReservedNotZero {
+            offset: record + 140,
+        });
+    }
+    if count as usize > MAX_DISKS {
+        return Err(ManifestError::TooManyDisks { vm, count });
+    }
+    let table_length = u64::from(count) * DISK_RECORD_LEN as u64;
+    if reader.slice(table, table_length).is_none() {
+        return Err(out_of_bounds(Field::DiskTable, table, table_length));
+    }
+    let mut disks = Vec::with_capacity(count as usize);
+    for disk in 0..count {
+        let at = table + u64::from(disk) * DISK_RECORD_LEN as u64;
+        let code = word(at)?;
+        let flags = word(at + 4)?;
+        if flags & !DISK_FLAG_WRITABLE != 0 {
+            return Err(ManifestError::UnknownDiskFlags { vm, disk, flags });
+        }
+        reserved(at + 56, 8)?;
+        let source = match code {
+            1 => {
+                reserved(at + 8, 16)?;
+                reserved(at + 40, 16)?;
+                let label = text(
+                    Field::DiskLabel(disk),
+                    at + 24,
+                    4 * MAX_PARTITION_LABEL_UNITS,
+                )?;
+                if !is_valid_partition_label(label) {
+                    return Err(ManifestError::BadString {
+                        vm,
+                        field: Field::DiskLabel(disk),
+                    });
+                }
+                DiskSource::PartitionLabel(label)
+            }
+            2 => {
+                reserved(at + 24, 32)?;
+                let mut guid = [0u8; 16];
+                guid.copy_from_slice(reader.slice(at + 8, 16).ok_or(out_of_bounds(
+                    Field::DiskTable,
+                    at + 8,
+                    16,
+                ))?);
+                if guid == [0; 16] {
+                    return Err(ManifestError::ZeroPartitionGuid { vm, disk });
+                }
+                DiskSource::PartitionGuid(guid)
+            }
+            3 => {
+                reserved(at + 8, 16)?;
+                let name = text(Field::DiskImageName(disk), at + 24, MAX_MODULE_NAME_LEN)?;
+                let bytes = span(Field::DiskImage(disk), at + 40)?;
+                if !bytes.len().is_multiple_of(DISK_SECTOR_SIZE) {
+                    return Err(ManifestError::ImageNotWholeSectors {
+                        vm,
+                        disk,
+                        length: bytes.len() as u64,
+                    });
+                }
+                DiskSource::Image { name, bytes }
+            }
+            code => return Err(ManifestError::UnknownDiskKind { vm, disk, code }),
+        };
+        disks.push(DiskManifest {
+            source,
+            writable: flags & DISK_FLAG_WRITABLE != 0,
+        });
+    }
+    Ok(disks)
 }
 
 #[cfg(test)]
@@ -831,6 +1150,7 @@ mod tests {
                     kernel: b"\xf4\xeb\xfe",
                     modules: Vec::new(),
                     initrd: None,
+                    disks: Vec::new(),
                 },
                 VmManifest {
                     name: "mb-guest_2",
@@ -854,6 +1174,19 @@ mod tests {
                         },
                     ],
                     initrd: None,
+                    disks: alloc::vec![
+                        DiskManifest {
+                            source: DiskSource::PartitionLabel("vm-data"),
+                            writable: true,
+                        },
+                        DiskManifest {
+                            source: DiskSource::Image {
+                                name: "readonly.img",
+                                bytes: &[0x5A; 1024],
+                            },
+                            writable: false,
+                        },
+                    ],
                 },
                 VmManifest {
                     name: "linux",
@@ -868,6 +1201,19 @@ mod tests {
                     kernel: b"bzImage bytes",
                     modules: Vec::new(),
                     initrd: Some(b"initramfs.cpio.gz bytes"),
+                    disks: alloc::vec![
+                        DiskManifest {
+                            source: DiskSource::PartitionGuid([
+                                0x39, 0x33, 0xA6, 0x8D, 7, 0, 0xC0, 0x60, 0xC4, 0x36, 8, 0x3A,
+                                0xC8, 0x23, 9, 8
+                            ]),
+                            writable: false,
+                        },
+                        DiskManifest {
+                            source: DiskSource::PartitionLabel("shared-ro"),
+                            writable: false,
+                        },
+                    ],
                 },
                 VmManifest {
                     name: "linux-empty-initrd",
@@ -882,6 +1228,7 @@ mod tests {
                     kernel: b"bzImage",
                     modules: Vec::new(),
                     initrd: Some(b""),
+                    disks: Vec::new(),
                 },
             ],
         }
@@ -1430,7 +1777,8 @@ mod tests {
             let _ = Manifest::decode(&bytes);
         }
         // Every single-byte change in the header and tables, to a few interesting values.
-        let tables_end = HEADER_LEN + 4 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN;
+        let tables_end =
+            HEADER_LEN + 4 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN + 4 * DISK_RECORD_LEN;
         for position in 0..tables_end {
             for value in [0x00, 0x01, 0x7F, 0x80, 0xFF] {
                 let mut bytes = good.clone();
@@ -1438,6 +1786,259 @@ mod tests {
                 let _ = Manifest::decode(&bytes);
             }
         }
+    }
+
+    #[test]
+    fn disks_round_trip_and_sit_where_the_layout_says() {
+        let manifest = sample();
+        let bytes = manifest.encode();
+        let decoded = Manifest::decode(&bytes).unwrap();
+        assert_eq!(decoded, manifest);
+        assert!(decoded.vms[0].disks.is_empty());
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        let table = u64::from_le_bytes(bytes[vm1 + 128..vm1 + 136].try_into().unwrap()) as usize;
+        assert_eq!(
+            table,
+            HEADER_LEN + 4 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN
+        );
+        assert_eq!(&bytes[vm1 + 136..vm1 + 144], &[2, 0, 0, 0, 0, 0, 0, 0]);
+        // Disk 0: a writable label; disk 1: a read-only image.
+        assert_eq!(&bytes[table..table + 8], &[1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(&bytes[table + 64..table + 72], &[3, 0, 0, 0, 0, 0, 0, 0]);
+        let DiskSource::Image { bytes: image, .. } = decoded.vms[1].disks[1].source else {
+            panic!("not an image");
+        };
+        // The image is borrowed from the manifest, 8-byte aligned.
+        assert!(bytes.as_ptr_range().contains(&image.as_ptr()));
+        assert_eq!((image.as_ptr() as usize - bytes.as_ptr() as usize) % 8, 0);
+        // vm #2's GUID disk: the 16 bytes at 8.
+        let vm2 = vm1 + VM_RECORD_LEN;
+        let table2 = u64::from_le_bytes(bytes[vm2 + 128..vm2 + 136].try_into().unwrap()) as usize;
+        assert_eq!(table2, table + 2 * DISK_RECORD_LEN);
+        assert_eq!(bytes[table2], 2);
+        assert_eq!(bytes[table2 + 8], 0x39);
+        assert!(bytes[table2 + 24..table2 + 64].iter().all(|&b| b == 0));
+        // Read-only partitions may be shared; the most disks a VM may have round-trip.
+        let four = Manifest {
+            test_hook: TestHook::None,
+            vms: alloc::vec![
+                VmManifest {
+                    disks: alloc::vec![manifest.vms[2].disks[1]; MAX_DISKS],
+                    ..manifest.vms[0].clone()
+                },
+                VmManifest {
+                    name: "other",
+                    disks: alloc::vec![manifest.vms[2].disks[1]],
+                    ..manifest.vms[0].clone()
+                },
+            ],
+        };
+        assert_eq!(Manifest::decode(&four.encode()), Ok(four));
+    }
+
+    #[test]
+    fn refuses_bad_disks() {
+        let good = sample().encode();
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        let table = HEADER_LEN + 4 * VM_RECORD_LEN + 2 * MODULE_RECORD_LEN;
+        let (label_disk, image_disk, guid_disk) = (table, table + 64, table + 128);
+        let check = |patches: &[(usize, u32)], expected: ManifestError| {
+            let mut bytes = good.clone();
+            for &(offset, value) in patches {
+                patch_u32(&mut bytes, offset, value);
+            }
+            assert_eq!(Manifest::decode(&bytes), Err(expected));
+        };
+        check(
+            &[(vm1 + 136, 5)],
+            ManifestError::TooManyDisks { vm: 1, count: 5 },
+        );
+        check(
+            &[(vm1 + 140, 1)],
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 140,
+            },
+        );
+        check(
+            &[(label_disk, 4)],
+            ManifestError::UnknownDiskKind {
+                vm: 1,
+                disk: 0,
+                code: 4,
+            },
+        );
+        check(
+            &[(label_disk, 0)],
+            ManifestError::UnknownDiskKind {
+                vm: 1,
+                disk: 0,
+                code: 0,
+            },
+        );
+        check(
+            &[(image_disk + 4, 2)],
+            ManifestError::UnknownDiskFlags {
+                vm: 1,
+                disk: 1,
+                flags: 2,
+            },
+        );
+        check(
+            &[(image_disk + 60, 1)],
+            ManifestError::ReservedNotZero {
+                offset: image_disk as u64 + 56,
+            },
+        );
+        // A label disk with a GUID, a GUID disk with a span.
+        check(
+            &[(label_disk + 8, 1)],
+            ManifestError::ReservedNotZero {
+                offset: label_disk as u64 + 8,
+            },
+        );
+        check(
+            &[(guid_disk + 24, 1)],
+            ManifestError::ReservedNotZero {
+                offset: guid_disk as u64 + 24,
+            },
+        );
+        check(
+            &[
+                (guid_disk + 8, 0),
+                (guid_disk + 12, 0),
+                (guid_disk + 16, 0),
+                (guid_disk + 20, 0),
+            ],
+            ManifestError::ZeroPartitionGuid { vm: 2, disk: 0 },
+        );
+        // Turning the GUID disk into a label disk: its (zero) label span is empty.
+        check(
+            &[
+                (guid_disk, 1),
+                (guid_disk + 8, 0),
+                (guid_disk + 12, 0),
+                (guid_disk + 16, 0),
+                (guid_disk + 20, 0),
+            ],
+            ManifestError::BadString {
+                vm: 2,
+                field: Field::DiskLabel(0),
+            },
+        );
+        // An image of 1023 bytes.
+        let mut bytes = good.clone();
+        patch_u64(&mut bytes, image_disk + 48, 1023);
+        assert_eq!(
+            Manifest::decode(&bytes),
+            Err(ManifestError::ImageNotWholeSectors {
+                vm: 1,
+                disk: 1,
+                length: 1023
+            })
+        );
+        let mut bytes = good.clone();
+        patch_u64(&mut bytes, image_disk + 48, u64::MAX);
+        assert!(matches!(
+            Manifest::decode(&bytes),
+            Err(ManifestError::OutOfBounds {
+                vm: 1,
+                field: Field::DiskImage(1),
+                ..
+            })
+        ));
+        let mut bytes = good.clone();
+        patch_u64(&mut bytes, vm1 + 128, u64::MAX - 8);
+        assert!(matches!(
+            Manifest::decode(&bytes),
+            Err(ManifestError::OutOfBounds {
+                vm: 1,
+                field: Field::DiskTable,
+                ..
+            })
+        ));
+        // A label of 37 UTF-16 units is refused.
+        let long = "x".repeat(MAX_PARTITION_LABEL_UNITS + 1);
+        let mut manifest = sample();
+        manifest.vms[1].disks[0].source = DiskSource::PartitionLabel(&long);
+        assert_eq!(
+            Manifest::decode(&manifest.encode()),
+            Err(ManifestError::BadString {
+                vm: 1,
+                field: Field::DiskLabel(0)
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_a_writable_partition_named_twice() {
+        let writable = DiskManifest {
+            source: DiskSource::PartitionLabel("vm-data"),
+            writable: true,
+        };
+        let read_only = DiskManifest {
+            writable: false,
+            ..writable
+        };
+        let guid = DiskManifest {
+            source: DiskSource::PartitionGuid([7; 16]),
+            writable: true,
+        };
+        let base = sample().vms.swap_remove(0);
+        let manifest =
+            |first: Vec<DiskManifest<'static>>, second: Vec<DiskManifest<'static>>| Manifest {
+                test_hook: TestHook::None,
+                vms: alloc::vec![
+                    VmManifest {
+                        disks: first,
+                        ..base.clone()
+                    },
+                    VmManifest {
+                        name: "second",
+                        disks: second,
+                        ..base.clone()
+                    },
+                ],
+            };
+        let shared = |vm, disk, other_vm, other_disk| {
+            Err(ManifestError::SharedWritablePartition {
+                vm,
+                disk,
+                other_vm,
+                other_disk,
+            })
+        };
+        let decode = |m: Manifest<'_>| Manifest::decode(&m.encode()).map(|_| ());
+        assert_eq!(
+            decode(manifest(alloc::vec![writable], alloc::vec![read_only])),
+            shared(1, 0, 0, 0)
+        );
+        assert_eq!(
+            decode(manifest(
+                alloc::vec![read_only],
+                alloc::vec![guid, writable]
+            )),
+            shared(1, 1, 0, 0)
+        );
+        assert_eq!(
+            decode(manifest(alloc::vec![guid, writable, guid], Vec::new())),
+            shared(0, 2, 0, 0)
+        );
+        assert_eq!(
+            decode(manifest(
+                alloc::vec![read_only, guid],
+                alloc::vec![read_only]
+            )),
+            Ok(())
+        );
+        // A disk count above MAX_DISKS is refused, not read past its table.
+        assert_eq!(
+            decode(manifest(alloc::vec![read_only; MAX_DISKS + 1], Vec::new())),
+            Err(ManifestError::TooManyDisks { vm: 0, count: 5 })
+        );
+        assert_eq!(
+            alloc::format!("{}", shared(1, 0, 0, 2).unwrap_err()),
+            "manifest vm #1: disk #0 names the same partition as vm #0 disk #2, and one of them is writable"
+        );
     }
 
     #[test]

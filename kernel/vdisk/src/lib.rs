@@ -5,10 +5,31 @@
 //!
 //! Host-testable and free of `unsafe`. Sector numbers and lengths come from guests: every
 //! method checks bounds and returns a [`DiskError`] instead of panicking.
+//!
+//! How the hypervisor builds a VM's disks from the manifest's disk list
+//! (`ringzero_loader::manifest::DiskManifest`):
+//! 1. once at boot, wrap the physical virtio-blk driver as `Arc<dyn SectorIo>` and read its
+//!    table with [`gpt::read_gpt`] (log [`gpt::HeaderSource::Backup`] as a warning);
+//! 2. for a partition disk, [`gpt::GptTable::find`] with a [`gpt::PartitionSelector`] (a
+//!    label, or a GUID from the manifest's 16 bytes via [`gpt::Guid::from_bytes`]), then
+//!    [`PartitionDisk::new`]; refuse a partition that is writable for one disk and named by
+//!    any other (the host tool checks labels and GUIDs separately, only the disk knows that a
+//!    label and a GUID are the same partition);
+//! 3. for an image disk, [`ImageDisk::read_only`] over the bundle's bytes, or
+//!    [`ImageDisk::writable_copy`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+
+pub mod gpt;
+mod image;
+mod partition;
+#[cfg(test)]
+mod testing;
+
+pub use image::ImageDisk;
+pub use partition::PartitionDisk;
 
 /// Bytes in a sector, the unit of every address here (virtio-blk's unit too).
 pub const SECTOR_SIZE: usize = 512;
@@ -54,10 +75,30 @@ pub trait SectorIo: Send + Sync {
     fn flush(&self) -> Result<(), DiskError>;
 }
 
+impl core::fmt::Display for DiskError {
+    fn fmt(&self, formatter: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        formatter.write_str(match self {
+            DiskError::OutOfRange => "sectors outside the disk",
+            DiskError::ReadOnly => "write to a read-only disk",
+            DiskError::Unaligned => "not a whole number of sectors",
+            DiskError::Io => "the device underneath failed",
+        })
+    }
+}
+
+/// A virtio-blk serial (GET_ID) from text: its first 20 bytes, NUL padded.
+pub fn serial_from_text(text: &str) -> [u8; 20] {
+    let mut serial = [0u8; 20];
+    for (slot, byte) in serial.iter_mut().zip(text.bytes()) {
+        *slot = byte;
+    }
+    serial
+}
+
 /// Checks that `len` bytes starting at `first_sector` are whole sectors inside a disk of
 /// `sectors` sectors, and returns the number of sectors.
 pub fn check_range(sectors: u64, first_sector: u64, len: usize) -> Result<u64, DiskError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(DiskError::Unaligned);
     }
     let count = (len / SECTOR_SIZE) as u64;

@@ -685,6 +685,7 @@ fn plan_dispatches_on_format() {
         kernel: &flat,
         modules: Vec::new(),
         initrd: None,
+        disks: Vec::new(),
     };
     assert_eq!(plan(&vm).unwrap().entry.mode, CpuMode::Long64);
     vm.modules.push(Module {

@@ -568,6 +568,7 @@ fn plan_dispatches_linux_and_refuses_misplaced_initrds() {
         kernel: &image,
         modules: Vec::new(),
         initrd: Some(&initrd),
+        disks: Vec::new(),
     };
     let planned = plan(&vm).unwrap();
     assert_eq!(planned.entry.rsi, ZERO_PAGE_ADDRESS);
