@@ -57,7 +57,7 @@ pub trait SectorIo: Send + Sync {
 /// Checks that `len` bytes starting at `first_sector` are whole sectors inside a disk of
 /// `sectors` sectors, and returns the number of sectors.
 pub fn check_range(sectors: u64, first_sector: u64, len: usize) -> Result<u64, DiskError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(DiskError::Unaligned);
     }
     let count = (len / SECTOR_SIZE) as u64;
