@@ -37,7 +37,8 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
                     `@wait TEXT` is not typed: it waits until TEXT appears in the output after
                     the last line typed (to script a session: type, wait for its output). Ctrl-A
                     (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
-  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state)
+  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state,
+                    disk-write: writes near the end of the --disk file)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text

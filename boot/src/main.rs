@@ -38,7 +38,7 @@ struct Options {
     config: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state] [--config FILE]";
+const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state|disk-write] [--config FILE]";
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let (mut kernel, mut out_dir, mut test_hook, mut config) = (None, None, TestHook::None, None);

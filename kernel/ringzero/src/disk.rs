@@ -232,6 +232,77 @@ fn report_partition_table(disk: &PhysicalDisk) {
     }
 }
 
+/// Sectors the test hook writes: more than one chunk, so the request is split.
+const TEST_SECTORS: usize = CHUNK_BYTES / SECTOR_SIZE + 2;
+/// What the test hook writes at each sector's start: this, then the sector number.
+pub const TEST_PATTERN: &[u8; 16] = b"ringzero-disk-w:";
+
+/// Test hook `disk-write` (the only boot that writes the disk; tests give it a scratch file):
+/// writes [`TEST_SECTORS`] sectors ending one sector before the disk's end (each starting with
+/// [`TEST_PATTERN`] and its LBA, little-endian), flushes, reads them back and compares, then
+/// times a read of the whole disk. Logs `disk: test hook: ...` lines.
+pub fn exercise_for_test() {
+    let Some(disk) = physical_disk() else {
+        log::warn!("disk: test hook: no disk to write");
+        return;
+    };
+    let count = TEST_SECTORS as u64;
+    if disk.sectors < count + 1 {
+        log::warn!(
+            "disk: test hook: the disk is smaller than {} sectors",
+            count + 1
+        );
+        return;
+    }
+    let first = disk.sectors - 1 - count;
+    let mut written = alloc::vec![0u8; TEST_SECTORS * SECTOR_SIZE];
+    for (index, sector) in written.chunks_mut(SECTOR_SIZE).enumerate() {
+        sector[..16].copy_from_slice(TEST_PATTERN);
+        sector[16..24].copy_from_slice(&(first + index as u64).to_le_bytes());
+    }
+    let mut read_back = alloc::vec![0u8; written.len()];
+    let outcome = disk
+        .write(first, &written)
+        .and_then(|()| disk.flush())
+        .and_then(|()| disk.read(first, &mut read_back));
+    match outcome {
+        Ok(()) if read_back == written => log::info!(
+            "disk: test hook: wrote, flushed and read back {count} sectors at LBA {first}: equal"
+        ),
+        Ok(()) => log::warn!("disk: test hook: {count} sectors at LBA {first} read back different"),
+        Err(error) => {
+            log::warn!("disk: test hook: writing {count} sectors at LBA {first}: {error:?}")
+        }
+    }
+    // Requests past the end are refused before they reach the device.
+    let mut one = [0u8; SECTOR_SIZE];
+    if disk.read(disk.sectors, &mut one) == Err(DiskError::OutOfRange)
+        && disk.write(disk.sectors - 1, &written[..2 * SECTOR_SIZE]) == Err(DiskError::OutOfRange)
+    {
+        log::info!("disk: test hook: requests past the end are refused");
+    } else {
+        log::warn!("disk: test hook: a request past the end was not refused");
+    }
+    // The whole disk, in buffers of one chunk.
+    let mut buffer = alloc::vec![0u8; CHUNK_BYTES];
+    let started = ringzero_x86::hw::rdtsc();
+    let mut lba = 0;
+    while lba < disk.sectors {
+        let sectors = (disk.sectors - lba).min((CHUNK_BYTES / SECTOR_SIZE) as u64);
+        if let Err(error) = disk.read(lba, &mut buffer[..sectors as usize * SECTOR_SIZE]) {
+            log::warn!("disk: test hook: reading LBA {lba}: {error:?}");
+            return;
+        }
+        lba += sectors;
+    }
+    let micros = crate::time::tsc_to_micros(ringzero_x86::hw::rdtsc() - started).max(1);
+    log::info!(
+        "disk: test hook: read all {} sectors in {micros} us ({} sectors/s)",
+        disk.sectors,
+        u128::from(disk.sectors) * 1_000_000 / u128::from(micros)
+    );
+}
+
 /// What `virtio-drivers` needs of the kernel: DMA memory, device registers, and the physical
 /// addresses of the buffers it hands the device.
 pub struct DmaHal;

@@ -121,6 +121,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     if manifest.test_hook == TestHook::PageFault {
         trigger_page_fault();
     }
+    if manifest.test_hook == TestHook::DiskWrite {
+        disk::exercise_for_test();
+    }
 
     // Step 6.
     let extension = match virt::detect(host.cpu_count) {

@@ -210,6 +210,7 @@ pub fn prepare(
         } else {
             address
         };
+        log::debug!("pci: {function} BAR {index} at {address:#x}, {size:#x} bytes");
         let virtual_address =
             memory::map_mmio(HostPhysAddr(address), size).map_err(SetupError::Map)?;
         MAPPED.lock().push(MappedRange {
