@@ -66,3 +66,52 @@ fn qemu_bios_without_a_disk_says_none() {
     run.assert_serial_contains("disk: none (no virtio-blk on the host PCI bus");
     run.assert_serial_lacks("disk: virtio-blk");
 }
+
+#[test]
+fn qemu_bios_test_hook_writes_flushes_and_reads_back() {
+    // The hook writes 130 sectors (more than one 64 KiB request) ending one sector before the
+    // end, each starting with "ringzero-disk-w:" and its LBA (little-endian u64).
+    const SECTORS: u64 = 16384;
+    const WRITTEN: u64 = 130;
+    let disk = ScratchDisk::new(SECTORS * SECTOR, &[]);
+    let run = boot(&[
+        "--bios",
+        "--no-guests",
+        "--test-hook",
+        "disk-write",
+        "--disk",
+        disk.path(),
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(CLEAN);
+    let first = SECTORS - 1 - WRITTEN;
+    run.assert_serial_contains(&format!(
+        "disk: test hook: wrote, flushed and read back {WRITTEN} sectors at LBA {first}: equal"
+    ));
+    run.assert_serial_contains("disk: test hook: requests past the end are refused");
+    run.assert_serial_contains(&format!("disk: test hook: read all {SECTORS} sectors in "));
+    let contents = disk.contents();
+    assert_eq!(contents.len() as u64, SECTORS * SECTOR);
+    for lba in 0..SECTORS {
+        let sector = &contents[(lba * SECTOR) as usize..((lba + 1) * SECTOR) as usize];
+        if (first..first + WRITTEN).contains(&lba) {
+            assert_eq!(&sector[..16], b"ringzero-disk-w:", "sector {lba}");
+            assert_eq!(&sector[16..24], &lba.to_le_bytes(), "sector {lba}");
+            assert!(sector[24..].iter().all(|&byte| byte == 0), "sector {lba}");
+        } else {
+            assert!(
+                sector.iter().all(|&byte| byte == 0),
+                "sector {lba} was written"
+            );
+        }
+    }
+}
+
+#[test]
+fn bochs_without_a_disk_says_none() {
+    // Bochs' PCI bus (i440FX) has no virtio device: the hypervisor walks it and goes on.
+    let run = boot(&["--bochs", "--no-guests", "--timeout", "300"]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("disk: none (no virtio-blk on the host PCI bus");
+}
