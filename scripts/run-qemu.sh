@@ -25,6 +25,9 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --config FILE     guest configuration (TOML; default config/default.toml)
   --no-guests       boot without guests (detection and smoke test only)
   --demo NAME       run a teaching demo (traps, paravirt, shadow) and explain it
+  --disk FILE       give the hypervisor FILE (raw) as its physical disk: a virtio-blk PCI device
+                    (QEMU only; the VMs' disks are partitions of it). Writes persist in FILE
+                    (no snapshot). Without it the hypervisor reports "disk: none".
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
   --input FILE      type FILE's bytes on the hypervisor's serial console (QEMU only): they are
                     written to QEMU's stdin, which is COM1's receiver, once the hypervisor has
@@ -34,7 +37,8 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
                     `@wait TEXT` is not typed: it waits until TEXT appears in the output after
                     the last line typed (to script a session: type, wait for its output). Ctrl-A
                     (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
-  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state)
+  --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state,
+                    disk-write: writes near the end of the --disk file)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text
@@ -42,7 +46,7 @@ USAGE
 }
 
 firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="$RZ_ROOT/config/default.toml" timeout=600 hook=none
-build=1 build_only=0 extra=() demo="" input=""
+build=1 build_only=0 extra=() demo="" input="" disk=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bios) firmware=bios ;;
@@ -55,6 +59,7 @@ while [ $# -gt 0 ]; do
         --demo) demo=${2:?--demo needs a name}; shift ;;
         --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
         --input) input=${2:?--input needs a file}; shift ;;
+        --disk) disk=${2:?--disk needs a file}; shift ;;
         --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
         --no-build) build=0 ;;
         --build-only) build_only=1 ;;
@@ -70,6 +75,8 @@ done
 [ "$emulator" = bochs ] && [ ${#extra[@]} -gt 0 ] && rz_die "arguments after -- are for QEMU; not used with --bochs"
 [ -n "$input" ] && [ "$emulator" = bochs ] && rz_die "--input works with QEMU only (Bochs' serial port here is a file)"
 [ -z "$input" ] || [ -r "$input" ] || rz_die "--input: cannot read '$input'"
+[ -n "$disk" ] && [ "$emulator" = bochs ] && rz_die "--disk works with QEMU only (Bochs has no virtio-blk)"
+[ -z "$disk" ] || { [ -f "$disk" ] && [ -r "$disk" ] && [ -w "$disk" ]; } || rz_die "--disk: '$disk' is not a readable and writable file"
 
 if [ -n "$demo" ]; then
     source "$RZ_ROOT/scripts/lib/demo.sh"
@@ -148,6 +155,8 @@ run_emulator() {
             -device isa-debug-exit,iobase=0xf4,iosize=0x04
             -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
         [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
+        # The hypervisor's physical disk: no snapshot, so what VMs write stays in the file.
+        [ -n "$disk" ] && qemu+=(-drive "if=none,id=disk0,file=${disk//,/,,},format=raw" -device virtio-blk-pci,drive=disk0)
         rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
         # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
         if [ -z "$input" ]; then

@@ -253,3 +253,48 @@ impl Run {
             .unwrap_or_else(|| panic!("serial output lacks {needle:?}\n{}", self.report()))
     }
 }
+
+/// A raw disk file for `scripts/run-qemu.sh --disk` (the hypervisor's physical disk), made
+/// by the test in the system's temporary directory and removed when dropped.
+pub struct ScratchDisk {
+    path: PathBuf,
+}
+
+impl ScratchDisk {
+    /// A file of `bytes` zero bytes (sparse), with each `(offset, data)` of `contents` written.
+    pub fn new(bytes: u64, contents: &[(u64, &[u8])]) -> ScratchDisk {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ringzero-disk-{}-{}.img",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = std::fs::File::create(&path)
+            .unwrap_or_else(|error| panic!("cannot create {}: {error}", path.display()));
+        file.set_len(bytes).expect("set the disk's length");
+        for (offset, data) in contents {
+            file.seek(SeekFrom::Start(*offset))
+                .expect("seek in the disk");
+            file.write_all(data).expect("write the disk");
+        }
+        ScratchDisk { path }
+    }
+
+    /// The file's path, for `--disk`.
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("temporary paths are UTF-8 here")
+    }
+
+    /// The file's whole contents now.
+    pub fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.path).expect("read the disk back")
+    }
+}
+
+impl Drop for ScratchDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

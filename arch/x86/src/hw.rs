@@ -223,6 +223,15 @@ pub unsafe fn inw(port: u16) -> u16 {
     unsafe { u16::read_from_port(port) }
 }
 
+/// Reads a doubleword from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    // SAFETY: the caller owns the port.
+    unsafe { u32::read_from_port(port) }
+}
+
 /// Writes a byte to an I/O port.
 ///
 /// # Safety

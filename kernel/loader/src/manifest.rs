@@ -132,6 +132,9 @@ pub enum TestHook {
     /// Break the first VM's guest state before its first entry: the decoded entry-failure
     /// report must print, that VM must stop, and the hypervisor must go on.
     InvalidGuestState,
+    /// Write a pattern near the end of the physical disk, flush, read it back and time a read
+    /// of the whole disk: the one boot that writes the disk (a test's scratch file).
+    DiskWrite,
 }
 
 impl TestHook {
@@ -140,6 +143,7 @@ impl TestHook {
             TestHook::None => 0,
             TestHook::PageFault => 1,
             TestHook::InvalidGuestState => 2,
+            TestHook::DiskWrite => 3,
         }
     }
 
@@ -148,6 +152,7 @@ impl TestHook {
             0 => Ok(TestHook::None),
             1 => Ok(TestHook::PageFault),
             2 => Ok(TestHook::InvalidGuestState),
+            3 => Ok(TestHook::DiskWrite),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -158,6 +163,7 @@ impl TestHook {
             TestHook::None => "none",
             TestHook::PageFault => "page-fault",
             TestHook::InvalidGuestState => "invalid-guest-state",
+            TestHook::DiskWrite => "disk-write",
         }
     }
 
@@ -167,6 +173,7 @@ impl TestHook {
             TestHook::None,
             TestHook::PageFault,
             TestHook::InvalidGuestState,
+            TestHook::DiskWrite,
         ]
         .into_iter()
         .find(|hook| hook.name() == name)

@@ -5,7 +5,8 @@
 //! 2. host memory: physical window, heap, frame allocator (from the bootloader's map);
 //! 3. this CPU's GDT/TSS and the IDT (exceptions report and power off), the TSC calibrated
 //!    against the PIT, this CPU's local APIC (its timer measured against the TSC);
-//! 4. host ACPI tables: the CPUs (local APIC IDs), power-off registers;
+//! 4. host ACPI tables: the CPUs (local APIC IDs), power-off registers; the physical disk
+//!    (virtio-blk on the host PCI bus, `disk`), read but never written at boot;
 //! 5. the boot manifest from the ramdisk (packed by `boot/`);
 //! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off; then start
 //!    the other CPUs (`smp`), each preparing virtualization for itself and idling, and check
@@ -23,8 +24,10 @@ mod apic;
 mod console;
 mod console_input;
 mod cpu;
+mod disk;
 mod guests;
 mod memory;
+mod pci;
 mod platform;
 mod power;
 mod scheduler;
@@ -104,6 +107,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         ),
     }
 
+    // Before the other CPUs start: the disk's set-up maps its registers.
+    disk::init();
+
     // Step 5.
     let manifest = match load_manifest(boot_info) {
         Ok(manifest) => manifest,
@@ -114,6 +120,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     };
     if manifest.test_hook == TestHook::PageFault {
         trigger_page_fault();
+    }
+    if manifest.test_hook == TestHook::DiskWrite {
+        disk::exercise_for_test();
     }
 
     // Step 6.

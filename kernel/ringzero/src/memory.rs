@@ -356,3 +356,79 @@ pub fn translate(address: u64) -> Option<(HostPhysAddr, PageTableFlags)> {
         _ => None,
     })
 }
+
+/// Where device registers (PCI BARs) are mapped: one level-4 slot (512 GiB) of the upper half
+/// that nothing used at the first request, filled upwards page by page. The physical window
+/// cannot serve: it maps memory write-back, and only up to the end of the bootloader's memory
+/// map (at least 4 GiB), while firmware may place 64-bit BARs anywhere above that.
+static MMIO_WINDOW: Mutex<Option<MmioWindow>> = Mutex::new(None);
+
+struct MmioWindow {
+    /// The next free virtual address of the slot.
+    next: u64,
+    end: u64,
+}
+
+/// Bytes covered by one level-4 entry. See: SDM Vol 3A 4.5.4 (PML4E maps 512 GiB).
+const LEVEL_4_SLOT_BYTES: u64 = 1 << 39;
+
+/// Maps `size` bytes of device registers at host-physical `address` uncacheable (PCD + PWT,
+/// strong UC with the power-on PAT) and writable, and returns the kernel virtual address of
+/// `address`. Each call maps fresh virtual pages (aliases of the same registers are harmless:
+/// all are UC). Meant for boot-time driver set-up on the boot CPU, like [`identity_map`].
+/// See: SDM Vol 3A 4.9.2 (PCD/PWT select the memory type), 12.3 (UC for memory-mapped I/O).
+pub fn map_mmio(address: HostPhysAddr, size: u64) -> Result<*mut u8, alloc::string::String> {
+    let first = address.0 & !(FRAME_SIZE - 1);
+    let end = address
+        .0
+        .checked_add(size.max(1))
+        .ok_or_else(|| alloc::format!("MMIO range at {:#x} wraps around", address.0))?
+        .next_multiple_of(FRAME_SIZE);
+    let length = end - first;
+    with_active_page_table(|mapper| {
+        let mut window = MMIO_WINDOW.lock();
+        if window.is_none() {
+            // The upper half is level-4 entries 256..512; the last is left to the kernel's
+            // neighbourhood, so the search stops before it.
+            let free = (256..511).find(|&index| mapper.level_4_table()[index].is_unused());
+            let Some(index) = free else {
+                return Err("no free level-4 slot for device registers".into());
+            };
+            let base = 0xFFFF_0000_0000_0000 | ((index as u64) << 39);
+            *window = Some(MmioWindow {
+                next: base,
+                end: base + LEVEL_4_SLOT_BYTES,
+            });
+        }
+        let window = window.as_mut().expect("set just above");
+        if window.end - window.next < length {
+            return Err("the device-register window is full".into());
+        }
+        // Reserved before mapping, so a failure halfway leaves a hole, never a half-used range.
+        let virtual_start = window.next;
+        window.next += length;
+        let flags = PageTableFlags::PRESENT
+            | PageTableFlags::WRITABLE
+            | PageTableFlags::NO_CACHE
+            | PageTableFlags::WRITE_THROUGH;
+        for offset in (0..length).step_by(FRAME_SIZE as usize) {
+            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virtual_start + offset));
+            let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(first + offset));
+            // SAFETY: the page lies in a level-4 slot that was empty and that only this function
+            // fills (moving `next` past what it mapped), so no existing mapping changes; the
+            // frame is a device's register range, not RAM the kernel uses, and is mapped
+            // uncacheable as device registers must be.
+            let result = unsafe { mapper.map_to(page, frame, flags, &mut MapperFrames) };
+            match result {
+                Ok(flush) => flush.flush(),
+                Err(error) => {
+                    return Err(alloc::format!(
+                        "cannot map device registers at {:#x}: {error:?}",
+                        first + offset
+                    ))
+                }
+            }
+        }
+        Ok((virtual_start + (address.0 - first)) as *mut u8)
+    })
+}

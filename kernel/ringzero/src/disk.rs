@@ -1,0 +1,403 @@
+//! The physical disk: the hypervisor's own driver for the virtio-blk device on the host's PCI
+//! bus, through the `virtio-drivers` crate, offered to the VMs' disk backends as
+//! [`ringzero_vdisk::SectorIo`]. The partitions VMs get are windows onto it (`ringzero-vdisk`).
+//!
+//! - Found once at boot ([`init`]), kernel-global ([`physical_disk`]); one spin lock
+//!   serializes the requests of every CPU.
+//! - Requests complete by polling (the driver spins on the used ring; no interrupt is set up),
+//!   one at a time, in chunks of at most [`CHUNK_BYTES`] so a large request never bounces more
+//!   than that at once and another CPU waits for the lock at most one chunk.
+//! - DMA needs host-physical addresses: [`DmaHal`] hands out frames from the kernel's frame
+//!   allocator (mapped by the physical window) and translates buffers through the page tables,
+//!   copying through a heap bounce buffer only when a buffer's pages are not physically
+//!   contiguous (e.g. a large stack array).
+//! - The boot never writes the disk: it reads LBA 1 to say whether a GPT header is there.
+//!
+//! Spec: Virtual I/O Device (VIRTIO) Version 1.2, 5.2 (block device: VIRTIO_BLK_F_RO is feature
+//! bit 5, VIRTIO_BLK_F_FLUSH bit 9, VIRTIO_BLK_T_FLUSH), 4.1 (virtio over PCI: vendor 0x1AF4,
+//! device 0x1001 transitional or 0x1042 modern block device).
+
+use alloc::alloc::{alloc, dealloc, Layout};
+use core::ptr::NonNull;
+use ringzero_vdisk::{check_range, DiskError, SectorIo, SECTOR_SIZE};
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::transport::pci::bus::DeviceFunction;
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, Transport};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+
+use crate::memory::{self, HostPhysAddr, FRAME_SIZE};
+use crate::pci;
+
+/// The virtio vendor ID and the block device's two PCI device IDs. See: VIRTIO 1.2 4.1.2.
+const VIRTIO_VENDOR: u16 = 0x1AF4;
+const BLOCK_TRANSITIONAL: u16 = 0x1001;
+const BLOCK_MODERN: u16 = 0x1042;
+/// VIRTIO_BLK_F_FLUSH: the device takes VIRTIO_BLK_T_FLUSH. See: VIRTIO 1.2 5.2.3.
+const FEATURE_FLUSH: u64 = 1 << 9;
+/// Largest piece of one request sent to the device at once.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// The GPT header's signature, at the start of LBA 1. See: UEFI 2.10 5.3.2.
+const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
+
+/// The hypervisor's physical disk (see the module documentation).
+#[allow(
+    dead_code,
+    reason = "the VMs' partition backends (issue 8) are wired to it next"
+)]
+pub struct PhysicalDisk {
+    location: DeviceFunction,
+    sectors: u64,
+    flush_supported: bool,
+    read_only: bool,
+    driver: spin::Mutex<VirtIOBlk<DmaHal, PciTransport>>,
+}
+
+static DISK: spin::Once<Option<PhysicalDisk>> = spin::Once::new();
+
+/// The physical disk found at boot, if any.
+#[allow(
+    dead_code,
+    reason = "the VMs' partition backends (issue 8) are wired to it next"
+)]
+pub fn physical_disk() -> Option<&'static PhysicalDisk> {
+    DISK.get().and_then(Option::as_ref)
+}
+
+#[allow(
+    dead_code,
+    reason = "the VMs' partition backends (issue 8) are wired to it next"
+)]
+impl PhysicalDisk {
+    /// Where it sits on the host's PCI bus.
+    pub fn location(&self) -> DeviceFunction {
+        self.location
+    }
+
+    /// Whether the device takes flush requests (without it, [`SectorIo::flush`] does nothing:
+    /// the device writes through).
+    pub fn flush_supported(&self) -> bool {
+        self.flush_supported
+    }
+
+    /// Whether the device refuses writes (VIRTIO_BLK_F_RO).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+fn io_error(what: &str, lba: u64, error: virtio_drivers::Error) -> DiskError {
+    log::warn!("disk: {what} at LBA {lba} failed: {error}");
+    DiskError::Io
+}
+
+impl SectorIo for PhysicalDisk {
+    fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        check_range(self.sectors, lba, buf.len())?;
+        let mut driver = self.driver.lock();
+        let mut sector = lba;
+        for chunk in buf.chunks_mut(CHUNK_BYTES) {
+            driver
+                .read_blocks(sector as usize, chunk)
+                .map_err(|error| io_error("read", sector, error))?;
+            sector += (chunk.len() / SECTOR_SIZE) as u64;
+        }
+        Ok(())
+    }
+
+    fn write(&self, lba: u64, buf: &[u8]) -> Result<(), DiskError> {
+        check_range(self.sectors, lba, buf.len())?;
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        let mut driver = self.driver.lock();
+        let mut sector = lba;
+        for chunk in buf.chunks(CHUNK_BYTES) {
+            driver
+                .write_blocks(sector as usize, chunk)
+                .map_err(|error| io_error("write", sector, error))?;
+            sector += (chunk.len() / SECTOR_SIZE) as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        // The driver sends VIRTIO_BLK_T_FLUSH when the feature was negotiated, else nothing.
+        self.driver
+            .lock()
+            .flush()
+            .map_err(|error| io_error("flush", 0, error))
+    }
+}
+
+/// Finds the virtio-blk device on the host's PCI bus, sets it up, logs the `disk:` lines and
+/// keeps it for [`physical_disk`]. Runs once, on the boot CPU, before the other CPUs start
+/// (it maps the device's registers). Never writes the disk.
+pub fn init() {
+    DISK.call_once(|| {
+        let disk = find();
+        if let Some(disk) = &disk {
+            report_partition_table(disk);
+        }
+        disk
+    });
+}
+
+fn find() -> Option<PhysicalDisk> {
+    let functions = pci::enumerate();
+    let Some(function) = functions.iter().find(|function| {
+        function.vendor_id == VIRTIO_VENDOR
+            && matches!(function.device_id, BLOCK_TRANSITIONAL | BLOCK_MODERN)
+    }) else {
+        log::info!(
+            "disk: none (no virtio-blk on the host PCI bus; {} PCI functions seen)",
+            functions.len()
+        );
+        return None;
+    };
+    let location = function.location;
+    let fail = |why: &dyn core::fmt::Display| {
+        log::warn!("disk: virtio-blk at {location} cannot be used: {why}; no disk");
+    };
+    let mut root = pci::root();
+    if let Err(error) = pci::prepare(&mut root, &functions, location) {
+        fail(&error);
+        return None;
+    }
+    let mut transport = match PciTransport::new::<DmaHal, _>(&mut root, location) {
+        Ok(transport) => transport,
+        Err(error) => {
+            fail(&error);
+            return None;
+        }
+    };
+    // The features the device offers, read as `begin_init` will (reset, ACKNOWLEDGE + DRIVER,
+    // then the feature bits), to say whether flushes reach the medium.
+    // See: VIRTIO 1.2 3.1.1 (driver initialization).
+    transport.set_status(DeviceStatus::empty());
+    transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+    let flush_supported = transport.read_device_features() & FEATURE_FLUSH != 0;
+    let driver = match VirtIOBlk::<DmaHal, _>::new(transport) {
+        Ok(driver) => driver,
+        Err(error) => {
+            fail(&error);
+            return None;
+        }
+    };
+    let sectors = driver.capacity();
+    let read_only = driver.readonly();
+    log::info!(
+        "disk: virtio-blk at {location}, {sectors} sectors ({} MiB), flush={}{}",
+        (sectors * SECTOR_SIZE as u64) >> 20,
+        if flush_supported { "yes" } else { "no" },
+        if read_only { ", read-only" } else { "" }
+    );
+    if !flush_supported {
+        log::warn!(
+            "disk: the device offers no flush: writes are as durable as its cache makes them"
+        );
+    }
+    Some(PhysicalDisk {
+        location,
+        sectors,
+        flush_supported,
+        read_only,
+        driver: spin::Mutex::new(driver),
+    })
+}
+
+/// Reads LBA 1 and says whether it holds a GPT header (the partitions themselves are read by
+/// `ringzero-vdisk`).
+fn report_partition_table(disk: &PhysicalDisk) {
+    if disk.sectors < 2 {
+        log::info!("disk: too small for a GPT (no LBA 1)");
+        return;
+    }
+    let mut sector = [0u8; SECTOR_SIZE];
+    let started = ringzero_x86::hw::rdtsc();
+    match disk.read(1, &mut sector) {
+        Ok(()) => {
+            let micros = crate::time::tsc_to_micros(ringzero_x86::hw::rdtsc() - started);
+            if sector.starts_with(GPT_SIGNATURE) {
+                log::info!("disk: LBA 1 holds a GPT header (\"EFI PART\"); read in {micros} us");
+            } else {
+                log::info!("disk: LBA 1 holds no GPT header; read in {micros} us");
+            }
+        }
+        Err(error) => log::warn!("disk: reading LBA 1 failed: {error:?}"),
+    }
+}
+
+/// Sectors the test hook writes: more than one chunk, so the request is split.
+const TEST_SECTORS: usize = CHUNK_BYTES / SECTOR_SIZE + 2;
+/// What the test hook writes at each sector's start: this, then the sector number.
+pub const TEST_PATTERN: &[u8; 16] = b"ringzero-disk-w:";
+
+/// Test hook `disk-write` (the only boot that writes the disk; tests give it a scratch file):
+/// writes [`TEST_SECTORS`] sectors ending one sector before the disk's end (each starting with
+/// [`TEST_PATTERN`] and its LBA, little-endian), flushes, reads them back and compares, then
+/// times a read of the whole disk. Logs `disk: test hook: ...` lines.
+pub fn exercise_for_test() {
+    let Some(disk) = physical_disk() else {
+        log::warn!("disk: test hook: no disk to write");
+        return;
+    };
+    let count = TEST_SECTORS as u64;
+    if disk.sectors < count + 1 {
+        log::warn!(
+            "disk: test hook: the disk is smaller than {} sectors",
+            count + 1
+        );
+        return;
+    }
+    let first = disk.sectors - 1 - count;
+    let mut written = alloc::vec![0u8; TEST_SECTORS * SECTOR_SIZE];
+    for (index, sector) in written.chunks_mut(SECTOR_SIZE).enumerate() {
+        sector[..16].copy_from_slice(TEST_PATTERN);
+        sector[16..24].copy_from_slice(&(first + index as u64).to_le_bytes());
+    }
+    let mut read_back = alloc::vec![0u8; written.len()];
+    let outcome = disk
+        .write(first, &written)
+        .and_then(|()| disk.flush())
+        .and_then(|()| disk.read(first, &mut read_back));
+    match outcome {
+        Ok(()) if read_back == written => log::info!(
+            "disk: test hook: wrote, flushed and read back {count} sectors at LBA {first}: equal"
+        ),
+        Ok(()) => log::warn!("disk: test hook: {count} sectors at LBA {first} read back different"),
+        Err(error) => {
+            log::warn!("disk: test hook: writing {count} sectors at LBA {first}: {error:?}")
+        }
+    }
+    // Requests past the end are refused before they reach the device.
+    let mut one = [0u8; SECTOR_SIZE];
+    if disk.read(disk.sectors, &mut one) == Err(DiskError::OutOfRange)
+        && disk.write(disk.sectors - 1, &written[..2 * SECTOR_SIZE]) == Err(DiskError::OutOfRange)
+    {
+        log::info!("disk: test hook: requests past the end are refused");
+    } else {
+        log::warn!("disk: test hook: a request past the end was not refused");
+    }
+    // The whole disk, in buffers of one chunk.
+    let mut buffer = alloc::vec![0u8; CHUNK_BYTES];
+    let started = ringzero_x86::hw::rdtsc();
+    let mut lba = 0;
+    while lba < disk.sectors {
+        let sectors = (disk.sectors - lba).min((CHUNK_BYTES / SECTOR_SIZE) as u64);
+        if let Err(error) = disk.read(lba, &mut buffer[..sectors as usize * SECTOR_SIZE]) {
+            log::warn!("disk: test hook: reading LBA {lba}: {error:?}");
+            return;
+        }
+        lba += sectors;
+    }
+    let micros = crate::time::tsc_to_micros(ringzero_x86::hw::rdtsc() - started).max(1);
+    log::info!(
+        "disk: test hook: read all {} sectors in {micros} us ({} sectors/s)",
+        disk.sectors,
+        u128::from(disk.sectors) * 1_000_000 / u128::from(micros)
+    );
+}
+
+/// What `virtio-drivers` needs of the kernel: DMA memory, device registers, and the physical
+/// addresses of the buffers it hands the device.
+pub struct DmaHal;
+
+/// The host-physical address of `length` bytes at kernel virtual `start` when they are mapped
+/// and physically contiguous (checked page by page), else `None`.
+fn contiguous_physical(start: u64, length: usize) -> Option<PhysAddr> {
+    let (first, _) = memory::translate(start)?;
+    let end = start.checked_add(length.max(1) as u64)?;
+    let mut page = (start & !(FRAME_SIZE - 1)) + FRAME_SIZE;
+    while page < end {
+        let (physical, _) = memory::translate(page)?;
+        if physical.0 != first.0 + (page - start) {
+            return None;
+        }
+        page += FRAME_SIZE;
+    }
+    Some(first.0)
+}
+
+fn bounce_layout(length: usize) -> Layout {
+    Layout::from_size_align(length.max(1), 64).expect("a buffer's length fits a layout")
+}
+
+// SAFETY: dma_alloc returns zeroed, page-aligned, physically contiguous frames owned by the
+// driver until dma_dealloc; mmio_phys_to_virt returns uncacheable mappings of the device's
+// BARs; share returns a physical address the device may access for the buffer's length, valid
+// until unshare, which copies back what the device wrote when a bounce buffer was used.
+unsafe impl Hal for DmaHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        match memory::allocate_contiguous(pages as u64) {
+            Some(first) => {
+                let virtual_address = memory::physical_window(first);
+                (
+                    first.0,
+                    NonNull::new(virtual_address).expect("the physical window is not at 0"),
+                )
+            }
+            // `Dma::new` takes a physical address of 0 as the failure.
+            None => (0, NonNull::dangling()),
+        }
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
+        for page in 0..pages as u64 {
+            memory::free_frame(HostPhysAddr(paddr + page * PAGE_SIZE as u64));
+        }
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        let mapped = pci::mapped_registers(paddr, size as u64).or_else(|| {
+            memory::map_mmio(HostPhysAddr(paddr), size as u64)
+                .map_err(|error| log::error!("disk: {error}"))
+                .ok()
+        });
+        NonNull::new(mapped.expect("device registers are mappable"))
+            .expect("the register window is not at 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
+        let start = buffer.cast::<u8>().as_ptr() as u64;
+        let length = buffer.len();
+        if let Some(physical) = contiguous_physical(start, length) {
+            return physical;
+        }
+        let layout = bounce_layout(length);
+        // SAFETY: the layout has a non-zero size.
+        let bounce = unsafe { alloc(layout) };
+        assert!(
+            !bounce.is_null(),
+            "no heap for a {length}-byte bounce buffer"
+        );
+        if direction != BufferDirection::DeviceToDriver {
+            // SAFETY: the caller's buffer is valid for `length` bytes (the Hal contract) and the
+            // bounce buffer was just allocated with that length; they do not overlap.
+            unsafe { core::ptr::copy_nonoverlapping(buffer.cast::<u8>().as_ptr(), bounce, length) };
+        }
+        // The heap is one physically contiguous block inside the physical window.
+        contiguous_physical(bounce as u64, length).expect("the heap is mapped contiguously")
+    }
+
+    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        let start = buffer.cast::<u8>().as_ptr() as u64;
+        let length = buffer.len();
+        if contiguous_physical(start, length) == Some(paddr) {
+            return;
+        }
+        let bounce = memory::physical_window(HostPhysAddr(paddr));
+        if direction != BufferDirection::DriverToDevice {
+            // SAFETY: `share` allocated `length` bytes at `paddr` for this buffer and the device
+            // is done with them; the caller's buffer is valid for writes of `length` bytes.
+            unsafe { core::ptr::copy_nonoverlapping(bounce, buffer.cast::<u8>().as_ptr(), length) };
+        }
+        // SAFETY: `share` allocated this bounce buffer with the same layout; it is freed once.
+        unsafe { dealloc(bounce, bounce_layout(length)) };
+    }
+}
