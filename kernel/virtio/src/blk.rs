@@ -473,3 +473,352 @@ fn for_each_piece(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::FakeMemory;
+    use crate::pci::VirtioPci;
+    use crate::testing::{bring_up, ram, DriverQueue, RamDisk};
+
+    const HEADER: u64 = 0x20000;
+    const DATA: u64 = 0x40000;
+    const STATUS: u64 = 0x30000;
+    const SECTORS: usize = 4096;
+
+    struct Rig {
+        pci: VirtioPci<Block<RamDisk>>,
+        memory: FakeMemory,
+        driver: DriverQueue,
+    }
+
+    impl Rig {
+        fn new(writable: bool) -> Self {
+            let mut pci = VirtioPci::new(Block::new(RamDisk::new(SECTORS, writable)));
+            let memory = ram(4 << 20);
+            let driver = DriverQueue::new(0x10000, 256);
+            bring_up(&mut pci, &driver);
+            Self {
+                pci,
+                memory,
+                driver,
+            }
+        }
+
+        fn header(&mut self, request_type: u32, sector: u64) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&request_type.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            self.memory.write(HEADER, &header).unwrap();
+            self.memory.write(STATUS, &[0xAA]).unwrap();
+        }
+
+        /// Submits the chain and returns (used len, status byte).
+        fn run(&mut self, buffers: &[(u64, u32, bool)]) -> (u32, u8) {
+            let head = self.driver.add_chain(&mut self.memory, buffers);
+            assert_eq!(self.pci.process(0, &mut self.memory), 1);
+            let used = self.driver.take_used(&mut self.memory);
+            assert_eq!(used.len(), 1);
+            assert_eq!(used[0].0, u32::from(head));
+            let mut status = [0];
+            self.memory.read(STATUS, &mut status).unwrap();
+            (used[0].1, status[0])
+        }
+
+        /// A Linux-shaped request: header, one data descriptor, status.
+        fn request(
+            &mut self,
+            request_type: u32,
+            sector: u64,
+            len: u32,
+            data_in: bool,
+        ) -> (u32, u8) {
+            self.header(request_type, sector);
+            let mut buffers = vec![(HEADER, 16, false)];
+            if len > 0 {
+                buffers.push((DATA, len, data_in));
+            }
+            buffers.push((STATUS, 1, true));
+            self.run(&buffers)
+        }
+
+        fn disk(&self) -> &[u8] {
+            &self.pci.device().backend().data
+        }
+
+        fn stats(&self) -> BlockStats {
+            *self.pci.device().stats()
+        }
+    }
+
+    fn sector_bytes(disk: &[u8], sector: usize, count: usize) -> Vec<u8> {
+        disk[sector * SECTOR_SIZE..(sector + count) * SECTOR_SIZE].to_vec()
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let mut rig = Rig::new(true);
+        // IN: sectors 3..5.
+        assert_eq!(
+            rig.request(request::IN, 3, 1024, true),
+            (1025, request_status::OK)
+        );
+        let expected = sector_bytes(rig.disk(), 3, 2);
+        assert_eq!(
+            &rig.memory.bytes()[DATA as usize..DATA as usize + 1024],
+            &expected[..]
+        );
+        // OUT: sector 10 from a pattern.
+        let pattern: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+        rig.memory.write(DATA, &pattern).unwrap();
+        assert_eq!(
+            rig.request(request::OUT, 10, 512, false),
+            (1, request_status::OK)
+        );
+        assert_eq!(sector_bytes(rig.disk(), 10, 1), pattern);
+        // FLUSH.
+        assert_eq!(
+            rig.request(request::FLUSH, 0, 0, false),
+            (1, request_status::OK)
+        );
+        assert_eq!(rig.pci.device().backend().flushes, 1);
+        // GET_ID.
+        assert_eq!(
+            rig.request(request::GET_ID, 0, 20, true),
+            (21, request_status::OK)
+        );
+        assert_eq!(
+            &rig.memory.bytes()[DATA as usize..DATA as usize + 10],
+            b"rz-disk-0\0"
+        );
+        // Unknown types: UNSUPP.
+        for unknown in [2, 11, 13, u32::MAX] {
+            assert_eq!(
+                rig.request(unknown, 0, 0, false),
+                (1, request_status::UNSUPP)
+            );
+        }
+        let stats = rig.stats();
+        assert_eq!(
+            (
+                stats.reads,
+                stats.writes,
+                stats.flushes,
+                stats.get_ids,
+                stats.unsupported
+            ),
+            (1, 1, 1, 1, 4)
+        );
+        assert_eq!((stats.bytes_read, stats.bytes_written), (1024, 512));
+        assert_eq!(stats.errors.total(), 0);
+        assert!(rig.pci.interrupt_line());
+    }
+
+    #[test]
+    fn any_layout_of_header_data_and_status() {
+        let mut rig = Rig::new(true);
+        // Header split 5 + 11 bytes; data and status in one writable descriptor, data in two.
+        rig.header(request::IN, 7);
+        let buffers = [
+            (HEADER, 5, false),
+            (HEADER + 5, 11, false),
+            (DATA, 300, true),
+            (DATA + 300, 212 + 1, true),
+        ];
+        let head = rig.driver.add_chain(&mut rig.memory, &buffers);
+        assert_eq!(rig.pci.process(0, &mut rig.memory), 1);
+        assert_eq!(
+            rig.driver.take_used(&mut rig.memory),
+            [(u32::from(head), 513)]
+        );
+        let expected = sector_bytes(rig.disk(), 7, 1);
+        let start = DATA as usize;
+        assert_eq!(&rig.memory.bytes()[start..start + 512], &expected[..]);
+        assert_eq!(rig.memory.bytes()[start + 512], request_status::OK);
+    }
+
+    #[test]
+    fn large_request_moves_in_bounded_chunks() {
+        let mut rig = Rig::new(true);
+        rig.header(request::IN, 100);
+        // Linux's largest request: SEG_MAX segments of SIZE_MAX.
+        let mut buffers = vec![(HEADER, 16, false)];
+        for segment in 0..u64::from(SEG_MAX) {
+            buffers.push((DATA + segment * 4096, SIZE_MAX, true));
+        }
+        buffers.push((STATUS, 1, true));
+        let total = SEG_MAX as usize * SIZE_MAX as usize;
+        assert_eq!(rig.run(&buffers), (total as u32 + 1, request_status::OK));
+        let expected = sector_bytes(rig.disk(), 100, total / SECTOR_SIZE);
+        assert_eq!(
+            &rig.memory.bytes()[DATA as usize..DATA as usize + total],
+            &expected[..]
+        );
+        assert_eq!(rig.pci.device().backend().largest_call, BOUNCE_BYTES);
+        // And back out, to a different place.
+        buffers[0] = (HEADER, 16, false);
+        rig.header(request::OUT, 2000);
+        for (_, _, writable) in &mut buffers[1..=SEG_MAX as usize] {
+            *writable = false;
+        }
+        assert_eq!(rig.run(&buffers), (1, request_status::OK));
+        assert_eq!(
+            sector_bytes(rig.disk(), 2000, total / SECTOR_SIZE),
+            expected
+        );
+        assert_eq!(rig.stats().bytes_written, total as u64);
+    }
+
+    #[test]
+    fn out_of_range_requests() {
+        let mut rig = Rig::new(true);
+        let before = rig.disk().to_vec();
+        let capacity = SECTORS as u64;
+        for (request_type, sector, data_in) in [
+            (request::IN, capacity, true),
+            (request::IN, capacity - 1, true),
+            (request::OUT, capacity - 1, false),
+            (request::IN, u64::MAX, true),
+            (request::OUT, u64::MAX, false),
+            (request::OUT, u64::MAX - 1, false),
+        ] {
+            let (len, status) = rig.request(request_type, sector, 1024, data_in);
+            assert_eq!(status, request_status::IOERR, "sector {sector:#x}");
+            assert_eq!(len, 1);
+        }
+        assert_eq!(rig.disk(), &before[..]);
+        assert_eq!(rig.stats().errors.out_of_range, 6);
+        // The last sector itself is fine.
+        assert_eq!(
+            rig.request(request::IN, capacity - 1, 512, true).1,
+            request_status::OK
+        );
+    }
+
+    #[test]
+    fn malformed_requests_get_ioerr() {
+        let mut rig = Rig::new(true);
+        // Data not whole sectors.
+        assert_eq!(
+            rig.request(request::IN, 0, 100, true),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(
+            rig.request(request::OUT, 0, 513, false),
+            (1, request_status::IOERR)
+        );
+        // Header too short.
+        rig.header(request::IN, 0);
+        assert_eq!(
+            rig.run(&[(HEADER, 8, false), (DATA, 512, true), (STATUS, 1, true)]),
+            (1, request_status::IOERR)
+        );
+        // No header at all.
+        rig.header(request::IN, 0);
+        assert_eq!(rig.run(&[(STATUS, 1, true)]), (1, request_status::IOERR));
+        assert_eq!(rig.stats().errors.malformed, 4);
+        // No writable byte for the status: used len 0, nothing written.
+        rig.header(request::FLUSH, 0);
+        assert_eq!(rig.run(&[(HEADER, 16, false)]), (0, 0xAA));
+        assert_eq!(rig.stats().errors.no_status, 1);
+        assert_eq!(rig.pci.device().backend().flushes, 0);
+    }
+
+    #[test]
+    fn refused_chain_is_returned_with_len_zero() {
+        let mut rig = Rig::new(true);
+        rig.header(request::IN, 0);
+        // A readable descriptor after the writable one.
+        let (len, status) = rig.run(&[(HEADER, 16, false), (STATUS, 1, true), (DATA, 512, false)]);
+        assert_eq!((len, status), (0, 0xAA), "status untouched");
+        // A buffer outside RAM.
+        let (len, status) = rig.run(&[
+            (HEADER, 16, false),
+            (0x1_0000_0000, 512, true),
+            (STATUS, 1, true),
+        ]);
+        assert_eq!((len, status), (0, 0xAA));
+        assert_eq!(rig.stats().errors.refused_chains, 2);
+        assert_eq!(rig.stats().reads, 0, "never reached the device");
+        // The queue still works.
+        assert_eq!(
+            rig.request(request::IN, 0, 512, true),
+            (513, request_status::OK)
+        );
+    }
+
+    #[test]
+    fn read_only_backend() {
+        let mut rig = Rig::new(false);
+        assert_ne!(
+            rig.pci.driver_features() & features::RO,
+            0,
+            "RO offered and taken"
+        );
+        let before = rig.disk().to_vec();
+        rig.memory.write(DATA, &[0x55; 512]).unwrap();
+        assert_eq!(
+            rig.request(request::OUT, 0, 512, false),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(rig.disk(), &before[..]);
+        assert_eq!(rig.stats().errors.read_only, 1);
+        assert_eq!(
+            rig.request(request::IN, 0, 512, true),
+            (513, request_status::OK)
+        );
+        assert_eq!(
+            rig.request(request::FLUSH, 0, 0, false),
+            (1, request_status::OK)
+        );
+    }
+
+    #[test]
+    fn backend_failure() {
+        let mut rig = Rig::new(true);
+        rig.pci.device_mut().backend_mut().fail = true;
+        assert_eq!(
+            rig.request(request::IN, 0, 512, true),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(
+            rig.request(request::OUT, 0, 512, false),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(
+            rig.request(request::FLUSH, 0, 0, false),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(rig.stats().errors.backend, 3);
+    }
+
+    #[test]
+    fn configuration_space() {
+        let block = Block::new(RamDisk::new(SECTORS, true));
+        let mut config = [0u8; 16];
+        block.read_config(0, &mut config);
+        assert_eq!(
+            u64::from_le_bytes(config[..8].try_into().unwrap()),
+            SECTORS as u64
+        );
+        assert_eq!(
+            u32::from_le_bytes(config[8..12].try_into().unwrap()),
+            SIZE_MAX
+        );
+        assert_eq!(
+            u32::from_le_bytes(config[12..].try_into().unwrap()),
+            SEG_MAX
+        );
+        let mut past = [0xFFu8; 8];
+        block.read_config(70, &mut past);
+        assert_eq!(past, [0; 8]);
+        block.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 8]);
+        assert_eq!(block.features() & features::RO, 0);
+        assert_ne!(block.features() & features::FLUSH, 0);
+        assert_eq!(
+            block.features() & (feature::INDIRECT_DESC | feature::EVENT_IDX),
+            0
+        );
+    }
+}

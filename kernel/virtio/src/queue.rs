@@ -394,7 +394,11 @@ mod tests {
         assert_eq!(queue.pop(&mut memory), Ok(None));
         let head = driver.add_chain(
             &mut memory,
-            &[(BUFFERS, 16, false), (BUFFERS + 16, 8, false), (BUFFERS + 64, 512, true)],
+            &[
+                (BUFFERS, 16, false),
+                (BUFFERS + 16, 8, false),
+                (BUFFERS + 64, 512, true),
+            ],
         );
         let Ok(Some(Available::Chain(chain))) = queue.pop(&mut memory) else {
             panic!("no chain");
