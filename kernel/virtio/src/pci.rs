@@ -671,3 +671,378 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPci<D> {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::Block;
+    use crate::memory::FakeMemory;
+    use crate::testing::{
+        bring_up, common_read, common_write, config_write, ram, DriverQueue, RamDisk, BAR_BASE,
+    };
+    use alloc::vec;
+    use ringzero_devices::PciBus;
+
+    fn device() -> VirtioPci<Block<RamDisk>> {
+        VirtioPci::new(Block::new(RamDisk::new(64, true)))
+    }
+
+    fn live() -> (VirtioPci<Block<RamDisk>>, FakeMemory, DriverQueue) {
+        let mut pci = device();
+        let memory = ram(1 << 20);
+        let driver = DriverQueue::new(0x10000, 16);
+        bring_up(&mut pci, &driver);
+        (pci, memory, driver)
+    }
+
+    /// Makes one FLUSH request available (header at 0x20000, status at 0x20010).
+    fn flush_request(memory: &mut FakeMemory, driver: &mut DriverQueue) {
+        let mut header = [0u8; 16];
+        header[0] = 4;
+        memory.write(0x20000, &header).unwrap();
+        driver.add_chain(memory, &[(0x20000, 16, false), (0x20010, 1, true)]);
+    }
+
+    #[test]
+    fn identity_and_bar_sizing() {
+        let mut pci = device();
+        assert_eq!(pci.read_config(0x00), 0x1042_1AF4);
+        assert_eq!(
+            pci.read_config(0x08),
+            0x0180_0001,
+            "class 01/80, revision 1"
+        );
+        assert_eq!(pci.read_config(0x2C), 0x1100_1AF4);
+        assert_eq!(pci.read_config(0x3C) >> 8 & 0xFF, 1, "INTA#");
+        assert_eq!(
+            pci.read_config(0x04) >> 16 & 0x10,
+            0x10,
+            "capabilities list"
+        );
+        assert_eq!(pci.read_config(0x10), 0, "32-bit memory BAR");
+        config_write(&mut pci, 0x10, u32::MAX);
+        assert_eq!(pci.read_config(0x10), 0xFFFF_C000, "16 KiB");
+        for bar in 1..6 {
+            config_write(&mut pci, 0x10 + 4 * bar, u32::MAX);
+            assert_eq!(pci.read_config(0x10 + 4 * bar), 0, "BAR {bar} unused");
+        }
+        config_write(&mut pci, 0x10, BAR_BASE as u32);
+        assert_eq!(pci.bar_containing(BAR_BASE), None, "memory decoding off");
+        config_write(&mut pci, 0x04, u32::from(COMMAND_MEMORY_SPACE));
+        assert_eq!(pci.bar_containing(BAR_BASE), Some((0, 0)));
+        assert_eq!(pci.bar_containing(BAR_BASE + 0x3FFF), Some((0, 0x3FFF)));
+        assert_eq!(pci.bar_containing(BAR_BASE + 0x4000), None);
+        assert_eq!(pci.bar_containing(BAR_BASE - 1), None);
+        // Plugged into the bus, reachable again as itself.
+        let mut bus = PciBus::new();
+        bus.add(3, 0, alloc::boxed::Box::new(pci)).unwrap();
+        assert!(bus.device_mut::<VirtioPci<Block<RamDisk>>>(3, 0).is_some());
+    }
+
+    #[test]
+    fn capability_list_walk() {
+        let mut pci = device();
+        let mut found = vec![];
+        let mut at = (pci.read_config(0x34) & 0xFF) as u16;
+        let mut hops = 0;
+        while at != 0 {
+            hops += 1;
+            assert!(hops <= 48, "the list ends");
+            let header = pci.read_config(at);
+            assert_eq!(header & 0xFF, 0x09, "vendor-specific");
+            let cap_len = header >> 16 & 0xFF;
+            let cfg_type = header >> 24;
+            let bar = pci.read_config(at + 4) & 0xFF;
+            let offset = pci.read_config(at + 8);
+            let length = pci.read_config(at + 12);
+            found.push((cfg_type, cap_len, bar, offset, length));
+            if cfg_type == 2 {
+                assert_eq!(pci.read_config(at + 16), 4, "notify_off_multiplier");
+            }
+            at = (header >> 8 & 0xFC) as u16;
+        }
+        assert_eq!(
+            found,
+            [
+                (1, 16, 0, 0x0000, 0x38),
+                (2, 20, 0, 0x3000, 4),
+                (3, 16, 0, 0x1000, 1),
+                (4, 16, 0, 0x2000, 0x1000),
+                (5, 20, 0, 0, 0),
+            ]
+        );
+        // Every structure fits the BAR.
+        for (_, _, _, offset, length) in &found {
+            assert!(u64::from(offset + length) <= BAR_SIZE);
+        }
+    }
+
+    #[test]
+    fn feature_negotiation() {
+        let mut pci = device();
+        common_write(&mut pci, 0x00, 4, 1);
+        assert_eq!(
+            common_read(&mut pci, 0x04, 4),
+            1,
+            "VERSION_1 in the high word"
+        );
+        common_write(&mut pci, 0x00, 4, 0);
+        let low = common_read(&mut pci, 0x04, 4);
+        assert_eq!(
+            low,
+            (1 << 1) | (1 << 2) | (1 << 9),
+            "SIZE_MAX, SEG_MAX, FLUSH"
+        );
+        common_write(&mut pci, 0x00, 4, 2);
+        assert_eq!(common_read(&mut pci, 0x04, 4), 0);
+        let negotiate = |pci: &mut VirtioPci<Block<RamDisk>>, features: u64| {
+            common_write(pci, 0x14, 1, 0);
+            common_write(pci, 0x14, 1, 3);
+            common_write(pci, 0x08, 4, 0);
+            common_write(pci, 0x0C, 4, features & 0xFFFF_FFFF);
+            common_write(pci, 0x08, 4, 1);
+            common_write(pci, 0x0C, 4, features >> 32);
+            common_write(pci, 0x14, 1, 3 | 8);
+            common_read(pci, 0x14, 1) & 8 != 0
+        };
+        assert!(!negotiate(&mut pci, 1 << 9), "VERSION_1 not accepted");
+        assert!(!negotiate(
+            &mut pci,
+            feature::VERSION_1 | feature::INDIRECT_DESC
+        ));
+        assert!(!negotiate(
+            &mut pci,
+            feature::VERSION_1 | feature::EVENT_IDX
+        ));
+        assert!(negotiate(&mut pci, feature::VERSION_1 | 1 << 9));
+        assert_eq!(pci.device().driver_features(), feature::VERSION_1 | 1 << 9);
+        // Fixed after FEATURES_OK.
+        common_write(&mut pci, 0x08, 4, 0);
+        common_write(&mut pci, 0x0C, 4, 0);
+        assert_eq!(pci.driver_features(), feature::VERSION_1 | 1 << 9);
+        assert_eq!(common_read(&mut pci, 0x0C, 4), 1 << 9);
+    }
+
+    #[test]
+    fn common_configuration_registers() {
+        let (mut pci, _, driver) = live();
+        assert_eq!(common_read(&mut pci, 0x12, 2), 1, "num_queues");
+        assert_eq!(common_read(&mut pci, 0x10, 2), 0xFFFF, "msix_config");
+        common_write(&mut pci, 0x10, 2, 0);
+        assert_eq!(common_read(&mut pci, 0x10, 2), 0xFFFF, "no MSI-X");
+        assert_eq!(common_read(&mut pci, 0x15, 1), 0, "config_generation");
+        assert_eq!(common_read(&mut pci, 0x18, 2), 16);
+        assert_eq!(common_read(&mut pci, 0x1C, 2), 1);
+        assert_eq!(common_read(&mut pci, 0x1E, 2), 0);
+        assert_eq!(common_read(&mut pci, 0x20, 8), driver.desc, "64-bit read");
+        assert_eq!(common_read(&mut pci, 0x28, 4), driver.avail);
+        assert_eq!(common_read(&mut pci, 0x30, 4), driver.used);
+        // Enabled queue: configuration writes ignored.
+        common_write(&mut pci, 0x18, 2, 8);
+        common_write(&mut pci, 0x20, 8, 0x5000);
+        assert_eq!(common_read(&mut pci, 0x18, 2), 16);
+        assert_eq!(common_read(&mut pci, 0x20, 4), driver.desc);
+        // A queue that does not exist.
+        common_write(&mut pci, 0x16, 2, 1);
+        assert_eq!(common_read(&mut pci, 0x18, 2), 0, "queue_size 0");
+        common_write(&mut pci, 0x18, 2, 8);
+        common_write(&mut pci, 0x1C, 2, 1);
+        assert_eq!(common_read(&mut pci, 0x1C, 2), 0);
+        assert_eq!(
+            pci.bar_write(0, NOTIFY_OFFSET + 4, 2, 1),
+            None,
+            "no queue 1"
+        );
+        assert_eq!(
+            pci.bar_write(0, NOTIFY_OFFSET, 2, 0),
+            Some(Notify { queue: 0 })
+        );
+        assert_eq!(
+            pci.bar_write(0, NOTIFY_OFFSET + 2, 2, 0),
+            Some(Notify { queue: 0 })
+        );
+        assert_eq!(pci.bar_write(1, NOTIFY_OFFSET, 2, 0), None, "other BAR");
+        // A 64-bit write sets both halves of a 64-bit field, a byte write one byte.
+        let (mut pci, _, _) = live();
+        common_write(&mut pci, 0x14, 1, 0);
+        common_write(&mut pci, 0x20, 8, 0x1234_5678_9ABC_DEF0);
+        assert_eq!(common_read(&mut pci, 0x24, 4), 0x1234_5678);
+        common_write(&mut pci, 0x21, 1, 0x11);
+        assert_eq!(common_read(&mut pci, 0x20, 4), 0x9ABC_11F0);
+    }
+
+    #[test]
+    fn reset_clears_queues_and_interrupts() {
+        let (mut pci, mut memory, mut driver) = live();
+        flush_request(&mut memory, &mut driver);
+        assert_eq!(pci.process(0, &mut memory), 1);
+        assert!(pci.interrupt_line());
+        common_write(&mut pci, 0x14, 1, 0);
+        assert_eq!(common_read(&mut pci, 0x14, 1), 0);
+        assert!(!pci.interrupt_line());
+        let queue = pci.queue(0).unwrap();
+        assert_eq!(queue, &Queue::new(256));
+        assert_eq!(common_read(&mut pci, 0x18, 2), 256, "max size again");
+        assert_eq!(common_read(&mut pci, 0x1C, 2), 0);
+        assert_eq!(common_read(&mut pci, 0x20, 8), 0);
+        assert_eq!(pci.driver_features(), 0);
+        assert_eq!(pci.device().driver_features(), 0);
+        // Statistics survive a reset.
+        assert_eq!(pci.device().stats().flushes, 1);
+        // And the device comes back.
+        let mut driver = DriverQueue::new(0x10000, 16);
+        memory = ram(1 << 20);
+        bring_up(&mut pci, &driver);
+        flush_request(&mut memory, &mut driver);
+        assert_eq!(pci.process(0, &mut memory), 1);
+    }
+
+    #[test]
+    fn isr_read_clears_and_drives_the_line() {
+        let (mut pci, mut memory, mut driver) = live();
+        assert!(!pci.interrupt_line());
+        flush_request(&mut memory, &mut driver);
+        assert_eq!(
+            pci.bar_write(0, NOTIFY_OFFSET, 2, 0),
+            Some(Notify { queue: 0 })
+        );
+        assert_eq!(pci.process(0, &mut memory), 1);
+        assert!(pci.interrupt_line());
+        assert_eq!(pci.read_config(0x04) & STATUS_INTERRUPT, STATUS_INTERRUPT);
+        // Interrupt disable masks the line, not the ISR.
+        config_write(
+            &mut pci,
+            0x04,
+            0x0406 | u32::from(COMMAND_INTERRUPT_DISABLE),
+        );
+        assert!(!pci.interrupt_line());
+        config_write(&mut pci, 0x04, 0x0006);
+        assert!(pci.interrupt_line());
+        assert_eq!(pci.bar_read(0, ISR_OFFSET, 1), u64::from(ISR_QUEUE));
+        assert!(!pci.interrupt_line());
+        assert_eq!(pci.bar_read(0, ISR_OFFSET, 1), 0);
+        assert_eq!(pci.read_config(0x04) & STATUS_INTERRUPT, 0);
+        // The driver asks for no interrupt: the chain is used but the line stays low.
+        driver.set_avail_flags(&mut memory, 1);
+        flush_request(&mut memory, &mut driver);
+        assert_eq!(pci.process(0, &mut memory), 1);
+        assert!(!pci.interrupt_line());
+        // Nothing available: nothing raised.
+        driver.set_avail_flags(&mut memory, 0);
+        assert_eq!(pci.process(0, &mut memory), 0);
+        assert!(!pci.interrupt_line());
+    }
+
+    #[test]
+    fn no_processing_until_live() {
+        let mut pci = device();
+        let mut memory = ram(1 << 20);
+        let mut driver = DriverQueue::new(0x10000, 16);
+        bring_up(&mut pci, &driver);
+        flush_request(&mut memory, &mut driver);
+        // Without bus mastering: the chain waits.
+        config_write(&mut pci, 0x04, u32::from(COMMAND_MEMORY_SPACE));
+        assert_eq!(pci.process(0, &mut memory), 0);
+        config_write(
+            &mut pci,
+            0x04,
+            u32::from(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER),
+        );
+        assert_eq!(pci.process(7, &mut memory), 0, "no such queue");
+        assert_eq!(pci.process(0, &mut memory), 1, "the chain waited");
+        // Before DRIVER_OK: queue set up and enabled, a chain available, nothing runs.
+        let mut pci = device();
+        bring_up(&mut pci, &driver);
+        common_write(&mut pci, 0x14, 1, 0);
+        config_write(&mut pci, 0x04, 0x06);
+        common_write(&mut pci, 0x14, 1, 0x0B);
+        common_write(&mut pci, 0x18, 2, 16);
+        common_write(&mut pci, 0x20, 8, driver.desc);
+        common_write(&mut pci, 0x28, 8, driver.avail);
+        common_write(&mut pci, 0x30, 8, driver.used);
+        common_write(&mut pci, 0x1C, 2, 1);
+        assert_eq!(pci.process(0, &mut memory), 0);
+        common_write(&mut pci, 0x14, 1, 0x0F);
+        assert_eq!(pci.process(0, &mut memory), 1, "runs once DRIVER_OK is set");
+    }
+
+    #[test]
+    fn queue_fault_needs_reset() {
+        let (mut pci, mut memory, driver) = live();
+        driver.set_avail_idx(&mut memory, 17);
+        assert_eq!(pci.process(0, &mut memory), 0);
+        assert_eq!(
+            pci.queue_error(),
+            Some(QueueError::AvailIndexJump {
+                avail_idx: 17,
+                next_avail: 0
+            })
+        );
+        assert_ne!(
+            common_read(&mut pci, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET,
+            0
+        );
+        assert_eq!(pci.bar_read(0, ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        // The driver cannot clear the bit by writing the status.
+        common_write(&mut pci, 0x14, 1, 0x0F);
+        assert_ne!(pci.device_status() & status::DEVICE_NEEDS_RESET, 0);
+        driver.set_avail_idx(&mut memory, 1);
+        assert_eq!(pci.process(0, &mut memory), 0, "stopped until reset");
+        common_write(&mut pci, 0x14, 1, 0);
+        assert_eq!(pci.queue_error(), None);
+        // Rings outside RAM are a queue fault too.
+        let mut pci = device();
+        bring_up(&mut pci, &DriverQueue::new(0xFFF0_0000, 16));
+        assert_eq!(pci.process(0, &mut memory), 0);
+        assert_eq!(pci.queue_error(), Some(QueueError::RingOutOfRam));
+    }
+
+    #[test]
+    fn configuration_window() {
+        let (mut pci, mut memory, mut driver) = live();
+        let window = u16::from(CAP_PCI_WINDOW);
+        // Read num_queues through the window.
+        config_write(&mut pci, window + 4, 0);
+        config_write(&mut pci, window + 8, 0x12);
+        config_write(&mut pci, window + 12, 2);
+        assert_eq!(pci.read_config(window + 16), 1);
+        // Read the device configuration (capacity low dword).
+        config_write(&mut pci, window + 8, DEVICE_CONFIG_OFFSET as u32);
+        config_write(&mut pci, window + 12, 4);
+        assert_eq!(pci.read_config(window + 16), 64);
+        // Notify through the window.
+        flush_request(&mut memory, &mut driver);
+        config_write(&mut pci, window + 8, NOTIFY_OFFSET as u32);
+        config_write(&mut pci, window + 12, 2);
+        config_write(&mut pci, window + 16, 0);
+        assert_eq!(pci.take_window_notifications(), 1);
+        assert_eq!(pci.take_window_notifications(), 0);
+        // A bad length or BAR: nothing.
+        config_write(&mut pci, window + 12, 3);
+        assert_eq!(pci.read_config(window + 16), 0);
+        config_write(&mut pci, window + 4, 2);
+        config_write(&mut pci, window + 12, 4);
+        assert_eq!(pci.read_config(window + 16), 0);
+        // The cap header itself stays read-only.
+        config_write(&mut pci, window, 0);
+        assert_eq!(pci.read_config(window) & 0xFF, 0x09);
+    }
+
+    #[test]
+    fn every_bar_access_is_safe() {
+        let (mut pci, mut memory, _) = live();
+        for offset in (0..BAR_SIZE + 16).chain([u64::MAX - 3, u64::MAX]) {
+            for size in [0, 1, 2, 3, 4, 8, 16, 255] {
+                pci.bar_read(0, offset, size);
+                pci.bar_read(5, offset, size);
+                if let Some(Notify { queue }) = pci.bar_write(0, offset, size, u64::MAX) {
+                    pci.process(queue, &mut memory);
+                }
+            }
+        }
+        for offset in (0..0x100).step_by(4) {
+            pci.read_config(offset);
+            pci.write_config(offset, u32::MAX, u32::MAX);
+        }
+    }
+}

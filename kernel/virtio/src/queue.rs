@@ -554,7 +554,7 @@ mod tests {
         bad.used_ring = (4 << 20) - 16;
         assert_eq!(bad.validate(&memory), Err(QueueError::RingOutOfRam));
         let mut bad = queue.clone();
-        bad.desc_table = u64::MAX & !15;
+        bad.desc_table = !15;
         assert_eq!(bad.validate(&memory), Err(QueueError::RingOutOfRam));
         assert_eq!(driver.used % 4096, 0, "Linux layout");
         assert_eq!(Queue::new(0).max_size(), 1);
