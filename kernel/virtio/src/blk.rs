@@ -21,6 +21,7 @@
 //! Data moves through a 64 KiB bounce buffer in bounded chunks; the sector range is checked
 //! against the capacity before the first byte moves, and the backend checks it again.
 
+use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -124,6 +125,36 @@ impl BlockErrors {
             + self.read_only
             + self.backend
             + self.guest_memory
+    }
+}
+
+/// One statistics line: `reads=N writes=N flushes=N get_ids=N unsupported=N bytes_read=N
+/// bytes_written=N errors=N (refused=N no_status=N malformed=N out_of_range=N read_only=N
+/// backend=N memory=N)`.
+impl core::fmt::Display for BlockStats {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let e = &self.errors;
+        write!(
+            f,
+            "reads={} writes={} flushes={} get_ids={} unsupported={} bytes_read={} \
+             bytes_written={} errors={} (refused={} no_status={} malformed={} out_of_range={} \
+             read_only={} backend={} memory={})",
+            self.reads,
+            self.writes,
+            self.flushes,
+            self.get_ids,
+            self.unsupported,
+            self.bytes_read,
+            self.bytes_written,
+            e.total(),
+            e.refused_chains,
+            e.no_status,
+            e.malformed,
+            e.out_of_range,
+            e.read_only,
+            e.backend,
+            e.guest_memory
+        )
     }
 }
 
@@ -398,6 +429,36 @@ impl<D: BlockDevice> VirtioDevice for Block<D> {
 
     fn reset(&mut self) {
         self.driver_features = 0;
+    }
+}
+
+/// A backend chosen at run time (a partition window or a RAM image): the hypervisor builds
+/// `Block<BoxedBackend>`.
+pub struct BoxedBackend(pub Box<dyn BlockDevice>);
+
+impl BlockDevice for BoxedBackend {
+    fn sectors(&self) -> u64 {
+        self.0.sectors()
+    }
+
+    fn writable(&self) -> bool {
+        self.0.writable()
+    }
+
+    fn read(&mut self, first_sector: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.0.read(first_sector, buf)
+    }
+
+    fn write(&mut self, first_sector: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.0.write(first_sector, buf)
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.0.flush()
+    }
+
+    fn serial(&self) -> [u8; 20] {
+        self.0.serial()
     }
 }
 
@@ -790,6 +851,25 @@ mod tests {
             (1, request_status::IOERR)
         );
         assert_eq!(rig.stats().errors.backend, 3);
+        assert_eq!(
+            alloc::format!("{}", rig.stats()),
+            "reads=1 writes=1 flushes=1 get_ids=0 unsupported=0 bytes_read=0 bytes_written=0 \
+             errors=3 (refused=0 no_status=0 malformed=0 out_of_range=0 read_only=0 backend=3 \
+             memory=0)"
+        );
+    }
+
+    #[test]
+    fn boxed_backend() {
+        let mut block = Block::new(BoxedBackend(Box::new(RamDisk::new(8, false))));
+        assert_eq!(block.backend().sectors(), 8);
+        assert_ne!(block.features() & features::RO, 0);
+        let mut buf = [0u8; 512];
+        assert_eq!(block.backend_mut().read(1, &mut buf), Ok(()));
+        assert_eq!(buf[0], 1);
+        assert_eq!(block.backend_mut().write(0, &buf), Err(DiskError::ReadOnly));
+        assert_eq!(block.backend_mut().flush(), Ok(()));
+        assert_eq!(&block.backend().serial()[..9], b"rz-disk-0");
     }
 
     #[test]

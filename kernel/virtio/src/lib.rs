@@ -15,7 +15,11 @@
 //! ([`blk::Block`]), adds it to the VM's `PciBus`, routes MMIO exits that
 //! [`VirtioPci::bar_containing`] claims to [`VirtioPci::bar_read`] / [`VirtioPci::bar_write`],
 //! runs [`VirtioPci::process`] for the queue a notify write names, and drives the VM's INTx
-//! line from [`VirtioPci::interrupt_line`].
+//! line (level-triggered) from [`VirtioPci::interrupt_line`], read again after every
+//! `bar_read` (an ISR read lowers it), `bar_write` and `process`. A notification written
+//! through the configuration access window is collected with
+//! [`VirtioPci::take_window_notifications`] after a PCI configuration write. Statistics:
+//! [`Block::stats`], whose `Display` is one line.
 //!
 //! Written here rather than taken from a crate: `virtio-drivers` is the driver side (the
 //! hypervisor's own disk and NIC); the device-side crates (`virtio-queue`, `virtio-device` of
@@ -34,7 +38,7 @@ pub mod queue;
 #[cfg(test)]
 mod testing;
 
-pub use blk::{Block, BlockStats};
+pub use blk::{Block, BlockErrors, BlockStats, BoxedBackend};
 pub use device::VirtioDevice;
 #[cfg(any(test, feature = "fake"))]
 pub use memory::FakeMemory;
