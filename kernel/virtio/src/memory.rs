@@ -1,5 +1,5 @@
 //! How device models reach a VM's RAM: the [`GuestMemory`] trait the hypervisor implements over
-//! the guest RAM map, and [`FakeMemory`] for tests and the fuzz target.
+//! the guest RAM map, and `FakeMemory` (feature `fake`) for tests and the fuzz target.
 //!
 //! Every address here is a guest-physical address chosen by the guest (descriptor addresses,
 //! ring addresses); implementations must refuse, never panic on, any of them.

@@ -578,25 +578,26 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let mut fault = state.validate(memory).err();
         if fault.is_none() {
             for _ in 0..state.size {
+                // Ok(true): a used element was given back.
                 let result = match state.pop(memory) {
                     Ok(None) => break,
                     Ok(Some(Available::Chain(chain))) => {
                         let len = device.process_chain(queue, &chain, memory);
-                        state.push_used(memory, chain.head(), len)
+                        state.push_used(memory, chain.head(), len).map(|()| true)
                     }
                     Ok(Some(Available::Refused { head, error })) => {
                         device.chain_refused(queue, error);
                         if head < state.size {
-                            state.push_used(memory, head, 0)
+                            state.push_used(memory, head, 0).map(|()| true)
                         } else {
                             // No valid id to give back: the entry is only skipped.
-                            Ok(())
+                            Ok(false)
                         }
                     }
                     Err(error) => Err(error),
                 };
                 match result {
-                    Ok(()) => used += 1,
+                    Ok(given) => used += usize::from(given),
                     Err(error) => {
                         fault = Some(error);
                         break;
@@ -931,6 +932,15 @@ mod tests {
         driver.set_avail_flags(&mut memory, 0);
         assert_eq!(pci.process(0, &mut memory), 0);
         assert!(!pci.interrupt_line());
+        // A head index out of range is skipped: nothing used, nothing raised.
+        driver.publish(&mut memory, 99);
+        assert_eq!(pci.process(0, &mut memory), 0);
+        assert!(!pci.interrupt_line());
+        assert_eq!(pci.device().stats().errors.refused_chains, 1);
+        assert!(
+            driver.take_used(&mut memory).len() == 2,
+            "only the two flushes"
+        );
     }
 
     #[test]
