@@ -87,6 +87,8 @@ hook_args=()
 config_args=()
 if [ -n "$config" ]; then
     config_args=(--config "$config")
+    # With the physical disk at hand the image tool checks the VMs' partitions against its GPT.
+    [ -n "$disk" ] && config_args+=(--disk "$disk")
 fi
 
 if [ "$build" = 1 ]; then

@@ -282,8 +282,68 @@ impl ScratchDisk {
         ScratchDisk { path }
     }
 
+    /// A disk of `size_mib` MiB with a GPT and the partitions `(label, MiB)` in order, made by
+    /// the image tool (`ringzero-boot disk create`, built by scripts/test.sh).
+    pub fn partitioned(size_mib: u64, partitions: &[(&str, u64)]) -> ScratchDisk {
+        let disk = ScratchDisk::new(0, &[]);
+        let mut args = vec![
+            "disk".to_string(),
+            "create".to_string(),
+            "--out".to_string(),
+            disk.path().to_string(),
+            "--size".to_string(),
+            format!("{size_mib}M"),
+        ];
+        for (label, mib) in partitions {
+            args.push("--partition".to_string());
+            args.push(format!("{label}:{mib}M"));
+        }
+        run_disk_tool(&args);
+        disk
+    }
+
+    /// The bytes of partition `label`, read back by the image tool (`disk read`).
+    pub fn partition(&self, label: &str) -> Vec<u8> {
+        let out = format!("{}.{label}", self.path());
+        run_disk_tool(&[
+            "disk".to_string(),
+            "read".to_string(),
+            "--disk".to_string(),
+            self.path().to_string(),
+            "--partition".to_string(),
+            label.to_string(),
+            "--out".to_string(),
+            out.clone(),
+        ]);
+        let bytes = std::fs::read(&out).expect("read the partition copy");
+        let _ = std::fs::remove_file(&out);
+        bytes
+    }
+
+    /// Writes `data` at byte `offset` of partition `label` (found with `disk list`).
+    pub fn write_partition(&self, label: &str, offset: u64, data: &[u8]) {
+        use std::io::{Seek, SeekFrom, Write};
+        let listing = run_disk_tool(&[
+            "disk".to_string(),
+            "list".to_string(),
+            "--disk".to_string(),
+            self.path().to_string(),
+        ]);
+        let line = listing
+            .lines()
+            .find(|line| line.contains(&format!("label \"{label}\"")))
+            .unwrap_or_else(|| panic!("no partition {label} in\n{listing}"));
+        let first_lba = field_after(line, "lba ").expect("a first LBA");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .expect("open the disk");
+        file.seek(SeekFrom::Start(first_lba * 512 + offset))
+            .expect("seek in the disk");
+        file.write_all(data).expect("write the disk");
+    }
+
     /// The file's path, for `--disk`.
-    pub fn path(&self) -> &str {
         self.path.to_str().expect("temporary paths are UTF-8 here")
     }
 
@@ -291,6 +351,23 @@ impl ScratchDisk {
     pub fn contents(&self) -> Vec<u8> {
         std::fs::read(&self.path).expect("read the disk back")
     }
+}
+
+/// Runs the image tool with `args`; panics with its output when it fails. Returns stdout.
+fn run_disk_tool(args: &[String]) -> String {
+    let tool = repository_root().join("target/release/ringzero-boot");
+    let output = std::process::Command::new(&tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", tool.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed:\n{}{}",
+        tool.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Drop for ScratchDisk {

@@ -21,7 +21,6 @@ use alloc::alloc::{alloc, dealloc, Layout};
 use core::ptr::NonNull;
 use ringzero_vdisk::{check_range, DiskError, SectorIo, SECTOR_SIZE};
 use virtio_drivers::device::blk::VirtIOBlk;
-use virtio_drivers::transport::pci::bus::DeviceFunction;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
@@ -41,12 +40,7 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 
 /// The hypervisor's physical disk (see the module documentation).
-#[allow(
-    dead_code,
-    reason = "the VMs' partition backends (issue 8) are wired to it next"
-)]
 pub struct PhysicalDisk {
-    location: DeviceFunction,
     sectors: u64,
     flush_supported: bool,
     read_only: bool,
@@ -56,24 +50,11 @@ pub struct PhysicalDisk {
 static DISK: spin::Once<Option<PhysicalDisk>> = spin::Once::new();
 
 /// The physical disk found at boot, if any.
-#[allow(
-    dead_code,
-    reason = "the VMs' partition backends (issue 8) are wired to it next"
-)]
 pub fn physical_disk() -> Option<&'static PhysicalDisk> {
     DISK.get().and_then(Option::as_ref)
 }
 
-#[allow(
-    dead_code,
-    reason = "the VMs' partition backends (issue 8) are wired to it next"
-)]
 impl PhysicalDisk {
-    /// Where it sits on the host's PCI bus.
-    pub fn location(&self) -> DeviceFunction {
-        self.location
-    }
-
     /// Whether the device takes flush requests (without it, [`SectorIo::flush`] does nothing:
     /// the device writes through).
     pub fn flush_supported(&self) -> bool {
@@ -202,7 +183,6 @@ fn find() -> Option<PhysicalDisk> {
         );
     }
     Some(PhysicalDisk {
-        location,
         sectors,
         flush_supported,
         read_only,

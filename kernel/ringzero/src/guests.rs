@@ -9,6 +9,7 @@ use crate::memory::{self, HostPhysAddr};
 use crate::virt::Extension;
 use alloc::string::String;
 use core::ptr::NonNull;
+use ringzero_acpi::PCI_MMIO32_WINDOW_START;
 use ringzero_loader::boot_plan;
 use ringzero_loader::manifest::{GuestFormat, Paging, VmManifest};
 use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
@@ -507,7 +508,7 @@ pub fn end_line(name: &str, reason: &str, status: u32, exits: u64) {
 /// the image, its nested page tables or shadow paging engine, and its platform devices. On
 /// failure the VM's end line is printed and None returned.
 pub fn build_vm(
-    vm_manifest: &VmManifest<'_>,
+    vm_manifest: &VmManifest<'static>,
     index: usize,
     backend: &BackendKind,
     clock: ringzero_devices::TimerClock,
@@ -527,6 +528,25 @@ pub fn build_vm(
             ""
         }
     );
+    // The VM's disks first: a refused disk (missing partition, shared writable partition)
+    // stops this VM before any memory is taken for it.
+    let disks = match crate::vdisks::build(vm_manifest) {
+        Ok(disks) => disks,
+        Err(why) => {
+            log::error!("vm {name}: {why}; VM not started");
+            end_line(name, "disk-refused", vm::STATUS_STOPPED, 0);
+            return None;
+        }
+    };
+    if !disks.is_empty() && vm_manifest.memory_bytes > u64::from(PCI_MMIO32_WINDOW_START) {
+        log::error!(
+            "vm {name}: {} MiB of RAM would overlap the PCI BAR window at {PCI_MMIO32_WINDOW_START:#x} where its disks' registers go; give a VM with disks at most {} MiB; VM not started",
+            vm_manifest.memory_bytes >> 20,
+            PCI_MMIO32_WINDOW_START >> 20
+        );
+        end_line(name, "disk-refused", vm::STATUS_STOPPED, 0);
+        return None;
+    }
     // Linux guests find their platform through ACPI tables the hypervisor builds, in the
     // BIOS area below 1 MiB (the boot parameters point at the RSDP).
     let acpi = if vm_manifest.format == GuestFormat::Linux {
@@ -646,6 +666,7 @@ pub fn build_vm(
     if vm_manifest.format == GuestFormat::Linux {
         attach_pc_platform(&mut vm, clock.tsc_hz);
     }
+    attach_disks(&mut vm, disks);
     Some(BuiltVm {
         vm,
         nested_root,
@@ -694,6 +715,14 @@ fn report(vm: &Vm, end: &VmEnd) {
     } else {
         log::warn!("vm {}: {}", vm.name, end.describe());
     }
+    for slot in &vm.pci {
+        log::info!(
+            "vm {}: 00:{:02x}.0 {}",
+            vm.name,
+            slot.device,
+            slot.function.lock().statistics()
+        );
+    }
     log::info!(
         "vm {}: exit statistics (cycles spent in the hypervisor per exit reason):",
         vm.name
@@ -731,6 +760,72 @@ fn report(vm: &Vm, end: &VmEnd) {
 const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
 /// Where a Linux guest's SMBIOS entry point goes (the start of the range Linux scans for it).
 const SMBIOS_ADDRESS: u64 = 0xF0000;
+
+/// Plugs the VM's disks in as virtio-blk PCI functions at 00:01.0, 00:02.0, ... (the order
+/// of `[[vm.disk]]`: the first is /dev/vda in Linux), each with BAR 0 placed the way firmware
+/// would (16 KiB apart from the start of the PCI window; the guest may move it) and INTA#
+/// wired to the I/O APIC pin the DSDT's `_PRT` gives (its Interrupt Line register says the
+/// same). A VM without the PC platform gets a PCI bus for them (its guest polls).
+fn attach_disks(
+    vm: &mut Vm,
+    disks: alloc::vec::Vec<alloc::boxed::Box<dyn ringzero_vdisk::BlockDevice>>,
+) {
+    use alloc::boxed::Box;
+    use alloc::sync::Arc;
+    use ringzero_devices::{PciBus, PciDevice};
+    use ringzero_vmm::pci::{BarFunction, PciSlot, SharedFunction};
+    if disks.is_empty() {
+        return;
+    }
+    if vm.bus.device_mut::<PciBus>(PciBus::ADDRESS_PORT).is_none()
+        && vm.bus.add(Box::new(PciBus::new())).is_err()
+    {
+        log::error!(
+            "vm {}: the PCI ports are taken; its disks are left out",
+            vm.name
+        );
+        return;
+    }
+    for (number, backend) in disks.into_iter().enumerate() {
+        let device = number as u8 + 1;
+        let sectors = backend.sectors();
+        let writable = backend.writable();
+        let mut function = ringzero_virtio::VirtioPci::new(ringzero_virtio::Block::new(
+            ringzero_virtio::BoxedBackend(backend),
+        ));
+        let bar = PCI_MMIO32_WINDOW_START + 0x4000 * u32::from(device - 1);
+        let gsi = ringzero_acpi::pci_intx_gsi(device, 0);
+        // BAR 0 (offset 0x10) and the Interrupt Line (offset 0x3C, byte 0), as firmware sets them.
+        function.write_config(0x10, bar, 0xFFFF_FFFF);
+        function.write_config(0x3C, gsi, 0xFF);
+        let function: ringzero_vmm::pci::Function =
+            Arc::new(spin::Mutex::new(Box::new(function) as Box<dyn BarFunction>));
+        let added = vm
+            .bus
+            .device_mut::<PciBus>(PciBus::ADDRESS_PORT)
+            .map(|bus| bus.add(device, 0, Box::new(SharedFunction::new(function.clone()))));
+        if !matches!(added, Some(Ok(()))) {
+            log::error!(
+                "vm {}: cannot plug disk #{} in at 00:{device:02x}.0",
+                vm.name,
+                number + 1
+            );
+            continue;
+        }
+        log::info!(
+            "vm {}: disk #{} virtio-blk at 00:{device:02x}.0, {sectors} sectors ({} MiB), {}, BAR 0 at {bar:#x}, INTA# -> GSI {gsi}",
+            vm.name,
+            number + 1,
+            sectors >> 11,
+            if writable { "writable" } else { "read-only" }
+        );
+        vm.pci.push(PciSlot {
+            device,
+            gsi,
+            function,
+        });
+    }
+}
 
 /// The PC platform a Linux guest probes, matching `ringzero_acpi::PlatformDescription::pc`: the
 /// PIT (and port 0x61), RTC, PCI configuration space (with the reset register), the two (masked)

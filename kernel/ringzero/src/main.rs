@@ -33,6 +33,7 @@ mod power;
 mod scheduler;
 mod smp;
 mod time;
+mod vdisks;
 mod virt;
 
 use bootloader_api::config::Mapping;

@@ -179,7 +179,7 @@ mod host {
 /// Runs every VM of the manifest, concurrently on every online CPU. Called on the bootstrap
 /// CPU; returns when every VM has ended, with whether every one passed.
 pub fn run_all(
-    manifest: &Manifest<'_>,
+    manifest: &Manifest<'static>,
     extension: Extension,
     own: &guests::HypervisorMemory,
 ) -> bool {

@@ -278,6 +278,17 @@ impl<D: BlockDevice> Block<D> {
         let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
         let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
         match request_type {
+            // Data in the wrong direction (see: virtio 1.2 5.2.6.1, the driver MUST NOT put
+            // device-readable data in an IN request or device-writable data, beyond the status
+            // byte, in an OUT request) is malformed.
+            request::IN if chain.readable_len() != HEADER_SIZE => {
+                self.stats.reads += 1;
+                Err((Failure::Malformed, 0))
+            }
+            request::OUT if data_writable != 0 => {
+                self.stats.writes += 1;
+                Err((Failure::Malformed, 0))
+            }
             request::IN => {
                 self.stats.reads += 1;
                 self.read_sectors(chain, memory, sector, data_writable)
@@ -777,7 +788,19 @@ mod tests {
         // No header at all.
         rig.header(request::IN, 0);
         assert_eq!(rig.run(&[(STATUS, 1, true)]), (1, request_status::IOERR));
-        assert_eq!(rig.stats().errors.malformed, 4);
+        // Data in the wrong direction: a read into a device-readable buffer, a write from a
+        // device-writable one.
+        rig.header(request::IN, 0);
+        assert_eq!(
+            rig.run(&[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)]),
+            (1, request_status::IOERR)
+        );
+        rig.header(request::OUT, 0);
+        assert_eq!(
+            rig.run(&[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)]),
+            (1, request_status::IOERR)
+        );
+        assert_eq!(rig.stats().errors.malformed, 6);
         // No writable byte for the status: used len 0, nothing written.
         rig.header(request::FLUSH, 0);
         assert_eq!(rig.run(&[(HEADER, 16, false)]), (0, 0xAA));

@@ -590,8 +590,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
                         if head < state.size {
                             state.push_used(memory, head, 0).map(|()| true)
                         } else {
-                            // No valid id to give back: the entry is only skipped.
-                            Ok(false)
+                            // No valid id to give back: a driver waiting for it would wait
+                            // forever, so the device asks for a reset instead.
+                            Err(QueueError::HeadOutOfRange { head })
                         }
                     }
                     Err(error) => Err(error),
@@ -932,10 +933,17 @@ mod tests {
         driver.set_avail_flags(&mut memory, 0);
         assert_eq!(pci.process(0, &mut memory), 0);
         assert!(!pci.interrupt_line());
-        // A head index out of range is skipped: nothing used, nothing raised.
+        // A head index out of range: nothing used, the device asks for a reset (a config
+        // change interrupt) instead of leaving the driver waiting.
         driver.publish(&mut memory, 99);
         assert_eq!(pci.process(0, &mut memory), 0);
-        assert!(!pci.interrupt_line());
+        assert_eq!(pci.isr(), ISR_CONFIG);
+        assert!(pci.interrupt_line());
+        assert_eq!(
+            pci.queue_error(),
+            Some(QueueError::HeadOutOfRange { head: 99 })
+        );
+        assert_ne!(pci.device_status() & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(pci.device().stats().errors.refused_chains, 1);
         assert!(
             driver.take_used(&mut memory).len() == 2,

@@ -142,6 +142,9 @@ pub enum QueueError {
     /// The driver's available index is more than the queue size ahead of the chains the device
     /// took: the driver made more buffers available than the queue holds (2.7.6).
     AvailIndexJump { avail_idx: u16, next_avail: u16 },
+    /// The available ring names a head descriptor past the queue: there is no id to give back
+    /// in the used ring, so the driver would wait for it forever; the device asks for a reset.
+    HeadOutOfRange { head: u16 },
 }
 
 /// What [`Queue::pop`] took from the available ring.

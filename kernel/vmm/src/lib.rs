@@ -15,6 +15,7 @@ pub mod hypercall;
 pub mod mmio;
 pub mod msr;
 pub mod paging;
+pub mod pci;
 pub mod smp;
 pub mod stats;
 pub mod vcpu;

@@ -27,6 +27,8 @@ pub enum Target {
     LocalApic(usize),
     /// The VM's I/O APIC.
     IoApic,
+    /// A BAR of the PCI function `vm.pci[N]`.
+    Pci(usize),
 }
 
 /// Where a loaded value goes: a register, and which of its bytes.
@@ -177,6 +179,7 @@ fn load(vm: &mut Vm, target: Target, platform: &mut dyn Platform, address: u64, 
                     .read_mmio((address - crate::smp::APIC_PAGE) as u32, now),
             ) & ringzero_devices::mmio::size_mask(size)
         }
+        Target::Pci(index) => crate::pci::load(vm, index, address, size),
         Target::IoApic => vm
             .io_apic
             .as_mut()
@@ -193,7 +196,7 @@ pub fn emulate(
     target: Target,
     vcpu: &mut dyn Vcpu,
     platform: &mut dyn Platform,
-    host: &dyn HostMemory,
+    host: &mut dyn HostMemory,
     address: u64,
 ) -> Result<(), VmEnd> {
     let state = vcpu.snapshot();
@@ -221,6 +224,12 @@ pub fn emulate(
             if let Some(delivery) = delivery {
                 crate::smp::deliver(vm, delivery, platform, now);
             }
+        }
+        Access::Store { size, value } if matches!(target, Target::Pci(_)) => {
+            let Target::Pci(index) = target else {
+                unreachable!()
+            };
+            crate::pci::store(vm, host, index, address, size, value);
         }
         Access::Store { size, value } if target != Target::Bus => {
             let Target::LocalApic(index) = target else {

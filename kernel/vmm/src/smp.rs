@@ -179,6 +179,29 @@ pub fn poll_devices(vm: &mut Vm, now: u64) {
             io_apic.lower(pin);
         }
     }
+    // PCI INTx lines (virtio devices): level-triggered pins from 16 up, as the `_PRT` says.
+    if !vm.pci.is_empty() {
+        let lines = crate::pci::interrupt_lines(vm);
+        let pci_pins = vm
+            .pci
+            .iter()
+            .fold(0u32, |pins, slot| pins | 1 << (slot.gsi & 31));
+        let changed = (lines ^ vm.irq_lines) & pci_pins;
+        let io_apic = vm.io_apic.as_mut().expect("checked above");
+        for pin in 0..32u32 {
+            let bit = 1 << pin;
+            if changed & bit == 0 {
+                continue;
+            }
+            if lines & bit != 0 {
+                vm.irq_lines |= bit;
+                deliveries.extend(io_apic.raise(pin as u8));
+            } else {
+                vm.irq_lines &= !bit;
+                io_apic.lower(pin as u8);
+            }
+        }
+    }
     for delivery in deliveries {
         deliver_quietly(vm, delivery, now);
     }

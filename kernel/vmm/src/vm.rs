@@ -63,6 +63,8 @@ pub struct Vm {
     pub io_apic: Option<IoApic>,
     /// The device interrupt lines (I/O APIC pins) last seen asserted, bit per pin.
     pub(crate) irq_lines: u32,
+    /// PCI functions with BARs (virtio devices), also on the PCI bus for their configuration.
+    pub pci: Vec<crate::pci::PciSlot>,
     console_line: Vec<u8>,
     msrs_reported: BTreeSet<u32>,
 }
@@ -106,6 +108,7 @@ impl Vm {
             interrupt_sources: false,
             io_apic: None,
             irq_lines: 0,
+            pci: Vec::new(),
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
@@ -720,7 +723,7 @@ fn handle(
 }
 
 /// Whose device registers are at `guest_physical`, if anyone's: vCPU `index`'s own local APIC
-/// page, the I/O APIC's (PC platform), or a device on the MMIO bus.
+/// page, the I/O APIC's (PC platform), a device on the MMIO bus, or a PCI function's BAR.
 fn device_at(vm: &Vm, index: usize, guest_physical: u64) -> Option<crate::mmio::Target> {
     if guest_physical & !0xFFF == smp::APIC_PAGE {
         Some(crate::mmio::Target::LocalApic(index))
@@ -729,7 +732,7 @@ fn device_at(vm: &Vm, index: usize, guest_physical: u64) -> Option<crate::mmio::
     } else if vm.mmio.owns(guest_physical) {
         Some(crate::mmio::Target::Bus)
     } else {
-        None
+        crate::pci::function_at(vm, guest_physical).map(crate::mmio::Target::Pci)
     }
 }
 
@@ -808,6 +811,13 @@ fn handle_io(
                     DeviceEvent::PowerOff => return Some(VmEnd::PowerOff),
                     DeviceEvent::Reset => return Some(VmEnd::Reset),
                 }
+            }
+            // A write to the PCI configuration window may have notified a virtio queue.
+            if (ringzero_devices::PciBus::DATA_PORT..=ringzero_devices::PciBus::LAST_PORT)
+                .contains(&io.port)
+                && !vm.pci.is_empty()
+            {
+                crate::pci::service_windows(vm, host);
             }
             access
         }

@@ -5,5 +5,5 @@ echo "disk-test: vda sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/
 echo "disk-test: image md5 $(md5sum </dev/vda | cut -d' ' -f1)"
 dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync 2>/tmp/dd.log
 status=$?
-echo "disk-test: write status $status ($(tail -n 1 /tmp/dd.log))"
+echo "disk-test: write status $status ($(head -n 1 /tmp/dd.log))"
 echo "disk-test: image md5 after $(md5sum </dev/vda | cut -d' ' -f1)"
