@@ -88,7 +88,14 @@ fn build(options: &Options) -> Result<(), Failure> {
         Some(path) => config::load(path).map_err(Failure::Config)?,
         None => config::Config { vms: Vec::new() },
     };
-    if let Some(disk) = &options.disk {
+    // The physical disk matters only to VMs that name its partitions (any other disk, or none,
+    // is not this tool's to judge: the hypervisor reports what it finds).
+    let names_partitions = guests.vms.iter().any(|vm| {
+        vm.disks
+            .iter()
+            .any(|disk| !matches!(disk.source, config::DiskConfigSource::Image { .. }))
+    });
+    if let Some(disk) = options.disk.as_ref().filter(|_| names_partitions) {
         let io = disk::FileIo::open(disk, false)?;
         let table = ringzero_vdisk::gpt::read_gpt(&io)
             .map_err(|error| format!("physical disk {}: {error}", disk.display()))?;

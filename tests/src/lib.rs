@@ -344,6 +344,7 @@ impl ScratchDisk {
     }
 
     /// The file's path, for `--disk`.
+    pub fn path(&self) -> &str {
         self.path.to_str().expect("temporary paths are UTF-8 here")
     }
 

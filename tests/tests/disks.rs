@@ -1,6 +1,8 @@
-//! The hypervisor's physical disk (issue 8): a raw file attached with `run-qemu.sh --disk`
-//! appears as a virtio-blk device on the host PCI bus; the hypervisor reports its size, whether
-//! it takes flushes and whether LBA 1 holds a GPT header, and never writes it at boot.
+//! Disks (issue 8). The hypervisor's physical disk: a raw file attached with `run-qemu.sh
+//! --disk` appears as a virtio-blk device on the host PCI bus; the hypervisor reports its size,
+//! whether it takes flushes and whether LBA 1 holds a GPT header, and never writes it at boot.
+//! The VMs' disks: partitions of that disk (by GPT label) or images packed into the boot bundle,
+//! each a virtio-blk PCI device of its VM, driven by stock Linux or by a hostile test guest.
 
 use ringzero_tests::{boot, ScratchDisk};
 
@@ -114,4 +116,166 @@ fn bochs_without_a_disk_says_none() {
     let run = boot(&["--bochs", "--no-guests", "--timeout", "300"]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("disk: none (no virtio-blk on the host PCI bus");
+}
+
+/// The pattern tests/linux/scripts/disk-write.sh writes at the start of a VM's /dev/vda.
+fn linux_pattern(vm: &str) -> Vec<u8> {
+    format!("ringzero-pattern-{vm}\n")
+        .into_bytes()
+        .into_iter()
+        .cycle()
+        .take(1 << 20)
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// Two Linux VMs, each with its own partition of one physical disk as /dev/vda: the first run
+/// writes a pattern naming the VM and flushes (dd conv=fsync, sync) before powering off; a
+/// second run (a new QEMU process on the same file) reads both back intact; the host then reads
+/// each partition out of the file and finds each VM's pattern in its own partition only.
+#[test]
+fn two_linux_vms_write_their_partitions_and_a_second_run_reads_them_back() {
+    let disk = ScratchDisk::partitioned(160, &[("vm1", 64), ("vm2", 64)]);
+    let run_with = |config: &str| {
+        let run = boot(&[
+            "--config",
+            config,
+            "--disk",
+            disk.path(),
+            "--smp",
+            "2",
+            "--memory",
+            "1024",
+            "--timeout",
+            "600",
+        ]);
+        run.assert_status(CLEAN);
+        for vm in ["vm1", "vm2"] {
+            run.assert_serial_contains(&format!(
+                "{vm} | disk-test: vm={vm} vda sectors=131072 ro=0"
+            ));
+            run.assert_serial_contains(&format!("ringzero: vm {vm} exit=poweroff status=0"));
+        }
+        run
+    };
+    let first = run_with("tests/configs/disk-linux-write.toml");
+    for vm in ["vm1", "vm2"] {
+        first.assert_serial_contains(&format!("{vm} | disk-test: dd status 0"));
+        // The guest's sync reached the device as a flush.
+        let stats = first.line_with(&format!("vm {vm}: 00:01.0 reads="));
+        assert!(
+            !stats.contains("flushes=0") && stats.contains("bytes_written=1048576"),
+            "{stats}\n{}",
+            first.report()
+        );
+    }
+    let second = run_with("tests/configs/disk-linux-check.toml");
+    for vm in ["vm1", "vm2"] {
+        second.assert_serial_contains(&format!("{vm} | disk-test: pattern intact"));
+    }
+    let (one, two) = (disk.partition("vm1"), disk.partition("vm2"));
+    assert!(
+        one.starts_with(&linux_pattern("vm1")),
+        "vm1's partition lacks its pattern"
+    );
+    assert!(
+        two.starts_with(&linux_pattern("vm2")),
+        "vm2's partition lacks its pattern"
+    );
+    assert!(
+        !contains(&one, b"ringzero-pattern-vm2"),
+        "vm2's pattern in vm1's partition"
+    );
+    assert!(
+        !contains(&two, b"ringzero-pattern-vm1"),
+        "vm1's pattern in vm2's partition"
+    );
+}
+
+/// A hostile driver (tests/guests/disk-abuse) sends requests past the end and malformed chains
+/// between good requests: each is refused and the device keeps serving; the partition of the
+/// VM beside it is byte-for-byte unchanged, and its own changed only where its good writes went.
+#[test]
+fn malformed_requests_are_refused_and_the_other_partition_is_untouched() {
+    let disk = ScratchDisk::partitioned(48, &[("abuse", 16), ("victim", 16)]);
+    let noise: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    disk.write_partition("victim", 0, &noise);
+    disk.write_partition("abuse", 0, &noise);
+    let victim_before = disk.partition("victim");
+    let abuse_before = disk.partition("abuse");
+    let run = boot(&[
+        "--config",
+        "tests/configs/disk-abuse.toml",
+        "--disk",
+        disk.path(),
+        "--timeout",
+        "300",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains("abuse | disk-abuse: virtio-blk at 00:01.0, 32768 sectors");
+    run.assert_serial_contains(
+        "abuse | disk-abuse: 13 malformed requests refused, 28 good requests served, 0 failures",
+    );
+    run.assert_serial_lacks("FAILED");
+    run.assert_serial_contains("ringzero: vm abuse exit=exit-port status=0");
+    run.assert_serial_contains("ringzero: vm victim exit=exit-port status=0");
+    assert!(
+        disk.partition("victim") == victim_before,
+        "the victim's partition changed"
+    );
+    // The good writes: 4 KiB of the 251-cycle pattern from 0x5A at sector 8.
+    let mut expected = abuse_before;
+    for (index, byte) in expected[8 * 512..8 * 512 + 4096].iter_mut().enumerate() {
+        *byte = 0x5Au8.wrapping_add((index % 251) as u8);
+    }
+    assert!(
+        disk.partition("abuse") == expected,
+        "the abuser's partition changed outside its good writes"
+    );
+}
+
+/// A read-only image disk (tests/disks/readonly.img, packed into the boot bundle): Linux sees a
+/// read-only /dev/vda of the image's size, reads it back equal to the file, and a write fails.
+#[test]
+fn a_read_only_image_disk_reads_back_and_refuses_writes() {
+    let image = std::fs::read(ringzero_tests::repository_root().join("tests/disks/readonly.img"))
+        .expect("the fixture");
+    let md5 = std::process::Command::new("md5sum")
+        .arg(ringzero_tests::repository_root().join("tests/disks/readonly.img"))
+        .output()
+        .expect("md5sum runs");
+    let md5 = String::from_utf8_lossy(&md5.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let run = boot(&[
+        "--config",
+        "tests/configs/disk-readonly.toml",
+        "--memory",
+        "512",
+        "--timeout",
+        "600",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(&format!(
+        "linux | disk-test: vda sectors={} ro=1",
+        image.len() / 512
+    ));
+    run.assert_serial_contains(&format!("linux | disk-test: image md5 {md5}"));
+    run.assert_serial_contains(&format!("linux | disk-test: image md5 after {md5}"));
+    let status = run.line_with("linux | disk-test: write status ");
+    assert!(
+        !status.contains("write status 0 "),
+        "{status}\n{}",
+        run.report()
+    );
+    run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
 }
