@@ -46,14 +46,24 @@ fn qemu_bios_net_probe_gets_the_gateways_arp_reply() {
         run.report()
     );
     run.assert_serial_contains("net: test hook: frames too long or too short are refused");
-    // The request, the reply, and the refused frames counted as transmit errors.
+    run.assert_serial_contains("net: test hook: queued 1000 frames of 1514 bytes in ");
+    // The request, the reply, the burst, and the refused frames counted as transmit errors.
     run.assert_serial_contains(
-        "net: test hook: counters: in 1 frames 64 bytes, out 1 frames 60 bytes, errors rx 0 tx 2",
+        "net: test hook: counters: in 1 frames 64 bytes, out 1001 frames 1514060 bytes, errors rx 0 tx 2",
     );
-    // On the wire: exactly the request (broadcast, an ARP probe from the NIC's MAC for 10.0.2.2)
-    // and the gateway's reply to the NIC.
+    // On the wire: the request (broadcast, an ARP probe from the NIC's MAC for 10.0.2.2), the
+    // gateway's reply to the NIC, then the burst, every frame once and in order.
     let frames = capture.frames().expect("QEMU wrote the capture");
-    assert_eq!(frames.len(), 2, "frames on the wire: {frames:02x?}");
+    assert_eq!(frames.len(), 1002, "{} frames on the wire", frames.len());
+    for (index, frame) in frames[2..].iter().enumerate() {
+        assert_eq!(frame.len(), 1514, "burst frame {index}");
+        assert_eq!(&frame[6..12], &QEMU_DEFAULT_MAC, "burst frame {index}");
+        assert_eq!(
+            &frame[14..22],
+            &(index as u64).to_be_bytes(),
+            "burst frame {index}"
+        );
+    }
     let (request, reply) = (&frames[0], &frames[1]);
     assert_eq!(request.len(), 60);
     assert_eq!(&request[0..6], &[0xff; 6]);

@@ -447,6 +447,11 @@ const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
 /// A minimum-size Ethernet frame (60 bytes without FCS): the ARP packet padded with zeros.
 const MIN_ETHERNET_FRAME: usize = 60;
+/// The probe's transmit burst: this many full-size frames to a locally administered address
+/// with the IEEE local experimental EtherType (QEMU user networking drops them unread).
+pub const PROBE_BURST_FRAMES: u64 = 1000;
+const PROBE_BURST_DESTINATION: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const ETHERTYPE_LOCAL_EXPERIMENTAL: u16 = 0x88B5;
 
 /// An ARP request for `target` from `mac` as an ARP probe (sender address 0.0.0.0, RFC 5227
 /// 2.1.1): the hypervisor has no IP address of its own, and the responder learns none.
@@ -481,7 +486,8 @@ fn arp_reply_from(frame: &[u8], mac: [u8; 6], target: [u8; 4]) -> Option<[u8; 6]
 /// Test hook `net-probe` (the only boot that transmits; tests give QEMU user networking):
 /// sends an ARP request for 10.0.2.2 and waits at most [`PROBE_WAIT_MILLIS`] for the reply,
 /// logging `net: ARP reply from 10.0.2.2 at MAC after N ms (M us)`; checks that malformed
-/// frames are refused; logs the counters.
+/// frames are refused; times a burst of [`PROBE_BURST_FRAMES`] full-size frames; logs the
+/// counters.
 pub fn probe_for_test() {
     let Some(nic) = physical_nic() else {
         log::warn!("net: test hook: no NIC to probe with");
@@ -523,5 +529,24 @@ pub fn probe_for_test() {
     } else {
         log::warn!("net: test hook: a malformed frame was not refused");
     }
+    let mut frame = [0u8; 1514];
+    frame[0..6].copy_from_slice(&PROBE_BURST_DESTINATION);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&ETHERTYPE_LOCAL_EXPERIMENTAL.to_be_bytes());
+    let started = ringzero_x86::hw::rdtsc();
+    for index in 0..PROBE_BURST_FRAMES {
+        frame[14..22].copy_from_slice(&index.to_be_bytes());
+        if let Err(error) = nic.transmit(&frame) {
+            log::warn!("net: test hook: burst frame {index}: {error}");
+            return;
+        }
+    }
+    let micros = time::tsc_to_micros(ringzero_x86::hw::rdtsc() - started).max(1);
+    log::info!(
+        "net: test hook: queued {PROBE_BURST_FRAMES} frames of {} bytes in {micros} us ({} frames/s, {} Mbit/s)",
+        frame.len(),
+        u128::from(PROBE_BURST_FRAMES) * 1_000_000 / u128::from(micros),
+        u128::from(PROBE_BURST_FRAMES) * frame.len() as u128 * 8 / u128::from(micros)
+    );
     log::info!("net: test hook: counters: {}", nic.counters());
 }
