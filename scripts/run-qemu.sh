@@ -28,6 +28,19 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --disk FILE       give the hypervisor FILE (raw) as its physical disk: a virtio-blk PCI device
                     (QEMU only; the VMs' disks are partitions of it). Writes persist in FILE
                     (no snapshot). Without it the hypervisor reports "disk: none".
+  --net MODE        give the hypervisor a NIC: a virtio-net PCI device (QEMU only; the VMs'
+                    NICs share it through the hypervisor's switch). MODE is one of
+                      user                QEMU user networking (slirp; no root): gateway and
+                                          host 10.0.2.2, DNS 10.0.2.3, DHCP hands out 10.0.2.15,
+                                          then .16, ...; outbound TCP/UDP reach the host's network
+                      socket-listen PORT  a link to another QEMU: listens on 127.0.0.1:PORT
+                      socket-connect PORT connects to 127.0.0.1:PORT (start the listener first)
+                    Without it the hypervisor reports "net: none".
+  --hostfwd RULE    with --net user: forward a host port to a VM, repeatable. RULE is
+                    PROTO:HOSTPORT:GUESTIP:GUESTPORT with PROTO tcp or udp, e.g.
+                    tcp:8080:10.0.2.15:80 (GUESTIP is the VM's own address from user-net's DHCP)
+  --mac MAC         the NIC's MAC address (default QEMU's 52:54:00:12:34:56); two QEMUs joined
+                    by --net socket-* need different ones
   --timeout S       stop the emulator after S seconds, exit 124 (default 600; 0 = never)
   --input FILE      type FILE's bytes on the hypervisor's serial console (QEMU only): they are
                     written to QEMU's stdin, which is COM1's receiver, once the hypervisor has
@@ -38,7 +51,8 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
                     the last line typed (to script a session: type, wait for its output). Ctrl-A
                     (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state,
-                    disk-write: writes near the end of the --disk file)
+                    disk-write: writes near the end of the --disk file; net-probe: sends an ARP
+                    request for 10.0.2.2 on the --net user NIC and waits up to 2 s for the reply)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text
@@ -46,7 +60,7 @@ USAGE
 }
 
 firmware=uefi cpu=EPYC emulator=qemu smp=1 memory=256 config="$RZ_ROOT/config/default.toml" timeout=600 hook=none
-build=1 build_only=0 extra=() demo="" input="" disk=""
+build=1 build_only=0 extra=() demo="" input="" disk="" net="" net_port="" hostfwds=() mac=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --bios) firmware=bios ;;
@@ -60,6 +74,15 @@ while [ $# -gt 0 ]; do
         --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
         --input) input=${2:?--input needs a file}; shift ;;
         --disk) disk=${2:?--disk needs a file}; shift ;;
+        --net)
+            net=${2:?--net needs a mode (user, socket-listen PORT, socket-connect PORT)}; shift
+            case "$net" in
+                user) ;;
+                socket-listen|socket-connect) net_port=${2:?--net $net needs a port}; shift ;;
+                *) rz_die "--net: unknown mode '$net' (user, socket-listen PORT, socket-connect PORT)" ;;
+            esac ;;
+        --hostfwd) hostfwds+=("${2:?--hostfwd needs PROTO:HOSTPORT:GUESTIP:GUESTPORT}"); shift ;;
+        --mac) mac=${2:?--mac needs an address}; shift ;;
         --test-hook) hook=${2:?--test-hook needs a name}; shift ;;
         --no-build) build=0 ;;
         --build-only) build_only=1 ;;
@@ -76,6 +99,18 @@ done
 [ -n "$input" ] && [ "$emulator" = bochs ] && rz_die "--input works with QEMU only (Bochs' serial port here is a file)"
 [ -z "$input" ] || [ -r "$input" ] || rz_die "--input: cannot read '$input'"
 [ -n "$disk" ] && [ "$emulator" = bochs ] && rz_die "--disk works with QEMU only (Bochs has no virtio-blk)"
+[ -n "$net" ] && [ "$emulator" = bochs ] && rz_die "--net works with QEMU only (Bochs has no virtio-net)"
+[ -z "$net_port" ] || { [[ $net_port =~ ^[1-9][0-9]{0,4}$ ]] && [ "$net_port" -le 65535 ]; } || rz_die "--net $net wants a port (1-65535), got '$net_port'"
+[ ${#hostfwds[@]} -gt 0 ] && [ "$net" != user ] && rz_die "--hostfwd needs --net user"
+[ -n "$mac" ] && [ -z "$net" ] && rz_die "--mac needs --net"
+[ -z "$mac" ] || [[ $mac =~ ^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$ ]] || rz_die "--mac wants xx:xx:xx:xx:xx:xx, got '$mac'"
+# --hostfwd PROTO:HOSTPORT:GUESTIP:GUESTPORT becomes QEMU's hostfwd=PROTO::HOSTPORT-GUESTIP:GUESTPORT.
+netdev_options=""
+for rule in "${hostfwds[@]}"; do
+    [[ $rule =~ ^(tcp|udp):([0-9]{1,5}):([0-9]{1,3}(\.[0-9]{1,3}){3}):([0-9]{1,5})$ ]] \
+        || rz_die "--hostfwd wants PROTO:HOSTPORT:GUESTIP:GUESTPORT (e.g. tcp:8080:10.0.2.15:80), got '$rule'"
+    netdev_options+=",hostfwd=${BASH_REMATCH[1]}::${BASH_REMATCH[2]}-${BASH_REMATCH[3]}:${BASH_REMATCH[5]}"
+done
 [ -z "$disk" ] || { [ -f "$disk" ] && [ -r "$disk" ] && [ -w "$disk" ]; } || rz_die "--disk: '$disk' is not a readable and writable file"
 
 if [ -n "$demo" ]; then
@@ -159,6 +194,13 @@ run_emulator() {
         [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
         # The hypervisor's physical disk: no snapshot, so what VMs write stays in the file.
         [ -n "$disk" ] && qemu+=(-drive "if=none,id=disk0,file=${disk//,/,,},format=raw" -device virtio-blk-pci,drive=disk0)
+        # The hypervisor's physical NIC (the only one: -netdev turns off QEMU's default NIC).
+        case "$net" in
+            user) qemu+=(-netdev "user,id=net0$netdev_options") ;;
+            socket-listen) qemu+=(-netdev "socket,id=net0,listen=127.0.0.1:$net_port") ;;
+            socket-connect) qemu+=(-netdev "socket,id=net0,connect=127.0.0.1:$net_port") ;;
+        esac
+        [ -n "$net" ] && qemu+=(-device "virtio-net-pci,netdev=net0${mac:+,mac=$mac}")
         rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
         # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
         if [ -z "$input" ]; then

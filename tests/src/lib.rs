@@ -376,3 +376,78 @@ impl Drop for ScratchDisk {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (for `--hostfwd` and `--net socket-*`).
+pub fn free_local_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("bind a port on 127.0.0.1")
+}
+
+/// A record of every frame on the hypervisor's NIC, both directions, as QEMU's `filter-dump`
+/// writes it (a pcap file): pass [`PacketCapture::qemu_args`] after `--` with `--net`.
+pub struct PacketCapture {
+    path: PathBuf,
+}
+
+impl Default for PacketCapture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PacketCapture {
+    /// A capture file name in the temporary directory (QEMU creates the file).
+    pub fn new() -> PacketCapture {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ringzero-net-{}-{}.pcap",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        PacketCapture { path }
+    }
+
+    /// QEMU's arguments for the capture of `run-qemu.sh --net`'s netdev (`net0`).
+    pub fn qemu_args(&self) -> [String; 2] {
+        [
+            "-object".to_string(),
+            format!(
+                "filter-dump,id=capture0,netdev=net0,file={}",
+                self.path.to_str().expect("temporary paths are UTF-8 here")
+            ),
+        ]
+    }
+
+    /// The captured frames in order (each without FCS), or `None` when there is no valid pcap
+    /// file (the boot did not start QEMU with the capture).
+    pub fn frames(&self) -> Option<Vec<Vec<u8>>> {
+        const GLOBAL_HEADER: usize = 24;
+        const RECORD_HEADER: usize = 16;
+        const MAGIC: u32 = 0xA1B2_C3D4;
+        let bytes = std::fs::read(&self.path).ok()?;
+        let word = |at: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+        };
+        if word(0)? != MAGIC {
+            return None;
+        }
+        let mut frames = Vec::new();
+        let mut at = GLOBAL_HEADER;
+        while at < bytes.len() {
+            let captured = word(at + 8)? as usize;
+            let start = at + RECORD_HEADER;
+            frames.push(bytes.get(start..start + captured)?.to_vec());
+            at = start + captured;
+        }
+        Some(frames)
+    }
+}
+
+impl Drop for PacketCapture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -135,6 +135,9 @@ pub enum TestHook {
     /// Write a pattern near the end of the physical disk, flush, read it back and time a read
     /// of the whole disk: the one boot that writes the disk (a test's scratch file).
     DiskWrite,
+    /// Send an ARP request from the physical NIC and wait (bounded) for the reply of QEMU's
+    /// user-mode network: the one boot that transmits on the NIC.
+    NetProbe,
 }
 
 impl TestHook {
@@ -144,6 +147,7 @@ impl TestHook {
             TestHook::PageFault => 1,
             TestHook::InvalidGuestState => 2,
             TestHook::DiskWrite => 3,
+            TestHook::NetProbe => 4,
         }
     }
 
@@ -153,6 +157,7 @@ impl TestHook {
             1 => Ok(TestHook::PageFault),
             2 => Ok(TestHook::InvalidGuestState),
             3 => Ok(TestHook::DiskWrite),
+            4 => Ok(TestHook::NetProbe),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -164,6 +169,7 @@ impl TestHook {
             TestHook::PageFault => "page-fault",
             TestHook::InvalidGuestState => "invalid-guest-state",
             TestHook::DiskWrite => "disk-write",
+            TestHook::NetProbe => "net-probe",
         }
     }
 
@@ -174,6 +180,7 @@ impl TestHook {
             TestHook::PageFault,
             TestHook::InvalidGuestState,
             TestHook::DiskWrite,
+            TestHook::NetProbe,
         ]
         .into_iter()
         .find(|hook| hook.name() == name)
@@ -2053,6 +2060,11 @@ mod tests {
         assert_eq!(TestHook::from_name("page-fault"), Some(TestHook::PageFault));
         assert_eq!(TestHook::from_name("none"), Some(TestHook::None));
         assert_eq!(TestHook::from_name("nope"), None);
+        assert_eq!(TestHook::from_name("net-probe"), Some(TestHook::NetProbe));
+        assert_eq!(
+            TestHook::from_code(TestHook::NetProbe.code()).ok(),
+            Some(TestHook::NetProbe)
+        );
         assert_eq!(
             GuestFormat::from_name("multiboot"),
             Some(GuestFormat::Multiboot)

@@ -17,19 +17,15 @@
 //! bit 5, VIRTIO_BLK_F_FLUSH bit 9, VIRTIO_BLK_T_FLUSH), 4.1 (virtio over PCI: vendor 0x1AF4,
 //! device 0x1001 transitional or 0x1042 modern block device).
 
-use alloc::alloc::{alloc, dealloc, Layout};
-use core::ptr::NonNull;
 use ringzero_vdisk::{check_range, DiskError, SectorIo, SECTOR_SIZE};
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
-use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
-use crate::memory::{self, HostPhysAddr, FRAME_SIZE};
 use crate::pci;
+use crate::virtio_hal::DmaHal;
 
-/// The virtio vendor ID and the block device's two PCI device IDs. See: VIRTIO 1.2 4.1.2.
-const VIRTIO_VENDOR: u16 = 0x1AF4;
+/// The block device's two PCI device IDs. See: VIRTIO 1.2 4.1.2.
 const BLOCK_TRANSITIONAL: u16 = 0x1001;
 const BLOCK_MODERN: u16 = 0x1042;
 /// VIRTIO_BLK_F_FLUSH: the device takes VIRTIO_BLK_T_FLUSH. See: VIRTIO 1.2 5.2.3.
@@ -129,14 +125,10 @@ pub fn init() {
 }
 
 fn find() -> Option<PhysicalDisk> {
-    let functions = pci::enumerate();
-    let Some(function) = functions.iter().find(|function| {
-        function.vendor_id == VIRTIO_VENDOR
-            && matches!(function.device_id, BLOCK_TRANSITIONAL | BLOCK_MODERN)
-    }) else {
+    let Some(function) = pci::find_virtio(&[BLOCK_TRANSITIONAL, BLOCK_MODERN]) else {
         log::info!(
             "disk: none (no virtio-blk on the host PCI bus; {} PCI functions seen)",
-            functions.len()
+            pci::functions().len()
         );
         return None;
     };
@@ -144,12 +136,7 @@ fn find() -> Option<PhysicalDisk> {
     let fail = |why: &dyn core::fmt::Display| {
         log::warn!("disk: virtio-blk at {location} cannot be used: {why}; no disk");
     };
-    let mut root = pci::root();
-    if let Err(error) = pci::prepare(&mut root, &functions, location) {
-        fail(&error);
-        return None;
-    }
-    let mut transport = match PciTransport::new::<DmaHal, _>(&mut root, location) {
+    let mut transport = match pci::virtio_transport(location) {
         Ok(transport) => transport,
         Err(error) => {
             fail(&error);
@@ -281,103 +268,4 @@ pub fn exercise_for_test() {
         disk.sectors,
         u128::from(disk.sectors) * 1_000_000 / u128::from(micros)
     );
-}
-
-/// What `virtio-drivers` needs of the kernel: DMA memory, device registers, and the physical
-/// addresses of the buffers it hands the device.
-pub struct DmaHal;
-
-/// The host-physical address of `length` bytes at kernel virtual `start` when they are mapped
-/// and physically contiguous (checked page by page), else `None`.
-fn contiguous_physical(start: u64, length: usize) -> Option<PhysAddr> {
-    let (first, _) = memory::translate(start)?;
-    let end = start.checked_add(length.max(1) as u64)?;
-    let mut page = (start & !(FRAME_SIZE - 1)) + FRAME_SIZE;
-    while page < end {
-        let (physical, _) = memory::translate(page)?;
-        if physical.0 != first.0 + (page - start) {
-            return None;
-        }
-        page += FRAME_SIZE;
-    }
-    Some(first.0)
-}
-
-fn bounce_layout(length: usize) -> Layout {
-    Layout::from_size_align(length.max(1), 64).expect("a buffer's length fits a layout")
-}
-
-// SAFETY: dma_alloc returns zeroed, page-aligned, physically contiguous frames owned by the
-// driver until dma_dealloc; mmio_phys_to_virt returns uncacheable mappings of the device's
-// BARs; share returns a physical address the device may access for the buffer's length, valid
-// until unshare, which copies back what the device wrote when a bounce buffer was used.
-unsafe impl Hal for DmaHal {
-    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        match memory::allocate_contiguous(pages as u64) {
-            Some(first) => {
-                let virtual_address = memory::physical_window(first);
-                (
-                    first.0,
-                    NonNull::new(virtual_address).expect("the physical window is not at 0"),
-                )
-            }
-            // `Dma::new` takes a physical address of 0 as the failure.
-            None => (0, NonNull::dangling()),
-        }
-    }
-
-    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
-        for page in 0..pages as u64 {
-            memory::free_frame(HostPhysAddr(paddr + page * PAGE_SIZE as u64));
-        }
-        0
-    }
-
-    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
-        let mapped = pci::mapped_registers(paddr, size as u64).or_else(|| {
-            memory::map_mmio(HostPhysAddr(paddr), size as u64)
-                .map_err(|error| log::error!("disk: {error}"))
-                .ok()
-        });
-        NonNull::new(mapped.expect("device registers are mappable"))
-            .expect("the register window is not at 0")
-    }
-
-    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
-        let start = buffer.cast::<u8>().as_ptr() as u64;
-        let length = buffer.len();
-        if let Some(physical) = contiguous_physical(start, length) {
-            return physical;
-        }
-        let layout = bounce_layout(length);
-        // SAFETY: the layout has a non-zero size.
-        let bounce = unsafe { alloc(layout) };
-        assert!(
-            !bounce.is_null(),
-            "no heap for a {length}-byte bounce buffer"
-        );
-        if direction != BufferDirection::DeviceToDriver {
-            // SAFETY: the caller's buffer is valid for `length` bytes (the Hal contract) and the
-            // bounce buffer was just allocated with that length; they do not overlap.
-            unsafe { core::ptr::copy_nonoverlapping(buffer.cast::<u8>().as_ptr(), bounce, length) };
-        }
-        // The heap is one physically contiguous block inside the physical window.
-        contiguous_physical(bounce as u64, length).expect("the heap is mapped contiguously")
-    }
-
-    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
-        let start = buffer.cast::<u8>().as_ptr() as u64;
-        let length = buffer.len();
-        if contiguous_physical(start, length) == Some(paddr) {
-            return;
-        }
-        let bounce = memory::physical_window(HostPhysAddr(paddr));
-        if direction != BufferDirection::DriverToDevice {
-            // SAFETY: `share` allocated `length` bytes at `paddr` for this buffer and the device
-            // is done with them; the caller's buffer is valid for writes of `length` bytes.
-            unsafe { core::ptr::copy_nonoverlapping(bounce, buffer.cast::<u8>().as_ptr(), length) };
-        }
-        // SAFETY: `share` allocated this bounce buffer with the same layout; it is freed once.
-        unsafe { dealloc(bounce, bounce_layout(length)) };
-    }
 }

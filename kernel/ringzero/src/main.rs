@@ -6,7 +6,8 @@
 //! 3. this CPU's GDT/TSS and the IDT (exceptions report and power off), the TSC calibrated
 //!    against the PIT, this CPU's local APIC (its timer measured against the TSC);
 //! 4. host ACPI tables: the CPUs (local APIC IDs), power-off registers; the physical disk
-//!    (virtio-blk on the host PCI bus, `disk`), read but never written at boot;
+//!    (virtio-blk on the host PCI bus, `disk`), read but never written at boot; the physical
+//!    NIC (virtio-net, `net`), set up to receive but never transmitting at boot;
 //! 5. the boot manifest from the ramdisk (packed by `boot/`);
 //! 6. virtualization: detect VT-x or SVM, print the summary, smoke-test on/off; then start
 //!    the other CPUs (`smp`), each preparing virtualization for itself and idling, and check
@@ -27,6 +28,7 @@ mod cpu;
 mod disk;
 mod guests;
 mod memory;
+mod net;
 mod pci;
 mod platform;
 mod power;
@@ -35,6 +37,7 @@ mod smp;
 mod time;
 mod vdisks;
 mod virt;
+mod virtio_hal;
 
 use bootloader_api::config::Mapping;
 use bootloader_api::{entry_point, BootInfo, BootloaderConfig};
@@ -108,8 +111,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         ),
     }
 
-    // Before the other CPUs start: the disk's set-up maps its registers.
+    // Before the other CPUs start: the disk's and the NIC's set-up map their registers.
     disk::init();
+    net::init();
 
     // Step 5.
     let manifest = match load_manifest(boot_info) {
@@ -124,6 +128,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
     if manifest.test_hook == TestHook::DiskWrite {
         disk::exercise_for_test();
+    }
+    if manifest.test_hook == TestHook::NetProbe {
+        net::probe_for_test();
     }
 
     // Step 6.

@@ -9,16 +9,23 @@
 //! marks a multi-function device), 6.2.2 (Command register), 6.2.5.1 (BARs). PCI-to-PCI
 //! Bridge Architecture Specification 1.2, 3.2.5.3 (secondary bus number at offset 0x19).
 //!
+//! The bus is walked once ([`functions`]); the hypervisor's virtio drivers (`disk`, `net`) pick
+//! their function from that list ([`find_virtio`]) and get a ready transport from
+//! [`virtio_transport`], with `virtio_hal::DmaHal` as their HAL.
+//!
 //! Port I/O always works on QEMU's `pc` machine and on Bochs (neither has ECAM); a PCIe host
 //! would also answer it for the first 256 bytes of each function, which is all virtio needs.
 
 use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 use ringzero_x86::hw;
 use virtio_drivers::transport::pci::bus::{
     BarInfo, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, PciRoot,
 };
+use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
 
 use crate::memory::{self, HostPhysAddr};
+use crate::virtio_hal::DmaHal;
 
 /// CONFIG_ADDRESS and CONFIG_DATA. See: PCI 3.0 3.2.2.3.2.
 const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
@@ -97,10 +104,54 @@ pub struct Function {
     pub device_id: u16,
 }
 
+/// The functions [`enumerate`] found on its one walk of the bus.
+static FUNCTIONS: spin::Once<Vec<Function>> = spin::Once::new();
+
+/// Every present function of the host's PCI bus, walked on the first call (on the boot CPU,
+/// before the drivers start) and remembered: the bus does not change under a running hypervisor.
+pub fn functions() -> &'static [Function] {
+    FUNCTIONS.call_once(enumerate)
+}
+
+/// The virtio vendor ID. See: VIRTIO 1.2 4.1.2.
+pub const VIRTIO_VENDOR: u16 = 0x1AF4;
+
+/// The first virtio function (in bus order) whose device ID is one of `device_ids` (a device
+/// type's transitional and modern IDs, VIRTIO 1.2 4.1.2).
+pub fn find_virtio(device_ids: &[u16]) -> Option<Function> {
+    functions()
+        .iter()
+        .find(|function| {
+            function.vendor_id == VIRTIO_VENDOR && device_ids.contains(&function.device_id)
+        })
+        .copied()
+}
+
+/// Readies the virtio function at `location` ([`prepare`]) and opens its PCI transport (the
+/// capabilities that locate its common, notify, ISR and device configuration structures) with
+/// [`DmaHal`]. The driver on top resets and negotiates (VIRTIO 1.2 3.1.1).
+pub fn virtio_transport(location: DeviceFunction) -> Result<PciTransport, SetupError> {
+    let mut root = root();
+    prepare(&mut root, functions(), location)?;
+    PciTransport::new::<DmaHal, _>(&mut root, location).map_err(SetupError::Transport)
+}
+
+/// A second transport onto a function [`virtio_transport`] already opened, for reading its
+/// device configuration (e.g. a NIC's link status) beside the driver that owns the first. Use it
+/// only to read: the driver alone changes the device. Wrapped so it is never dropped (dropping a
+/// transport resets the device).
+pub fn virtio_transport_view(
+    location: DeviceFunction,
+) -> Result<ManuallyDrop<PciTransport>, SetupError> {
+    PciTransport::new::<DmaHal, _>(&mut root(), location)
+        .map(ManuallyDrop::new)
+        .map_err(SetupError::Transport)
+}
+
 /// Every function on bus 0 and on the buses behind PCI-to-PCI bridges (each bus visited once,
 /// so a misconfigured bridge cannot loop the walk). Functions above 0 are probed only on
 /// multi-function devices (PCI 3.0 6.2.1), as some single-function devices alias them.
-pub fn enumerate() -> Vec<Function> {
+fn enumerate() -> Vec<Function> {
     let access = &PortConfigurationAccess;
     let mut found = Vec::new();
     let mut visited = [false; 256];
@@ -161,6 +212,8 @@ pub enum SetupError {
     Unassigned(u8),
     /// The register range could not be mapped.
     Map(alloc::string::String),
+    /// The virtio capabilities are missing or malformed.
+    Transport(VirtioPciError),
 }
 
 impl core::fmt::Display for SetupError {
@@ -172,6 +225,7 @@ impl core::fmt::Display for SetupError {
                 "BAR {index} has no address and the firmware left no room to place it"
             ),
             SetupError::Map(message) => write!(f, "{message}"),
+            SetupError::Transport(error) => write!(f, "{error}"),
         }
     }
 }
