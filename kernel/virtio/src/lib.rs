@@ -34,6 +34,7 @@ pub mod device;
 pub mod memory;
 pub mod pci;
 pub mod queue;
+mod stream;
 
 #[cfg(test)]
 mod testing;
