@@ -44,5 +44,5 @@ pub use device::VirtioDevice;
 #[cfg(any(test, feature = "fake"))]
 pub use memory::FakeMemory;
 pub use memory::{GuestMemory, OutOfRam};
-pub use pci::{Notify, VirtioPci};
+pub use pci::{Notify, UseChainError, VirtioPci};
 pub use queue::{ChainError, Descriptor, DescriptorChain, Queue, QueueError};
