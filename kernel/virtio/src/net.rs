@@ -499,8 +499,8 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // See: spec 5.1.4.2, the driver MUST NOT write the fields offered (writing mac is
-        // legacy behaviour); all are read-only here.
+        // Every field is read-only: only the legacy interface (not offered: the transport is
+        // non-transitional) lets a driver write mac. See: spec 5.1.4.
     }
 
     fn accepts_chains(&self, queue: u16) -> bool {
