@@ -29,7 +29,8 @@ use ringzero_vdisk::{check_range, BlockDevice, DiskError, SECTOR_SIZE};
 
 use crate::device::{feature, VirtioDevice};
 use crate::memory::{GuestMemory, OutOfRam};
-use crate::queue::{ChainError, Descriptor, DescriptorChain, MAX_QUEUE_SIZE};
+use crate::queue::{ChainError, DescriptorChain, MAX_QUEUE_SIZE};
+use crate::stream::{read_stream, write_stream};
 
 /// The virtio device ID of a block device. See: spec 5.
 pub const DEVICE_TYPE: u16 = 2;
@@ -471,79 +472,6 @@ impl BlockDevice for BoxedBackend {
     fn serial(&self) -> [u8; 20] {
         self.0.serial()
     }
-}
-
-/// Copies bytes from the concatenation of `descriptors`, starting `offset` bytes in, to `buf`.
-/// Bounded by the number of descriptors.
-fn read_stream(
-    memory: &mut dyn GuestMemory,
-    descriptors: &[Descriptor],
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), OutOfRam> {
-    let mut done = 0;
-    for_each_piece(descriptors, offset, buf.len(), |gpa, at, len| {
-        memory.read(gpa, &mut buf[at..at + len])?;
-        done += len;
-        Ok(())
-    })?;
-    short(done, buf.len(), offset)
-}
-
-/// Copies `data` to the concatenation of `descriptors`, starting `offset` bytes in.
-fn write_stream(
-    memory: &mut dyn GuestMemory,
-    descriptors: &[Descriptor],
-    offset: u64,
-    data: &[u8],
-) -> Result<(), OutOfRam> {
-    let mut done = 0;
-    for_each_piece(descriptors, offset, data.len(), |gpa, at, len| {
-        memory.write(gpa, &data[at..at + len])?;
-        done += len;
-        Ok(())
-    })?;
-    short(done, data.len(), offset)
-}
-
-/// The streams are sized by the caller from the chain's own lengths, so a short copy is a bug
-/// of this file, reported as a guest-memory failure rather than a panic.
-fn short(done: usize, wanted: usize, offset: u64) -> Result<(), OutOfRam> {
-    if done == wanted {
-        Ok(())
-    } else {
-        Err(OutOfRam {
-            gpa: offset,
-            len: wanted as u64,
-        })
-    }
-}
-
-/// Calls `copy(gpa, position in the caller's buffer, length)` for each piece of the
-/// `len`-byte window starting `offset` bytes into the concatenation of `descriptors`.
-fn for_each_piece(
-    descriptors: &[Descriptor],
-    mut offset: u64,
-    len: usize,
-    mut copy: impl FnMut(u64, usize, usize) -> Result<(), OutOfRam>,
-) -> Result<(), OutOfRam> {
-    let mut at = 0;
-    for descriptor in descriptors {
-        if at == len {
-            break;
-        }
-        let length = u64::from(descriptor.length);
-        if offset >= length {
-            offset -= length;
-            continue;
-        }
-        let piece = (length - offset).min((len - at) as u64) as usize;
-        // The walker checked address + length for overflow.
-        copy(descriptor.address + offset, at, piece)?;
-        at += piece;
-        offset = 0;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

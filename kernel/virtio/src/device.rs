@@ -62,6 +62,14 @@ pub trait VirtioDevice: Send {
         chain: &DescriptorChain,
         memory: &mut dyn GuestMemory,
     ) -> u32;
+    /// Whether [`crate::VirtioPci::process`] may take chains of queue `queue` now; checked
+    /// before each chain. `false` leaves the driver's chains available: for a queue the device
+    /// fills on its own initiative (a network receive queue, whose buffers wait for a frame),
+    /// or as back-pressure while the device's output is full (the hypervisor runs `process`
+    /// again once it has room). The default takes every chain.
+    fn accepts_chains(&self, _queue: u16) -> bool {
+        true
+    }
     /// The transport refused a chain of queue `queue` (it goes back with used len 0): for the
     /// device's statistics.
     fn chain_refused(&mut self, queue: u16, error: ChainError);

@@ -35,6 +35,11 @@
 //!   a configuration-change interrupt and stops all processing until the driver resets.
 //! - Queues are processed only with DRIVER_OK and Command.BUS_MASTER set (no DMA without bus
 //!   mastering); writing 0 to device_status resets the device (queues, features, ISR).
+//! - Besides driver notifications ([`VirtioPci::process`]), a device may take one chain on
+//!   its own initiative ([`VirtioPci::use_chain`]: a received frame) and may refuse chains for
+//!   now ([`VirtioDevice::accepts_chains`]: a receive queue, or back-pressure); a configuration
+//!   change on the hypervisor's side ([`VirtioPci::config_changed`]) bumps config_generation
+//!   and raises the configuration interrupt.
 //! - A notification through the configuration access window (cfg_type 5) cannot return a
 //!   [`Notify`] from [`PciDevice::write_config`]; it is kept until
 //!   [`VirtioPci::take_window_notifications`].
@@ -47,7 +52,7 @@ use ringzero_devices::{PciBar, PciConfigSpace, PciDevice, PciIdentity};
 
 use crate::device::{feature, status, VirtioDevice};
 use crate::memory::GuestMemory;
-use crate::queue::{Available, Queue, QueueError};
+use crate::queue::{Available, ChainError, DescriptorChain, Queue, QueueError};
 
 /// Red Hat's virtio vendor ID (4.1.2).
 pub const VENDOR_ID: u16 = 0x1AF4;
@@ -106,6 +111,22 @@ const STATUS_INTERRUPT: u32 = 1 << 19;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Notify {
     pub queue: u16,
+}
+
+/// Why [`VirtioPci::use_chain`] gave the device no chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UseChainError {
+    /// The device is not live (no DRIVER_OK, or DEVICE_NEEDS_RESET), bus mastering is off, or
+    /// the queue does not exist or is not enabled.
+    NotLive,
+    /// The driver has made no chain available.
+    NoChain,
+    /// The next available chain failed the walker's checks: it went back used with len 0 (or
+    /// was skipped when its head index was out of range) and the device's
+    /// [`VirtioDevice::chain_refused`] was told.
+    Refused(ChainError),
+    /// The queue itself is broken: DEVICE_NEEDS_RESET is now set (2.1.2).
+    QueueFault(QueueError),
 }
 
 /// The fields of the common configuration structure (4.1.4.3); 64-bit fields as two halves.
@@ -578,6 +599,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let mut fault = state.validate(memory).err();
         if fault.is_none() {
             for _ in 0..state.size {
+                if !device.accepts_chains(queue) {
+                    break;
+                }
                 // Ok(true): a used element was given back.
                 let result = match state.pop(memory) {
                     Ok(None) => break,
@@ -611,12 +635,90 @@ impl<D: VirtioDevice> VirtioPci<D> {
             self.isr |= ISR_QUEUE;
         }
         if let Some(error) = fault {
-            // See: spec 2.1.2, set DEVICE_NEEDS_RESET and SHOULD notify a configuration change.
-            self.device_status |= status::DEVICE_NEEDS_RESET;
-            self.queue_error = Some(error);
-            self.isr |= ISR_CONFIG;
+            self.queue_fault(error);
         }
         used
+    }
+
+    /// Takes one available chain of `queue` on the device's own initiative, outside a driver
+    /// notification (a received frame for a network receive queue), under the conditions of
+    /// [`Self::process`] (live, bus mastering, queue enabled) but whatever
+    /// [`VirtioDevice::accepts_chains`] says. `handle` gets the device and the checked chain
+    /// and returns the used len (2.7.8) and its own result; the chain then goes back used and
+    /// the queue interrupt is raised unless the driver suppressed it (2.7.7).
+    pub fn use_chain<R>(
+        &mut self,
+        queue: u16,
+        memory: &mut dyn GuestMemory,
+        handle: impl FnOnce(&mut D, &DescriptorChain, &mut dyn GuestMemory) -> (u32, R),
+    ) -> Result<R, UseChainError> {
+        if !self.live() || self.config.command() & COMMAND_BUS_MASTER == 0 {
+            return Err(UseChainError::NotLive);
+        }
+        let Self {
+            device,
+            queues,
+            isr,
+            ..
+        } = self;
+        let Some(state) = queues
+            .get_mut(usize::from(queue))
+            .filter(|state| state.enabled)
+        else {
+            return Err(UseChainError::NotLive);
+        };
+        // Ok(Ok(value)): used with the device's result; Ok(Err(_)): refused, used with len 0.
+        let outcome = match state.validate(memory).and_then(|()| state.pop(memory)) {
+            Ok(None) => return Err(UseChainError::NoChain),
+            Ok(Some(Available::Chain(chain))) => {
+                let (len, value) = handle(device, &chain, memory);
+                state
+                    .push_used(memory, chain.head(), len)
+                    .map(|()| Ok(value))
+            }
+            Ok(Some(Available::Refused { head, error })) => {
+                device.chain_refused(queue, error);
+                if head >= state.size {
+                    // No valid id to give back: the entry is only skipped, nothing raised.
+                    return Err(UseChainError::Refused(error));
+                }
+                state
+                    .push_used(memory, head, 0)
+                    .map(|()| Err(UseChainError::Refused(error)))
+            }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(result) => {
+                if !state.interrupt_suppressed(memory) {
+                    *isr |= ISR_QUEUE;
+                }
+                result
+            }
+            Err(error) => {
+                self.queue_fault(error);
+                Err(UseChainError::QueueFault(error))
+            }
+        }
+    }
+
+    /// The device's configuration changed on the hypervisor's side (a network link status):
+    /// presents a new config_generation (4.1.4.3.1) and, once the driver is up (DRIVER_OK),
+    /// raises a configuration change interrupt (4.1.5.3). Before DRIVER_OK the driver reads
+    /// the configuration anyway.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.device_status & status::DRIVER_OK != 0 {
+            self.isr |= ISR_CONFIG;
+        }
+    }
+
+    /// A fault of a whole queue: stop the device until the driver resets it.
+    fn queue_fault(&mut self, error: QueueError) {
+        // See: spec 2.1.2, set DEVICE_NEEDS_RESET and SHOULD notify a configuration change.
+        self.device_status |= status::DEVICE_NEEDS_RESET;
+        self.queue_error = Some(error);
+        self.isr |= ISR_CONFIG;
     }
 
     /// The queues notified through the configuration access window since the last call (one
@@ -949,6 +1051,80 @@ mod tests {
             driver.take_used(&mut memory).len() == 2,
             "only the two flushes"
         );
+    }
+
+    #[test]
+    fn device_initiated_use_of_a_chain() {
+        let mut pci = device();
+        let mut memory = ram(1 << 20);
+        let mut driver = DriverQueue::new(0x10000, 16);
+        let write_len = |len| {
+            move |_: &mut Block<RamDisk>, chain: &DescriptorChain, _: &mut dyn GuestMemory| {
+                (len, chain.writable_len())
+            }
+        };
+        assert_eq!(
+            pci.use_chain(0, &mut memory, write_len(1)),
+            Err(UseChainError::NotLive)
+        );
+        bring_up(&mut pci, &driver);
+        assert_eq!(
+            pci.use_chain(1, &mut memory, write_len(1)),
+            Err(UseChainError::NotLive),
+            "no such queue"
+        );
+        assert_eq!(
+            pci.use_chain(0, &mut memory, write_len(1)),
+            Err(UseChainError::NoChain)
+        );
+        assert!(!pci.interrupt_line());
+        let head = driver.add_chain(&mut memory, &[(0x20000, 100, true)]);
+        assert_eq!(pci.use_chain(0, &mut memory, write_len(7)), Ok(100));
+        assert_eq!(driver.take_used(&mut memory), [(u32::from(head), 7)]);
+        assert!(pci.interrupt_line());
+        assert_eq!(pci.bar_read(0, ISR_OFFSET, 1), u64::from(ISR_QUEUE));
+        // NO_INTERRUPT honoured.
+        driver.set_avail_flags(&mut memory, 1);
+        driver.add_chain(&mut memory, &[(0x20000, 100, true)]);
+        assert_eq!(pci.use_chain(0, &mut memory, write_len(7)), Ok(100));
+        assert!(!pci.interrupt_line());
+        driver.set_avail_flags(&mut memory, 0);
+        // A refused chain goes back with len 0 and the device hears of it.
+        let head = driver.add_chain(&mut memory, &[(0xFFFF_0000, 100, true)]);
+        assert_eq!(
+            pci.use_chain(0, &mut memory, write_len(7)),
+            Err(UseChainError::Refused(ChainError::BufferOutOfRam {
+                index: head
+            }))
+        );
+        assert_eq!(
+            driver.take_used(&mut memory).last(),
+            Some(&(u32::from(head), 0))
+        );
+        assert_eq!(pci.device().stats().errors.refused_chains, 1);
+        // A queue fault needs a reset.
+        driver.set_avail_idx(&mut memory, 40);
+        assert!(matches!(
+            pci.use_chain(0, &mut memory, write_len(7)),
+            Err(UseChainError::QueueFault(QueueError::AvailIndexJump { .. }))
+        ));
+        assert_ne!(pci.device_status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(
+            pci.use_chain(0, &mut memory, write_len(7)),
+            Err(UseChainError::NotLive)
+        );
+    }
+
+    #[test]
+    fn configuration_change_from_the_hypervisor() {
+        let mut pci = device();
+        pci.config_changed();
+        assert_eq!(common_read(&mut pci, 0x15, 1), 1, "config_generation");
+        assert!(!pci.interrupt_line(), "no interrupt before DRIVER_OK");
+        let (mut pci, _, _) = live();
+        pci.config_changed();
+        assert_eq!(pci.bar_read(0, ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        assert!(!pci.interrupt_line());
     }
 
     #[test]

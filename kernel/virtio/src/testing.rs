@@ -1,5 +1,6 @@
 //! Test helpers: the driver side of a split virtqueue laid out in [`FakeMemory`] the way Linux
-//! lays it out, a Vec-backed [`BlockDevice`], and a Linux-like bring-up of a [`VirtioPci`].
+//! lays it out, a Vec-backed [`BlockDevice`], and a Linux-like bring-up of a [`VirtioPci`]
+//! with one queue or several.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -216,6 +217,11 @@ pub fn common_read<D: VirtioDevice>(pci: &mut VirtioPci<D>, offset: u64, size: u
 /// BAR assignment, memory and bus-master enable, status ACKNOWLEDGE | DRIVER, features
 /// (everything offered), FEATURES_OK, queue 0 at `queue`, DRIVER_OK.
 pub fn bring_up<D: VirtioDevice + 'static>(pci: &mut VirtioPci<D>, queue: &DriverQueue) {
+    bring_up_queues(pci, &[queue]);
+}
+
+/// [`bring_up`] with queue `i` at `queues[i]`.
+pub fn bring_up_queues<D: VirtioDevice + 'static>(pci: &mut VirtioPci<D>, queues: &[&DriverQueue]) {
     config_write(pci, 0x10, BAR_BASE as u32);
     config_write(
         pci,
@@ -243,15 +249,17 @@ pub fn bring_up<D: VirtioDevice + 'static>(pci: &mut VirtioPci<D>, queue: &Drive
     let features_ok = u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
     common_write(pci, 0x14, 1, features_ok);
     assert_eq!(common_read(pci, 0x14, 1), features_ok, "FEATURES_OK kept");
-    common_write(pci, 0x16, 2, 0);
-    assert_eq!(common_read(pci, 0x1A, 2), 0xFFFF, "no MSI-X vector");
-    common_write(pci, 0x18, 2, u64::from(queue.size));
-    // vp_iowrite64_twopart: low then high halves.
-    for (offset, address) in [(0x20, queue.desc), (0x28, queue.avail), (0x30, queue.used)] {
-        common_write(pci, offset, 4, address & 0xFFFF_FFFF);
-        common_write(pci, offset + 4, 4, address >> 32);
+    for (index, queue) in queues.iter().enumerate() {
+        common_write(pci, 0x16, 2, index as u64);
+        assert_eq!(common_read(pci, 0x1A, 2), 0xFFFF, "no MSI-X vector");
+        common_write(pci, 0x18, 2, u64::from(queue.size));
+        // vp_iowrite64_twopart: low then high halves.
+        for (offset, address) in [(0x20, queue.desc), (0x28, queue.avail), (0x30, queue.used)] {
+            common_write(pci, offset, 4, address & 0xFFFF_FFFF);
+            common_write(pci, offset + 4, 4, address >> 32);
+        }
+        common_write(pci, 0x1C, 2, 1);
     }
-    common_write(pci, 0x1C, 2, 1);
     common_write(pci, 0x14, 1, features_ok | u64::from(status::DRIVER_OK));
 }
 
