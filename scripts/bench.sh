@@ -10,7 +10,9 @@
 # at once, on a 2-CPU QEMU (-cpu EPYC), in one run, and prints the ratio of their times.
 # With --linux it measures the stock Linux guest's boot to its shell prompt under ringzero
 # (nested and shadow paging) against QEMU booting the same kernel directly, in one run.
-# Usage: scripts/bench.sh [--smp | --linux]   (builds first, like run-qemu.sh)
+# With --disk it measures a Linux guest's sequential disk throughput under ringzero against QEMU
+# giving the same kernel its own virtio-blk disk, in one run.
+# Usage: scripts/bench.sh [--smp | --linux | --disk]   (builds first, like run-qemu.sh)
 set -euo pipefail
 
 RZ_PROG=bench
@@ -93,6 +95,46 @@ linux_bench() {
         rm -f "$log"
     done
 }
+# --disk: sequential throughput of a Linux guest's virtio-blk disk (64 MiB written, then read,
+# with direct I/O: tests/linux/scripts/disk-bench.sh) under ringzero (a partition of the
+# hypervisor's physical virtio-blk disk) and under QEMU directly (the same kernel and initramfs,
+# its own virtio-blk device on a raw file), in one run; the ratio is ringzero's rate over QEMU's.
+disk_bench() {
+    source "$RZ_ROOT/scripts/lib/linux-guest.sh"
+    rz_linux_guest
+    local dir variant log
+    dir=$(mktemp -d)
+    "$RZ_BOOT_TOOL" disk create --out "$dir/ringzero.img" --size 160M --partition bench:128M >/dev/null
+    truncate -s 128M "$dir/direct.img"
+    printf '| %-34s | %12s | %12s | %12s | %12s |\n' run "write MiB/s" "read MiB/s" "write ratio" "read ratio"
+    local direct_write="" direct_read="" write read
+    for variant in direct ringzero; do
+        log=$dir/$variant.log
+        if [ "$variant" = direct ]; then
+            timeout 600 qemu-system-x86_64 -machine pc -cpu EPYC -m 256 -display none -no-reboot \
+                -kernel "$RZ_LINUX_VMLINUZ" -initrd "$RZ_LINUX_INITRAMFS" \
+                -append "console=ttyS0 ringzero.run=disk-bench" \
+                -drive "if=none,id=disk0,file=$dir/direct.img,format=raw" -device virtio-blk-pci,drive=disk0 \
+                -serial stdio < /dev/null > "$log" 2>/dev/null || true
+        else
+            bash scripts/run-qemu.sh --no-build --config tests/configs/bench-disk.toml \
+                --disk "$dir/ringzero.img" --memory 1024 --timeout 600 > "$log" 2>/dev/null || true
+        fi
+        write=$(grep -a -o 'disk-bench: write status=0 seconds=[0-9.]* MiB/s=[0-9.]*' "$log" | sed 's/.*MiB\/s=//' | head -n 1)
+        read=$(grep -a -o 'disk-bench: read status=0 seconds=[0-9.]* MiB/s=[0-9.]*' "$log" | sed 's/.*MiB\/s=//' | head -n 1)
+        [ "$variant" = direct ] && direct_write=$write && direct_read=$read
+        printf '| %-34s | %12s | %12s | %12s | %12s |\n' \
+            "$([ "$variant" = direct ] && echo "QEMU virtio-blk (no hypervisor)" || echo "ringzero, partition of its disk")" \
+            "${write:--}" "${read:--}" \
+            "$(awk -v a="$write" -v b="$direct_write" 'BEGIN { if (a == "" || b + 0 == 0) print "-"; else printf "%.3f", a / b }')" \
+            "$(awk -v a="$read" -v b="$direct_read" 'BEGIN { if (a == "" || b + 0 == 0) print "-"; else printf "%.3f", a / b }')"
+    done
+    rm -rf "$dir"
+}
+if [ "${1:-}" = --disk ]; then
+    disk_bench
+    exit 0
+fi
 if [ "${1:-}" = --smp ]; then
     smp_bench
     exit 0

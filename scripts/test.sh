@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every ringzero test: formatting and lints, the host unit tests, then the emulator test
-# table (QEMU for AMD SVM, Bochs for Intel VMX) against freshly built images. On first use it
+# Runs every ringzero test: formatting and lints, the host unit tests, the fuzz targets (a fixed
+# number of runs each), then the emulator test table (QEMU for AMD SVM, Bochs for Intel VMX) against freshly built images. On first use it
 # installs what is missing (Debian packages, the pinned Rust toolchain) and says so.
 # Exits non-zero when anything fails.
 set -euo pipefail
@@ -49,6 +49,20 @@ cargo clippy --quiet -p ringzero --target x86_64-unknown-none -- -D warnings
 
 step "host unit tests (cargo test)"
 cargo_test --quiet
+
+step "fuzzing (scripts/fuzz.sh: every cargo-fuzz target, fixed runs and seed)"
+fuzz_log=$(mktemp)
+set +e
+bash scripts/fuzz.sh 2>&1 | tee "$fuzz_log"
+fuzz_status=${PIPESTATUS[0]}
+set -e
+fuzz_clean=$(grep -c '^fuzz: .* runs, 0 crashes$' "$fuzz_log" || true)
+rm -f "$fuzz_log"
+passed=$((passed + fuzz_clean))
+if [ "$fuzz_status" != 0 ] || [ "$fuzz_clean" = 0 ]; then
+    echo "tests: $passed passed, $((failed + 1)) failed"
+    exit 1
+fi
 
 step "building the kernel, the image tool and the guest payloads"
 rz_build_binaries
