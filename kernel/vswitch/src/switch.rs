@@ -567,15 +567,18 @@ impl Switch {
     /// The input queue bounds (`input_frames`, `input_bytes`) cap what one port can have
     /// waiting.
     pub fn submit(&mut self, id: PortId, frame: Frame) -> Result<(), SubmitError> {
-        let mtu = self.config.mtu;
-        let pinned_owner = FrameHeader::parse(frame.bytes(), mtu)
-            .ok()
-            .and_then(|header| self.pinned.get(&header.source).copied());
+        let parsed = FrameHeader::parse(frame.bytes(), self.config.mtu);
+        // Is the source no VM port's address (what the uplink may send from)?
+        let source_free = parsed
+            .as_ref()
+            .is_ok_and(|header| !self.pinned.contains_key(&header.source));
         let port = self.port_mut(id).ok_or(SubmitError::NoSuchPort)?;
         port.stats.in_frames += 1;
         port.stats.in_bytes += frame.len() as u64;
-        let result =
-            check_ingress(port.kind, frame.bytes(), mtu, pinned_owner).and_then(|header| {
+        let result = parsed
+            .map_err(DropCause::from)
+            .and_then(|header| check_source(port.kind, header, source_free))
+            .and_then(|header| {
                 port.input
                     .push(Pending { frame, header })
                     .map_err(|_| DropCause::InputFull)
@@ -749,22 +752,19 @@ impl Switch {
     }
 }
 
-/// The ingress checks of a frame from a port of `kind`, in order: header (runt, oversize),
-/// source address class, then ownership of the source (`pinned_owner` is the port the source
-/// address is pinned to, if any).
-fn check_ingress(
+/// The source checks at ingress of a parsed frame from a port of `kind`: the address class,
+/// then its ownership (`source_free`: the source is no VM port's address).
+fn check_source(
     kind: PortKind,
-    bytes: &[u8],
-    mtu: u16,
-    pinned_owner: Option<PortId>,
+    header: FrameHeader,
+    source_free: bool,
 ) -> Result<FrameHeader, DropCause> {
-    let header = FrameHeader::parse(bytes, mtu)?;
     if !header.source.is_valid_source() {
         return Err(DropCause::BadSource);
     }
     let spoofed = match kind {
         PortKind::Vm { mac } => header.source != mac,
-        PortKind::Uplink => pinned_owner.is_some(),
+        PortKind::Uplink => !source_free,
     };
     if spoofed {
         return Err(DropCause::Spoofed);
