@@ -167,7 +167,7 @@ fn two_linux_vms_write_their_partitions_and_a_second_run_reads_them_back() {
     for vm in ["vm1", "vm2"] {
         first.assert_serial_contains(&format!("{vm} | disk-test: dd status 0"));
         // The guest's sync reached the device as a flush.
-        let stats = first.line_with(&format!("vm {vm}: 00:01.0 reads="));
+        let stats = first.line_with(&format!("vm {vm}: 00:01.0 virtio-blk reads="));
         assert!(
             !stats.contains("flushes=0") && stats.contains("bytes_written=1048576"),
             "{stats}\n{}",

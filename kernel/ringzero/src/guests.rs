@@ -667,6 +667,9 @@ pub fn build_vm(
         attach_pc_platform(&mut vm, clock.tsc_hz);
     }
     attach_disks(&mut vm, disks);
+    if let Some(nic) = &vm_manifest.nic {
+        attach_nic(&mut vm, nic.mac);
+    }
     Some(BuiltVm {
         vm,
         nested_root,
@@ -824,6 +827,71 @@ fn attach_disks(
             gsi,
             function,
         });
+    }
+}
+
+/// Plugs the VM's NIC in as a virtio-net PCI function at the first free device number after
+/// its disks (BAR 0 and INTA# as for disks), and connects it to the hypervisor's switch.
+fn attach_nic(vm: &mut Vm, mac: [u8; 6]) {
+    use alloc::boxed::Box;
+    use alloc::sync::Arc;
+    use ringzero_devices::{PciBus, PciDevice};
+    use ringzero_vmm::pci::{BarFunction, PciSlot, SharedFunction};
+    let net = match ringzero_virtio::Net::new(ringzero_virtio::NetConfig::new(mac)) {
+        Ok(net) => net,
+        Err(error) => {
+            log::error!("vm {}: no NIC: {error:?}", vm.name);
+            return;
+        }
+    };
+    if vm.bus.device_mut::<PciBus>(PciBus::ADDRESS_PORT).is_none()
+        && vm.bus.add(Box::new(PciBus::new())).is_err()
+    {
+        log::error!(
+            "vm {}: the PCI ports are taken; its NIC is left out",
+            vm.name
+        );
+        return;
+    }
+    let device = vm.pci.iter().map(|slot| slot.device).max().unwrap_or(0) + 1;
+    let mut function = ringzero_virtio::VirtioPci::new(net);
+    let bar = PCI_MMIO32_WINDOW_START + 0x4000 * u32::from(device - 1);
+    let gsi = ringzero_acpi::pci_intx_gsi(device, 0);
+    function.write_config(0x10, bar, 0xFFFF_FFFF);
+    function.write_config(0x3C, gsi, 0xFF);
+    let function: ringzero_vmm::pci::Function =
+        Arc::new(spin::Mutex::new(Box::new(function) as Box<dyn BarFunction>));
+    let added = vm
+        .bus
+        .device_mut::<PciBus>(PciBus::ADDRESS_PORT)
+        .map(|bus| bus.add(device, 0, Box::new(SharedFunction::new(function.clone()))));
+    if !matches!(added, Some(Ok(()))) {
+        log::error!(
+            "vm {}: cannot plug its NIC in at 00:{device:02x}.0",
+            vm.name
+        );
+        return;
+    }
+    vm.pci.push(PciSlot {
+        device,
+        gsi,
+        function,
+    });
+    let mac_text = crate::net::MacDisplay(mac);
+    match crate::network::connect(vm.id, &vm.name, vm.pci.len() - 1, mac) {
+        Ok(()) => log::info!(
+            "vm {}: NIC virtio-net at 00:{device:02x}.0, MAC {mac_text}, BAR 0 at {bar:#x}, INTA# -> GSI {gsi}, on the switch{}",
+            vm.name,
+            if crate::net::physical_nic().is_some() {
+                " (uplink: the physical NIC)"
+            } else {
+                " (no physical NIC: VMs only)"
+            }
+        ),
+        Err(why) => log::error!(
+            "vm {}: NIC at 00:{device:02x}.0 (MAC {mac_text}) not connected to the switch: {why}",
+            vm.name
+        ),
     }
 }
 

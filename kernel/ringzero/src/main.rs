@@ -29,6 +29,7 @@ mod disk;
 mod guests;
 mod memory;
 mod net;
+mod network;
 mod pci;
 mod platform;
 mod power;
@@ -158,6 +159,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         heap_size: summary.heap_size,
     };
     let all_passed = scheduler::run_all(&manifest, extension, &own);
+    for line in network::statistics() {
+        log::info!("{line}");
+    }
 
     // Step 8.
     if all_passed {

@@ -403,10 +403,6 @@ impl PhysicalNic {
     }
 
     /// The next received Ethernet frame, if one is waiting (never waits).
-    #[allow(
-        dead_code,
-        reason = "the switch's uplink (issue 9) polls it; the probe uses receive_with"
-    )]
     pub fn receive(&self) -> Option<Vec<u8>> {
         self.receive_with(<[u8]>::to_vec)
     }

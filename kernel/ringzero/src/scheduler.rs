@@ -42,6 +42,8 @@ struct VmSlot {
     nested_root: Option<HostPhysAddr>,
     entry: EntryState,
     shadow: bool,
+    /// The VM has a NIC on the switch: the scheduler loop moves its frames.
+    networked: bool,
     /// vCPUs not done yet; the one that brings it to 0 finishes the VM.
     remaining: AtomicUsize,
     finished: AtomicBool,
@@ -265,7 +267,9 @@ pub fn run_all(
                 .join(", ")
         );
         location.push(cpus_of_vm);
+        let networked = crate::network::has_port(vm.id);
         slots.push(VmSlot {
+            networked,
             vm: spin::Mutex::new(vm),
             nested_root: built.nested_root,
             entry: built.entry,
@@ -438,6 +442,8 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         if cpu == 0 {
             poll_console_input(schedule);
         }
+        // Frames between the physical NIC and the switch (whichever CPU gets there).
+        crate::network::pump();
         let now = hw::rdtsc();
         let mut picked = None;
         let mut live = 0;
@@ -448,13 +454,14 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             }
             live += 1;
             let placement = mine[index];
-            if picked.is_none()
-                && smp::is_runnable(
-                    &mut schedule.slots[placement.slot].vm.lock(),
-                    placement.vcpu,
-                    now,
-                )
-            {
+            let slot = &schedule.slots[placement.slot];
+            let mut vm = slot.vm.lock();
+            // A networked VM's frames, both ways, before its vCPU is looked at: a frame
+            // delivered now raises its NIC's line, which wakes a halted vCPU below.
+            if slot.networked && placement.vcpu == 0 && vm.end.is_none() {
+                crate::network::exchange(&mut vm, &mut host);
+            }
+            if picked.is_none() && smp::is_runnable(&mut vm, placement.vcpu, now) {
                 picked = Some(index);
             }
         }

@@ -39,6 +39,8 @@ pub trait BarFunction: PciDevice {
     fn interrupt_line(&self) -> bool;
     /// One line of statistics for the end-of-VM report.
     fn statistics(&self) -> String;
+    /// The model as `Any`, for what only one kind of device does (a NIC's frames).
+    fn as_model_mut(&mut self) -> &mut dyn core::any::Any;
 }
 
 impl<D: VirtioDevice + DeviceStatistics + 'static> BarFunction for VirtioPci<D> {
@@ -61,11 +63,14 @@ impl<D: VirtioDevice + DeviceStatistics + 'static> BarFunction for VirtioPci<D> 
         VirtioPci::interrupt_line(self)
     }
     fn statistics(&self) -> String {
-        let mut line = self.device().statistics();
+        let mut line = DeviceStatistics::statistics(self.device());
         if let Some(error) = self.queue_error() {
             line.push_str(&alloc::format!(" last-queue-fault={error:?}"));
         }
         line
+    }
+    fn as_model_mut(&mut self) -> &mut dyn core::any::Any {
+        self
     }
 }
 
@@ -76,7 +81,13 @@ pub trait DeviceStatistics {
 
 impl<B: ringzero_vdisk::BlockDevice> DeviceStatistics for ringzero_virtio::Block<B> {
     fn statistics(&self) -> String {
-        alloc::format!("{}", self.stats())
+        alloc::format!("virtio-blk {}", self.stats())
+    }
+}
+
+impl DeviceStatistics for ringzero_virtio::Net {
+    fn statistics(&self) -> String {
+        alloc::format!("virtio-net {}", self.stats())
     }
 }
 
