@@ -198,6 +198,7 @@ impl VmConfig {
                     writable: disk.writable,
                 })
                 .collect(),
+            nic: None,
         }
     }
 }
