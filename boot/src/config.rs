@@ -22,12 +22,18 @@
 //! # image = "disks/ro.img"  # an image file (relative to the config file), packed into the
 //! #                         # bundle and held in RAM; a whole number of 512-byte sectors
 //! writable = true           # optional, default false; a writable image's changes are lost at power-off
+//!
+//! [[vm.nic]]                # optional, at most 1 per VM for now: a virtio-net NIC on the switch
+//! mac = "02:00:00:00:00:01" # optional; default: derived from the VM's name (mac_from_name)
 //! ```
 //!
 //! A partition given `writable = true` to one disk may not be named (by the same label or
 //! GUID) by any other disk of any VM. With `ringzero-boot --disk FILE` (the physical disk the
 //! hypervisor will get), every partition must exist on it ([`check_partitions`]), which also
 //! catches a label and a GUID that name the same partition.
+//!
+//! No two NICs of any VMs may have the same MAC address, given or derived
+//! ([`check_unique_macs`]).
 //!
 //! Over all VMs, at most 64 vCPUs ([`MAX_TOTAL_CPUS`]). Whether a pinned CPU exists is only
 //! known at boot; the hypervisor refuses that then.
@@ -41,11 +47,13 @@
 
 use ringzero_loader::boot_plan::{self, LoadError};
 use ringzero_loader::manifest::{
-    is_valid_partition_label, is_valid_vm_name, DiskManifest, DiskSource, GuestFormat, Manifest,
-    Module, Paging, TestHook, VmManifest, DISK_SECTOR_SIZE, MAX_CMDLINE_LEN, MAX_CPUS, MAX_DISKS,
-    MAX_HOST_CPU, MAX_MODULES, MAX_MODULE_NAME_LEN, MAX_TIME_LIMIT_SECONDS, MAX_TOTAL_CPUS,
+    is_valid_nic_mac, is_valid_partition_label, is_valid_vm_name, DiskManifest, DiskSource,
+    GuestFormat, MacText, Manifest, Module, NicManifest, Paging, TestHook, VmManifest,
+    DISK_SECTOR_SIZE, MAX_CMDLINE_LEN, MAX_CPUS, MAX_DISKS, MAX_HOST_CPU, MAX_MODULES,
+    MAX_MODULE_NAME_LEN, MAX_NICS, MAX_TIME_LIMIT_SECONDS, MAX_TOTAL_CPUS,
 };
 use ringzero_vdisk::gpt::{guid_text, parse_guid, GptTable, Guid, PartitionSelector};
+use ringzero_virtio::net::mac_from_name;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
@@ -55,7 +63,7 @@ pub const MIN_MEMORY_MIB: i64 = 2;
 /// Largest accepted `memory`, in MiB (4 GiB: the boot protocols' address limit).
 pub const MAX_MEMORY_MIB: i64 = 4096;
 /// The keys a `[[vm]]` table may have.
-pub const VM_KEYS: [&str; 13] = [
+pub const VM_KEYS: [&str; 14] = [
     "name",
     "kernel",
     "format",
@@ -69,9 +77,12 @@ pub const VM_KEYS: [&str; 13] = [
     "trace",
     "time_limit",
     "disk",
+    "nic",
 ];
 /// The keys a `[[vm.disk]]` table may have.
 pub const DISK_KEYS: [&str; 4] = ["partition", "guid", "image", "writable"];
+/// The keys a `[[vm.nic]]` table may have.
+pub const NIC_KEYS: [&str; 1] = ["mac"];
 
 /// One checked guest, with its image and modules read into memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +106,28 @@ pub struct VmConfig {
     pub initrd: Option<(PathBuf, Vec<u8>)>,
     /// The virtual disks, in device order (at most [`MAX_DISKS`]).
     pub disks: Vec<DiskConfig>,
+    /// The virtual NIC (at most [`MAX_NICS`], so at most one for now).
+    pub nic: Option<NicConfig>,
+}
+
+/// One checked `[[vm.nic]]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NicConfig {
+    /// Unicast and not all zero.
+    pub mac: [u8; 6],
+    /// True when `mac` was not given and is `mac_from_name(vm name)`.
+    pub derived: bool,
+}
+
+impl NicConfig {
+    /// `02:f1:1e:72:48:19`, followed by `suffix` when the MAC was derived from the name.
+    fn describe(&self, suffix: &str) -> String {
+        if self.derived {
+            format!("{} {suffix}", MacText(self.mac))
+        } else {
+            MacText(self.mac).to_string()
+        }
+    }
 }
 
 /// One checked `[[vm.disk]]`.
@@ -198,6 +231,7 @@ impl VmConfig {
                     writable: disk.writable,
                 })
                 .collect(),
+            nic: self.nic.map(|nic| NicManifest { mac: nic.mac }),
         }
     }
 }
@@ -355,6 +389,7 @@ pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, Vec<ConfigEr
         }
     }
     check_shared_partitions(&mut errors, &vms);
+    check_unique_macs(&mut errors, &vms);
     let total_cpus = total_cpus(&table);
     if total_cpus > u64::from(MAX_TOTAL_CPUS) {
         errors.push(
@@ -739,6 +774,7 @@ fn check_vm(
     };
 
     let disks = check_disks(&mut check, base);
+    let nic = check_nic(&mut check, name.as_deref());
 
     if check.failed {
         return None;
@@ -763,6 +799,7 @@ fn check_vm(
         modules,
         initrd,
         disks,
+        nic,
     };
     // The hypervisor will plan exactly this; refuse here what it would refuse there.
     if let Err(error) = boot_plan::plan(&vm.manifest()) {
@@ -899,6 +936,143 @@ fn check_disks(check: &mut VmChecker<'_, '_>, base: &Path) -> Vec<DiskConfig> {
         }
     }
     disks
+}
+
+/// Checks the `[[vm.nic]]` tables of the VM `check` is about (named `name`, when it has a
+/// name: the default MAC is derived from it).
+fn check_nic(check: &mut VmChecker<'_, '_>, name: Option<&str>) -> Option<NicConfig> {
+    let tables: Vec<&Value> = match check.table.get("nic") {
+        None => return None,
+        Some(Value::Array(tables)) => tables.iter().collect(),
+        Some(Value::Table(_)) => {
+            check.error(
+                "nic",
+                "expected [[vm.nic]] tables (double brackets, like [[vm.disk]]), found a single [vm.nic] table".into(),
+            );
+            return None;
+        }
+        Some(other) => {
+            check.wrong_type("nic", "[[vm.nic]] tables", other);
+            return None;
+        }
+    };
+    if tables.len() > MAX_NICS {
+        check.error(
+            "nic",
+            format!(
+                "{} [[vm.nic]] tables, at most {MAX_NICS} NIC per VM is allowed for now",
+                tables.len()
+            ),
+        );
+        return None;
+    }
+    let mut nic = None;
+    for (index, value) in tables.into_iter().enumerate() {
+        let number = index + 1;
+        let mut fail = |message: String| check.error("nic", format!("nic #{number}: {message}"));
+        let Value::Table(table) = value else {
+            fail(format!(
+                "expected a table, found {}",
+                with_article(value.type_str())
+            ));
+            continue;
+        };
+        let mut failed = false;
+        for key in table.keys() {
+            if !NIC_KEYS.contains(&key.as_str()) {
+                fail(format!(
+                    "unknown key \"{key}\" (known: {})",
+                    NIC_KEYS.join(", ")
+                ));
+                failed = true;
+            }
+        }
+        let config = match table.get("mac") {
+            None => name.map(|name| NicConfig {
+                mac: mac_from_name(name),
+                derived: true,
+            }),
+            Some(Value::String(text)) => match parse_mac(text) {
+                None => {
+                    fail(format!(
+                        "key \"mac\": \"{text}\" is not a MAC address (six two-digit hex bytes separated by colons, e.g. \"02:00:00:00:00:01\")"
+                    ));
+                    None
+                }
+                Some(mac) if mac == [0; 6] => {
+                    fail(format!(
+                        "key \"mac\": {} is all zero: a NIC needs a unicast, non-zero address (e.g. \"02:00:00:00:00:01\")",
+                        MacText(mac)
+                    ));
+                    None
+                }
+                Some(mac) if !is_valid_nic_mac(mac) => {
+                    fail(format!(
+                        "key \"mac\": {} is a multicast (group) address: a NIC needs a unicast one, with the lowest bit of the first byte clear (e.g. \"02:00:00:00:00:01\")",
+                        MacText(mac)
+                    ));
+                    None
+                }
+                Some(mac) => Some(NicConfig {
+                    mac,
+                    derived: false,
+                }),
+            },
+            Some(other) => {
+                fail(format!(
+                    "key \"mac\": expected a string, found {}",
+                    with_article(other.type_str())
+                ));
+                None
+            }
+        };
+        if !failed {
+            nic = config;
+        }
+    }
+    nic
+}
+
+/// Parses `02:00:00:00:00:01` (either case): six bytes of exactly two hex digits each,
+/// separated by colons.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|digit| digit.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Refuses two NICs (of any VMs) with the same MAC address, given or derived: the switch
+/// tells ports apart by MAC. The error is on the later VM and names the earlier.
+fn check_unique_macs(errors: &mut Errors<'_>, vms: &[VmConfig]) {
+    for (later, vm) in vms.iter().enumerate() {
+        let Some(nic) = vm.nic else { continue };
+        let earlier = vms[..later]
+            .iter()
+            .find(|other| other.nic.is_some_and(|other| other.mac == nic.mac));
+        if let Some(other) = earlier {
+            let derived = if other.nic.is_some_and(|nic| nic.derived) {
+                " (derived from its name)"
+            } else {
+                ""
+            };
+            errors.push(
+                Some(format!("vm \"{}\"", vm.name)),
+                Some("nic"),
+                format!(
+                    "nic #1: MAC {} is also the MAC of the NIC of vm \"{}\"{derived}; every NIC needs its own MAC (give one of them another mac)",
+                    nic.describe("(derived from the VM's name)"),
+                    other.name
+                ),
+            );
+        }
+    }
 }
 
 /// Refuses a partition that is writable for one disk and named (by the same label or GUID)

@@ -20,7 +20,7 @@ mod disk;
 
 use bootloader::{BiosBoot, BootConfig, UefiBoot};
 use bootloader_boot_config::LevelFilter;
-use ringzero_loader::manifest::{Manifest, TestHook};
+use ringzero_loader::manifest::{MacText, Manifest, TestHook};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -123,7 +123,7 @@ fn build(options: &Options) -> Result<(), Failure> {
         .map_err(|error| format!("cannot write {}: {error}", manifest_path.display()))?;
     for vm in &guests.vms {
         println!(
-            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} disk(s), {} vCPU{}, paging {}{}{}",
+            "ringzero-boot: vm \"{}\": {}, {} MiB, image {} bytes ({}), {} module(s){}, {} disk(s){}, {} vCPU{}, paging {}{}{}",
             vm.name,
             vm.format.name(),
             vm.memory_mib,
@@ -135,6 +135,10 @@ fn build(options: &Options) -> Result<(), Failure> {
                 None => String::new(),
             },
             vm.disks.len(),
+            match vm.nic {
+                Some(nic) => format!(", nic {}", MacText(nic.mac)),
+                None => String::new(),
+            },
             vm.cpus,
             if vm.pin.is_empty() {
                 String::new()

@@ -289,6 +289,30 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
         "disk-too-many",
         "vm \"basic\": key \"disk\": 5 [[vm.disk]] tables, at most 4 disks per VM are allowed",
     ),
+    (
+        "nic-malformed-mac",
+        "vm \"basic\": key \"nic\": nic #1: key \"mac\": \"02:00:00:00:01\" is not a MAC address",
+    ),
+    (
+        "nic-multicast-mac",
+        "vm \"basic\": key \"nic\": nic #1: key \"mac\": 01:00:5e:00:00:01 is a multicast (group) address",
+    ),
+    (
+        "nic-zero-mac",
+        "vm \"basic\": key \"nic\": nic #1: key \"mac\": 00:00:00:00:00:00 is all zero",
+    ),
+    (
+        "nic-unknown-key",
+        "vm \"basic\": key \"nic\": nic #1: unknown key \"model\" (known: mac)",
+    ),
+    (
+        "nic-too-many",
+        "vm \"basic\": key \"nic\": 2 [[vm.nic]] tables, at most 1 NIC per VM",
+    ),
+    (
+        "nic-duplicate-mac",
+        "vm \"web\": key \"nic\": nic #1: MAC 02:f1:1e:72:48:19 (derived from the VM's name) is also the MAC of the NIC of vm \"basic\"",
+    ),
 ];
 
 #[test]

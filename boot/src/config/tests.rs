@@ -217,7 +217,7 @@ fn unknown_key() {
     let line = one_error(&scratch, &format!("{BASIC}colour = \"red\"\n"));
     assert_eq!(
         line,
-        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, pin, paging, trace, time_limit, disk)"
+        "DIR/vms.toml: vm \"basic\": key \"colour\": unknown key (known: name, kernel, format, memory, cmdline, modules, initrd, cpus, pin, paging, trace, time_limit, disk, nic)"
     );
 }
 
@@ -1021,4 +1021,155 @@ fn partitions_are_checked_against_the_physical_disk() {
     );
     // Read-only sharing is fine.
     assert!(check(&["partition = \"vm2\""], &[&format!("guid = \"{vm2}\"")]).is_empty());
+}
+
+/// BASIC named `name`, with `nic` (the lines after `[[vm.nic]]`, or no NIC when `None`).
+fn vm_with_nic(name: &str, nic: Option<&str>) -> String {
+    let mut text = BASIC.replace("basic", name);
+    if let Some(nic) = nic {
+        text += &format!("[[vm.nic]]\n{nic}\n");
+    }
+    text
+}
+
+#[test]
+fn the_default_mac_is_mac_from_name_and_pinned() {
+    // The same values as ringzero_virtio's own test: boot uses that function, not a copy.
+    assert_eq!(mac_from_name("web"), [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]);
+    assert_eq!(mac_from_name("db"), [0x02, 0xe3, 0xa1, 0x3b, 0xb5, 0x07]);
+}
+
+#[test]
+fn nics_round_trip_through_the_manifest() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let text = vm_with_nic("web", Some(""))
+        + &vm_with_nic("given", Some("mac = \"02:00:00:AB:cd:01\""))
+        + &vm_with_nic("none", None);
+    let config = scratch.load(&text).unwrap();
+    assert_eq!(
+        config.vms[0].nic,
+        Some(NicConfig {
+            mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19],
+            derived: true
+        })
+    );
+    assert_eq!(
+        config.vms[1].nic,
+        Some(NicConfig {
+            mac: [0x02, 0, 0, 0xab, 0xcd, 0x01],
+            derived: false
+        })
+    );
+    assert_eq!(config.vms[2].nic, None);
+    let encoded = config.manifest(TestHook::None).encode();
+    let manifest = Manifest::decode(&encoded).unwrap();
+    let macs: Vec<Option<[u8; 6]>> = manifest
+        .vms
+        .iter()
+        .map(|vm| vm.nic.map(|nic| nic.mac))
+        .collect();
+    assert_eq!(
+        macs,
+        [
+            Some([0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]),
+            Some([0x02, 0, 0, 0xab, 0xcd, 0x01]),
+            None
+        ]
+    );
+    // A globally administered (vendor) unicast address is accepted as given.
+    let vendor = scratch
+        .load(&vm_with_nic("basic", Some("mac = \"52:54:00:12:34:56\"")))
+        .unwrap();
+    assert_eq!(
+        vendor.vms[0].nic.map(|nic| nic.mac),
+        Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+    );
+}
+
+#[test]
+fn bad_nics() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let prefix = "DIR/vms.toml: vm \"basic\": key \"nic\": ";
+    let one = |nic: &str| one_error(&scratch, &vm_with_nic("basic", Some(nic)));
+    for malformed in [
+        "02:00:00:00:00",
+        "02:00:00:00:00:01:02",
+        "02-00-00-00-00-01",
+        "2:00:00:00:00:01",
+        "02:00:00:00:00:0g",
+        "020000000001",
+        "02:00:00:00:00:+1",
+        "",
+    ] {
+        assert_eq!(
+            one(&format!("mac = \"{malformed}\"")),
+            format!("{prefix}nic #1: key \"mac\": \"{malformed}\" is not a MAC address (six two-digit hex bytes separated by colons, e.g. \"02:00:00:00:00:01\")")
+        );
+    }
+    for multicast in [
+        "01:00:5e:00:00:01",
+        "33:33:00:00:00:01",
+        "FF:FF:FF:FF:FF:FF",
+    ] {
+        assert_eq!(
+            one(&format!("mac = \"{multicast}\"")),
+            format!("{prefix}nic #1: key \"mac\": {} is a multicast (group) address: a NIC needs a unicast one, with the lowest bit of the first byte clear (e.g. \"02:00:00:00:00:01\")", multicast.to_lowercase())
+        );
+    }
+    assert_eq!(
+        one("mac = \"00:00:00:00:00:00\""),
+        format!("{prefix}nic #1: key \"mac\": 00:00:00:00:00:00 is all zero: a NIC needs a unicast, non-zero address (e.g. \"02:00:00:00:00:01\")")
+    );
+    assert_eq!(
+        one("mac = \"02:00:00:00:00:01\"\nmodel = \"e1000\""),
+        format!("{prefix}nic #1: unknown key \"model\" (known: mac)")
+    );
+    assert_eq!(
+        one("mac = 2"),
+        format!("{prefix}nic #1: key \"mac\": expected a string, found an integer")
+    );
+    assert_eq!(
+        one_error(&scratch, &format!("{BASIC}[[vm.nic]]\n[[vm.nic]]\n")),
+        format!("{prefix}2 [[vm.nic]] tables, at most 1 NIC per VM is allowed for now")
+    );
+    assert_eq!(
+        one_error(&scratch, &format!("{BASIC}[vm.nic]\n")),
+        format!("{prefix}expected [[vm.nic]] tables (double brackets, like [[vm.disk]]), found a single [vm.nic] table")
+    );
+    assert_eq!(
+        one_error(&scratch, &format!("{BASIC}nic = \"02:00:00:00:00:01\"\n")),
+        format!("{prefix}expected [[vm.nic]] tables, found a string")
+    );
+}
+
+#[test]
+fn two_vms_may_not_share_a_mac() {
+    let scratch = Scratch::new(&[("tiny.bin", TINY)]);
+    let errors = |vms: &[(&str, Option<&str>)]| {
+        let text: String = vms
+            .iter()
+            .map(|(name, nic)| vm_with_nic(name, *nic))
+            .collect();
+        scratch.errors(&text)
+    };
+    let web = "mac = \"02:f1:1e:72:48:19\"";
+    // Both given.
+    assert_eq!(
+        errors(&[("a", Some(web)), ("b", Some(web))]),
+        ["DIR/vms.toml: vm \"b\": key \"nic\": nic #1: MAC 02:f1:1e:72:48:19 is also the MAC of the NIC of vm \"a\"; every NIC needs its own MAC (give one of them another mac)"]
+    );
+    // Given, then derived from the name "web".
+    assert_eq!(
+        errors(&[("a", Some(web)), ("web", Some(""))]),
+        ["DIR/vms.toml: vm \"web\": key \"nic\": nic #1: MAC 02:f1:1e:72:48:19 (derived from the VM's name) is also the MAC of the NIC of vm \"a\"; every NIC needs its own MAC (give one of them another mac)"]
+    );
+    // Derived, then given.
+    assert_eq!(
+        errors(&[("web", Some("")), ("a", None), ("b", Some(web))]),
+        ["DIR/vms.toml: vm \"b\": key \"nic\": nic #1: MAC 02:f1:1e:72:48:19 is also the MAC of the NIC of vm \"web\" (derived from its name); every NIC needs its own MAC (give one of them another mac)"]
+    );
+    // A VM without a NIC has no MAC to collide with.
+    assert!(scratch
+        .load(&(vm_with_nic("web", None) + &vm_with_nic("a", Some(web))))
+        .is_ok());
 }

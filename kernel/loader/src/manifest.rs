@@ -3,26 +3,27 @@
 //! settings, kernel image, modules and initial RAM disk); the decoded [`Manifest`] borrows the
 //! images from the ramdisk bytes, nothing is copied.
 //!
-//! Layout, version 5 (all integers little-endian; every offset counts from the manifest's
+//! Layout, version 6 (all integers little-endian; every offset counts from the manifest's
 //! first byte). Version 3 added the Linux format (code 3) and the initrd: the VM record grew
 //! from 96 to 112 bytes (the initrd span at 96) and flag bit 1 says whether there is one.
 //! Version 4 added guest SMP: the vCPU count is 1..=[`MAX_CPUS`] (16; it was 1..=256 and
 //! only 1 was ever written), the pin count and the time limit took reserved bytes 84 and 88,
 //! and the record grew from 112 to 128 bytes (the pin list at 112). Version 5 added virtual
 //! disks: the record grew from 128 to 144 bytes (the disk table's offset and count at 128)
-//! and each VM has a disk table. The header is unchanged.
+//! and each VM has a disk table. Version 6 added the virtual NIC: the record grew from 144 to
+//! 160 bytes (the NIC's flags and MAC address at 144). The header is unchanged.
 //!
 //! Header (32 bytes):
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `RZMANIF1` (unchanged since version 1) |
-//! | 8 | 4 | format version (5); at the same place as in versions 1 to 4 |
+//! | 8 | 4 | format version (6); at the same place as in versions 1 to 5 |
 //! | 12 | 4 | test hook ([`TestHook`]), 0 in normal builds |
 //! | 16 | 8 | total length in bytes, header included |
 //! | 24 | 4 | number of VMs (at most [`MAX_VMS`]) |
 //! | 28 | 4 | reserved, 0 |
 //!
-//! VM table: at offset 32, one 144-byte record per VM, in run order. A *span* is a u64 offset
+//! VM table: at offset 32, one 160-byte record per VM, in run order. A *span* is a u64 offset
 //! and a u64 length of bytes in the blob area.
 //! | offset | size | field |
 //! |---|---|---|
@@ -44,6 +45,9 @@
 //! | 128 | 8 | offset of this VM's disk table |
 //! | 136 | 4 | number of disks (at most [`MAX_DISKS`]) |
 //! | 140 | 4 | reserved, 0 |
+//! | 144 | 4 | NIC flags: bit 0 = the VM has a NIC ([`NicManifest`]); other bits 0 |
+//! | 148 | 6 | the NIC's MAC address, in wire order: unicast and not all zero; all 0 when flag bit 0 is clear |
+//! | 154 | 6 | reserved, 0 |
 //!
 //! Module tables: one 32-byte record per module: span of the name (UTF-8, at most
 //! [`MAX_MODULE_NAME_LEN`] bytes, no NUL), span of the module's bytes.
@@ -59,7 +63,8 @@
 //! | 56 | 8 | reserved, 0 |
 //!
 //! A partition that is writable for one disk may not be named (by the same label or GUID) by
-//! any other disk of any VM; the host checks that, and so does [`Manifest::decode`]. Whether
+//! any other disk of any VM; the host checks that, and so does [`Manifest::decode`]. No two
+//! NICs of any VMs may have the same MAC address (checked by both too). Whether
 //! a label and a GUID name the same partition only the physical disk can tell: the hypervisor
 //! checks that when it opens the partitions.
 //!
@@ -76,16 +81,18 @@ use core::fmt;
 /// The first eight bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"RZMANIF1";
 /// The format version this code reads and writes.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The size of the header (the same since version 1).
 pub const HEADER_LEN: usize = 32;
 /// The size of one VM record in the VM table (96 in version 2, 112 in version 3, 128 in
-/// version 4).
-pub const VM_RECORD_LEN: usize = 144;
+/// version 4, 144 in version 5).
+pub const VM_RECORD_LEN: usize = 160;
 /// The size of one disk record in a disk table.
 pub const DISK_RECORD_LEN: usize = 64;
 /// At most this many disks per VM.
 pub const MAX_DISKS: usize = 4;
+/// At most this many NICs per VM: the VM record has room for one.
+pub const MAX_NICS: usize = 1;
 /// The sector size of virtual disks: an image's length is a multiple of it.
 pub const DISK_SECTOR_SIZE: usize = 512;
 /// The longest GPT partition label, in UTF-16 code units (UEFI 2.10 Table 5.6: 72 bytes).
@@ -118,6 +125,7 @@ const MAX_PIN_ENTRIES: usize = MAX_CPUS as usize;
 const FLAG_TRACE: u32 = 1 << 0;
 const FLAG_INITRD: u32 = 1 << 1;
 const DISK_FLAG_WRITABLE: u32 = 1 << 0;
+const NIC_FLAG_PRESENT: u32 = 1 << 0;
 
 /// A test-only behaviour the hypervisor performs at boot, so the harness can prove a path
 /// (e.g. the exception report) without a special kernel build.
@@ -312,6 +320,39 @@ pub struct VmManifest<'a> {
     /// writable)`; [`DiskSource::Image`] -> `ImageDisk::read_only(bytes, name)` or, when
     /// `writable`, `ImageDisk::writable_copy(bytes, name)` (changes last until power-off).
     pub disks: Vec<DiskManifest<'a>>,
+    /// The VM's virtual NIC, if it has one (`[[vm.nic]]` in the configuration; at most
+    /// [`MAX_NICS`]). The guest sees it as a virtio-net device with this MAC address. The
+    /// boot plan does not use it; the VM builder does, through `ringzero-virtio`:
+    /// `Net::new(NetConfig::new(nic.mac))` behind `VirtioPci`, its frames going to the
+    /// hypervisor's switch (`ringzero-vswitch`), which connects it to the other VMs' NICs and
+    /// the physical NIC. The MAC is unicast, not all zero and unique over the manifest's VMs
+    /// (decode checks all three).
+    pub nic: Option<NicManifest>,
+}
+
+/// One virtual NIC of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NicManifest {
+    /// The NIC's MAC address in wire order: unicast (bit 0 of byte 0 clear) and not all zero.
+    /// The host writes the configured `mac`, or by default
+    /// `ringzero_virtio::net::mac_from_name(vm_name)`.
+    pub mac: [u8; 6],
+}
+
+/// True for a MAC address a NIC may have: unicast (the group bit, bit 0 of the first byte,
+/// clear) and not all zero.
+pub fn is_valid_nic_mac(mac: [u8; 6]) -> bool {
+    mac[0] & 1 == 0 && mac != [0; 6]
+}
+
+/// `mac` as six colon-separated lower-case hex bytes, e.g. `02:f1:1e:72:48:19`.
+pub struct MacText(pub [u8; 6]);
+
+impl fmt::Display for MacText {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, f] = self.0;
+        write!(formatter, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+    }
 }
 
 /// One virtual disk of a VM.
@@ -495,6 +536,16 @@ pub enum ManifestError {
         other_vm: u32,
         other_disk: u32,
     },
+    /// NIC flag bits this hypervisor does not know.
+    UnknownNicFlags { vm: u32, flags: u32 },
+    /// A NIC MAC address that is a group (multicast or broadcast) address or all zero.
+    BadNicMac { vm: u32, mac: [u8; 6] },
+    /// Two VMs' NICs with the same MAC address (`other_vm` is the earlier one).
+    DuplicateNicMac {
+        vm: u32,
+        other_vm: u32,
+        mac: [u8; 6],
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -581,6 +632,19 @@ impl fmt::Display for ManifestError {
             ManifestError::SharedWritablePartition { vm, disk, other_vm, other_disk } => write!(
                 formatter,
                 "manifest vm #{vm}: disk #{disk} names the same partition as vm #{other_vm} disk #{other_disk}, and one of them is writable"
+            ),
+            ManifestError::UnknownNicFlags { vm, flags } => {
+                write!(formatter, "manifest vm #{vm}: NIC has unknown flag bits {flags:#x}")
+            }
+            ManifestError::BadNicMac { vm, mac } => write!(
+                formatter,
+                "manifest vm #{vm}: NIC MAC address {} is not unicast or is all zero",
+                MacText(*mac)
+            ),
+            ManifestError::DuplicateNicMac { vm, other_vm, mac } => write!(
+                formatter,
+                "manifest vm #{vm}: NIC MAC address {} is also the MAC address of vm #{other_vm}'s NIC",
+                MacText(*mac)
             ),
         }
     }
@@ -744,6 +808,10 @@ impl<'a> Manifest<'a> {
                 }
                 next_disk_record += DISK_RECORD_LEN;
             }
+            if let Some(nic) = vm.nic {
+                put_u32(&mut bytes, record + 144, NIC_FLAG_PRESENT);
+                bytes[record + 148..record + 154].copy_from_slice(&nic.mac);
+            }
         }
         align8(&mut bytes);
         let total = bytes.len() as u64;
@@ -808,6 +876,7 @@ impl<'a> Manifest<'a> {
             return Err(ManifestError::TooManyCpus { total: total_cpus });
         }
         check_shared_partitions(&vms)?;
+        check_unique_macs(&vms)?;
         Ok(Manifest { test_hook, vms })
     }
 }
@@ -833,6 +902,25 @@ fn check_shared_partitions(vms: &[VmManifest<'_>]) -> Result<(), ManifestError> 
                     other_disk,
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses two NICs with the same MAC address (at most [`MAX_VMS`] NICs, so the pairwise
+/// check is bounded); the error names the later VM.
+fn check_unique_macs(vms: &[VmManifest<'_>]) -> Result<(), ManifestError> {
+    for (vm, manifest) in (0u32..).zip(vms) {
+        let Some(nic) = manifest.nic else { continue };
+        let earlier = (0u32..)
+            .zip(&vms[..vm as usize])
+            .find(|(_, other)| other.nic == Some(nic));
+        if let Some((other_vm, _)) = earlier {
+            return Err(ManifestError::DuplicateNicMac {
+                vm,
+                other_vm,
+                mac: nic.mac,
+            });
         }
     }
     Ok(())
@@ -1003,6 +1091,7 @@ fn decode_vm<'a>(
         None
     };
     let disks = decode_disks(reader, vm, record, total)?;
+    let nic = decode_nic(reader, vm, record, total)?;
     Ok(VmManifest {
         name,
         format,
@@ -1017,7 +1106,45 @@ fn decode_vm<'a>(
         modules,
         initrd,
         disks,
+        nic,
     })
+}
+
+/// Decodes the NIC fields (at 144) of the VM record at `record`.
+fn decode_nic(
+    reader: &Reader<'_>,
+    vm: u32,
+    record: u64,
+    total: u64,
+) -> Result<Option<NicManifest>, ManifestError> {
+    let at = record + 144;
+    let fields = reader.slice(at, 16).ok_or(ManifestError::OutOfBounds {
+        vm,
+        field: Field::VmTable,
+        offset: at,
+        length: 16,
+        total,
+    })?;
+    let flags = u32::from_le_bytes([fields[0], fields[1], fields[2], fields[3]]);
+    if flags & !NIC_FLAG_PRESENT != 0 {
+        return Err(ManifestError::UnknownNicFlags { vm, flags });
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&fields[4..10]);
+    // Without a NIC the MAC is reserved too.
+    let reserved_from = if flags & NIC_FLAG_PRESENT != 0 { 10 } else { 4 };
+    if let Some(position) = fields[reserved_from..].iter().position(|&byte| byte != 0) {
+        return Err(ManifestError::ReservedNotZero {
+            offset: at + (reserved_from + position) as u64,
+        });
+    }
+    if flags & NIC_FLAG_PRESENT == 0 {
+        return Ok(None);
+    }
+    if !is_valid_nic_mac(mac) {
+        return Err(ManifestError::BadNicMac { vm, mac });
+    }
+    Ok(Some(NicManifest { mac }))
 }
 
 /// Decodes the disk table of the VM record at `record`.
@@ -1165,6 +1292,7 @@ mod tests {
                     modules: Vec::new(),
                     initrd: None,
                     disks: Vec::new(),
+                    nic: None,
                 },
                 VmManifest {
                     name: "mb-guest_2",
@@ -1201,6 +1329,9 @@ mod tests {
                             writable: false,
                         },
                     ],
+                    nic: Some(NicManifest {
+                        mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19],
+                    }),
                 },
                 VmManifest {
                     name: "linux",
@@ -1228,6 +1359,9 @@ mod tests {
                             writable: false,
                         },
                     ],
+                    nic: Some(NicManifest {
+                        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+                    }),
                 },
                 VmManifest {
                     name: "linux-empty-initrd",
@@ -1243,6 +1377,7 @@ mod tests {
                     modules: Vec::new(),
                     initrd: Some(b""),
                     disks: Vec::new(),
+                    nic: None,
                 },
             ],
         }
@@ -2052,6 +2187,178 @@ mod tests {
         assert_eq!(
             alloc::format!("{}", shared(1, 0, 0, 2).unwrap_err()),
             "manifest vm #1: disk #0 names the same partition as vm #0 disk #2, and one of them is writable"
+        );
+    }
+
+    #[test]
+    fn nics_round_trip_and_sit_where_the_layout_says() {
+        let manifest = sample();
+        let bytes = manifest.encode();
+        let decoded = Manifest::decode(&bytes).unwrap();
+        assert_eq!(decoded, manifest);
+        assert_eq!(decoded.vms[0].nic, None);
+        assert_eq!(
+            decoded.vms[1].nic,
+            Some(NicManifest {
+                mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]
+            })
+        );
+        // On the wire: the flags at 144, the MAC at 148, then 6 reserved bytes.
+        let vm1 = HEADER_LEN + VM_RECORD_LEN;
+        assert_eq!(&bytes[vm1 + 144..vm1 + 148], &[1, 0, 0, 0]);
+        assert_eq!(
+            &bytes[vm1 + 148..vm1 + 154],
+            &[0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]
+        );
+        assert!(bytes[vm1 + 154..vm1 + 160].iter().all(|&byte| byte == 0));
+        // No NIC: all 16 bytes zero.
+        assert!(bytes[HEADER_LEN + 144..HEADER_LEN + 160]
+            .iter()
+            .all(|&byte| byte == 0));
+        // A version 5 manifest (144-byte records, no NIC) is refused, not misread.
+        let mut old = bytes.clone();
+        old[8] = 5;
+        assert_eq!(
+            Manifest::decode(&old),
+            Err(ManifestError::UnsupportedVersion(5))
+        );
+        // Any unicast, non-zero MAC is accepted, globally administered ones too.
+        let mut global = sample();
+        global.vms[0].nic = Some(NicManifest {
+            mac: [0x00, 0x00, 0x00, 0x00, 0x00, 0x01],
+        });
+        assert_eq!(Manifest::decode(&global.encode()), Ok(global));
+    }
+
+    #[test]
+    fn refuses_bad_nics() {
+        let good = sample().encode();
+        let (vm0, vm1) = (HEADER_LEN, HEADER_LEN + VM_RECORD_LEN);
+        let check = |patches: &[(usize, u8)], expected: ManifestError| {
+            let mut bytes = good.clone();
+            for &(offset, value) in patches {
+                bytes[offset] = value;
+            }
+            assert_eq!(Manifest::decode(&bytes), Err(expected));
+        };
+        // Flag bits other than "present", with and without it.
+        check(
+            &[(vm1 + 144, 3)],
+            ManifestError::UnknownNicFlags { vm: 1, flags: 3 },
+        );
+        check(
+            &[(vm0 + 147, 0x80)],
+            ManifestError::UnknownNicFlags {
+                vm: 0,
+                flags: 0x8000_0000,
+            },
+        );
+        // A MAC without the present flag; reserved bytes after the MAC.
+        check(
+            &[(vm0 + 148, 0x02)],
+            ManifestError::ReservedNotZero {
+                offset: vm0 as u64 + 148,
+            },
+        );
+        check(
+            &[(vm1 + 159, 1)],
+            ManifestError::ReservedNotZero {
+                offset: vm1 as u64 + 159,
+            },
+        );
+        // Multicast, broadcast and all-zero MACs.
+        check(
+            &[(vm1 + 148, 0x03)],
+            ManifestError::BadNicMac {
+                vm: 1,
+                mac: [0x03, 0xf1, 0x1e, 0x72, 0x48, 0x19],
+            },
+        );
+        let broadcast: Vec<(usize, u8)> = (148..154).map(|at| (vm1 + at, 0xFF)).collect();
+        check(
+            &broadcast,
+            ManifestError::BadNicMac {
+                vm: 1,
+                mac: [0xFF; 6],
+            },
+        );
+        let zero: Vec<(usize, u8)> = (148..154).map(|at| (vm1 + at, 0)).collect();
+        check(&zero, ManifestError::BadNicMac { vm: 1, mac: [0; 6] });
+        // The present flag on a VM whose MAC is zero.
+        check(
+            &[(vm0 + 144, 1)],
+            ManifestError::BadNicMac { vm: 0, mac: [0; 6] },
+        );
+        assert_eq!(
+            alloc::format!(
+                "{}",
+                ManifestError::BadNicMac {
+                    vm: 1,
+                    mac: [0x03, 0, 0, 0, 0, 0x0a]
+                }
+            ),
+            "manifest vm #1: NIC MAC address 03:00:00:00:00:0a is not unicast or is all zero"
+        );
+        assert_eq!(
+            alloc::format!("{}", ManifestError::UnknownNicFlags { vm: 2, flags: 2 }),
+            "manifest vm #2: NIC has unknown flag bits 0x2"
+        );
+    }
+
+    #[test]
+    fn refuses_the_same_mac_on_two_vms() {
+        let mut manifest = sample();
+        let web = manifest.vms[1].nic;
+        // vm #3 takes vm #1's MAC: refused on the later VM, naming the earlier.
+        manifest.vms[3].nic = web;
+        assert_eq!(
+            Manifest::decode(&manifest.encode()),
+            Err(ManifestError::DuplicateNicMac {
+                vm: 3,
+                other_vm: 1,
+                mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]
+            })
+        );
+        // Also when the earlier VM is vm #0 and the later one is next to it.
+        let mut manifest = sample();
+        manifest.vms[0].nic = web;
+        assert_eq!(
+            Manifest::decode(&manifest.encode()),
+            Err(ManifestError::DuplicateNicMac {
+                vm: 1,
+                other_vm: 0,
+                mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]
+            })
+        );
+        // MACs that differ in one bit are distinct.
+        let mut manifest = sample();
+        manifest.vms[3].nic = Some(NicManifest {
+            mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x18],
+        });
+        assert_eq!(Manifest::decode(&manifest.encode()), Ok(manifest));
+        assert_eq!(
+            alloc::format!(
+                "{}",
+                ManifestError::DuplicateNicMac {
+                    vm: 3,
+                    other_vm: 1,
+                    mac: [0x02, 0xf1, 0x1e, 0x72, 0x48, 0x19]
+                }
+            ),
+            "manifest vm #3: NIC MAC address 02:f1:1e:72:48:19 is also the MAC address of vm #1's NIC"
+        );
+    }
+
+    #[test]
+    fn nic_macs() {
+        assert!(is_valid_nic_mac([0x02, 0, 0, 0, 0, 1]));
+        assert!(is_valid_nic_mac([0x00, 0x1b, 0x21, 0, 0, 0]));
+        assert!(!is_valid_nic_mac([0x01, 0, 0x5e, 0, 0, 1]));
+        assert!(!is_valid_nic_mac([0xFF; 6]));
+        assert!(!is_valid_nic_mac([0; 6]));
+        assert_eq!(
+            alloc::format!("{}", MacText([0x02, 0xAB, 0, 0x10, 0xff, 9])),
+            "02:ab:00:10:ff:09"
         );
     }
 

@@ -686,6 +686,7 @@ fn plan_dispatches_on_format() {
         modules: Vec::new(),
         initrd: None,
         disks: Vec::new(),
+        nic: None,
     };
     assert_eq!(plan(&vm).unwrap().entry.mode, CpuMode::Long64);
     vm.modules.push(Module {

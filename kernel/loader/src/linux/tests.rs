@@ -569,6 +569,7 @@ fn plan_dispatches_linux_and_refuses_misplaced_initrds() {
         modules: Vec::new(),
         initrd: Some(&initrd),
         disks: Vec::new(),
+        nic: None,
     };
     let planned = plan(&vm).unwrap();
     assert_eq!(planned.entry.rsi, ZERO_PAGE_ADDRESS);
