@@ -6,18 +6,21 @@
 #                             made from the current package versions and this init script)
 #   rz_linux_kernel_package   prints the versioned package linux-image-cloud-amd64 depends on
 #   rz_linux_fetch_kernel     apt-get download + dpkg-deb -x that package, copy boot/vmlinuz-*
-#   rz_linux_build_initramfs  busybox-static's /bin/busybox + an /init, as a gzipped newc cpio
+#   rz_linux_build_initramfs  busybox-static's /bin/busybox + an /init + udhcpc's script, as a
+#                             gzipped newc cpio
 #
 # On a fresh Debian machine it installs what is missing (cpio, gzip) and runs `apt-get update`
 # at most once, saying what it does. Every message goes to stderr, prefixed with $RZ_PROG.
 #
 # The initramfs /init mounts proc, sys and dev (devtmpfs), prints "ringzero-linux: init
 # started", loads the virtio modules it carries (RZ_LINUX_MODULES; "ringzero-linux: modules
-# loaded: ..."), then runs `setsid cttyhack sh` (the console, ttyS0 with console=ttyS0, as the
+# loaded: ..."), brings the loopback interface up, then runs `setsid cttyhack sh` (the console, ttyS0 with console=ttyS0, as the
 # controlling terminal; a fixed prompt "~ # " that tests can wait for). When that shell exits,
 # init powers the guest off (`poweroff -f`) instead of exiting, which would panic the kernel
 # ("Attempted to kill init"). With `ringzero.run=NAME` on the kernel command line it runs
 # /scripts/NAME.sh (tests/linux/scripts/NAME.sh) instead of the shell, then powers off.
+# The NICs are left down; `udhcpc -i eth0` configures one from a DHCP lease through
+# /usr/share/udhcpc/default.script (also at udhcpc's default path, /etc/udhcpc/default.script).
 
 if ! declare -F rz_say >/dev/null 2>&1; then
     # shellcheck source=common.sh
@@ -136,6 +139,7 @@ for module in $(cat /lib/modules/order); do
     insmod "/lib/modules/$module.ko" && loaded="$loaded $module"
 done
 echo "ringzero-linux: modules loaded:$loaded"
+ip link set lo up
 cd /root
 # With `ringzero.run=NAME` on the kernel command line, /scripts/NAME.sh (from tests/linux/scripts)
 # runs instead of the interactive shell, and the guest powers off after it: sessions for
@@ -157,6 +161,35 @@ setsid cttyhack sh
 echo "ringzero-linux: shell exited, powering off"
 poweroff -f
 INIT
+}
+
+# busybox udhcpc's event script (its text is part of the cache key): udhcpc only talks DHCP and
+# leaves configuring the interface to this, called with $1 = deconfig, bound, renew, leasefail
+# or nak and the lease in the environment ($interface, $ip, $mask as a prefix length, $router,
+# $dns).
+rz_linux_udhcpc_script() {
+    cat <<'UDHCPC'
+#!/bin/sh
+# udhcpc's event script: apply the lease to $interface.
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" ${broadcast:+broadcast "$broadcast"} dev "$interface"
+    for gateway in $router; do
+        ip route add default via "$gateway" dev "$interface" && break
+    done
+    : >/etc/resolv.conf
+    for server in $dns; do
+        echo "nameserver $server" >>/etc/resolv.conf
+    done
+    ;;
+esac
+exit 0
+UDHCPC
 }
 
 # The kernel modules the initramfs carries, in load order (each after what it depends on, as
@@ -186,14 +219,16 @@ rz_linux_build_initramfs() {
     rz_linux_download_extract busybox-static "$dir" >/dev/null
     [ -x "$dir/root/bin/busybox" ] || rz_die "busybox-static has no /bin/busybox"
     rm -rf "$tree" && mkdir -p "$tree/bin" "$tree/dev" "$tree/proc" "$tree/sys" "$tree/tmp" "$tree/root" \
-        || rz_die "cannot create $tree"
+        "$tree/etc/udhcpc" "$tree/usr/share/udhcpc" || rz_die "cannot create $tree"
     cp "$dir/root/bin/busybox" "$tree/bin/busybox"
     ln -s busybox "$tree/bin/sh"
     rz_linux_init_script >"$tree/init"
+    rz_linux_udhcpc_script >"$tree/usr/share/udhcpc/default.script"
+    ln -s /usr/share/udhcpc/default.script "$tree/etc/udhcpc/default.script"
     rz_linux_copy_modules "$tree/lib/modules"
     mkdir -p "$tree/scripts" && cp "$RZ_ROOT"/tests/linux/scripts/*.sh "$tree/scripts/" \
         || rz_die "cannot copy tests/linux/scripts into the initramfs"
-    chmod 755 "$tree/init" "$tree/bin/busybox"
+    chmod 755 "$tree/init" "$tree/bin/busybox" "$tree/usr/share/udhcpc/default.script"
     (cd "$tree" && find . -print0 | LC_ALL=C sort -z \
         | cpio --null --create --format=newc --owner=0:0 --quiet | gzip -9 -n) >"$RZ_LINUX_INITRAMFS.tmp" \
         || rz_die "cannot build the initramfs"
@@ -202,7 +237,8 @@ rz_linux_build_initramfs() {
 }
 
 # Ensures target/linux/vmlinuz and target/linux/initramfs.cpio.gz; cached by the versions of
-# the kernel and busybox-static packages and the init script's checksum.
+# the kernel and busybox-static packages and the checksum of what goes into the initramfs (the
+# init and udhcpc scripts, the module list, tests/linux/scripts/*.sh).
 rz_linux_guest() {
     mkdir -p "$RZ_LINUX_DIR" || rz_die "cannot create $RZ_LINUX_DIR"
     local package kernel_version busybox_version init_sum stamp
@@ -211,7 +247,7 @@ rz_linux_guest() {
     busybox_version=$(rz_linux_package_version busybox-static)
     [ -n "$busybox_version" ] || { rz_linux_apt_update_once; busybox_version=$(rz_linux_package_version busybox-static); }
     [ -n "$busybox_version" ] || rz_die "apt does not know busybox-static"
-    init_sum=$( (rz_linux_init_script; echo "$RZ_LINUX_MODULES"; cat "$RZ_ROOT"/tests/linux/scripts/*.sh) \
+    init_sum=$( (rz_linux_init_script; rz_linux_udhcpc_script; echo "$RZ_LINUX_MODULES"; cat "$RZ_ROOT"/tests/linux/scripts/*.sh) \
         | cksum | cut -d' ' -f1)
     stamp="kernel=$package=$kernel_version busybox-static=$busybox_version init=$init_sum"
     if [ -s "$RZ_LINUX_VMLINUZ" ] && [ -s "$RZ_LINUX_INITRAMFS" ] && [ -f "$RZ_LINUX_STAMP" ] \

@@ -1,0 +1,30 @@
+# Networking test: an address from DHCP (or ringzero.ip=), pings to the gateway, and, with
+# ringzero.peer=IP[,IP...], pings to other guests on the same network. DHCP hands addresses out
+# in boot order, which two guests booted together do not fix, so both can be given the same
+# list (ringzero.peer=10.0.2.15,10.0.2.16): each skips its own address. For each peer it waits
+# (up to ringzero.wait=30 s) until the peer answers and pings it; then it stays up
+# ringzero.linger=10 more seconds so the others can finish their own pings.
+# Prints: net-test: mac M / address A / gateway G dns D / gateway ping sent=N received=M
+#         (or "gateway ping skipped (no default route)", static addresses) /
+#         per peer: "peer IP answers after S s" and "peer IP ping sent=N received=M", or
+#         "peer IP unreachable" / finally "done"
+. /scripts/net-common.sh
+net_up || exit 1
+if [ -n "$(net_gateway)" ]; then
+    net_ping gateway "$(net_gateway)" 5
+else
+    echo "net-test: gateway ping skipped (no default route)"
+fi
+peers=$(net_arg peer | tr ',' ' ')
+for peer in $peers; do
+    [ "$peer" = "$(net_address)" ] && continue
+    start=$(net_seconds)
+    if net_wait_for "$peer" "$(net_arg wait 30)"; then
+        echo "net-test: peer $peer answers after $(($(net_seconds) - start)) s"
+        net_ping "peer $peer" "$peer" 5
+    else
+        echo "net-test: peer $peer unreachable"
+    fi
+done
+[ -n "$peers" ] && sleep "$(net_arg linger 10)"
+echo "net-test: done"
