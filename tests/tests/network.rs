@@ -3,6 +3,10 @@
 //! boot. The `net-probe` test hook proves transmit and receive end to end: an ARP request for
 //! QEMU user networking's gateway (10.0.2.2) and its reply. A packet capture (QEMU's
 //! `filter-dump`) shows what crossed the wire.
+//!
+//! The VMs' NICs: virtio-net devices on the hypervisor's switch, whose uplink is that physical
+//! NIC. Stock Linux guests get addresses from QEMU's DHCP server through it, reach the gateway
+//! and each other (tests/linux/scripts/net-*.sh).
 
 use ringzero_tests::{boot, free_local_port, PacketCapture, ScratchDisk};
 
@@ -143,4 +147,72 @@ fn qemu_bios_without_a_nic_says_none() {
     run.assert_status(CLEAN);
     run.assert_serial_contains("net: none (no virtio-net on the host PCI bus)");
     run.assert_serial_lacks("net: virtio-net");
+}
+
+/// The `sent=N received=M` counts of a `net-test: WHAT ping` line of VM `vm`.
+fn ping_counts(run: &ringzero_tests::Run, vm: &str, what: &str) -> (u64, u64) {
+    let line = run.line_with(&format!("{vm} | net-test: {what} ping sent="));
+    (
+        ringzero_tests::field_after(line, "sent=").unwrap_or(0),
+        ringzero_tests::field_after(line, "received=").unwrap_or(0),
+    )
+}
+
+/// Two Linux VMs on one ringzero with QEMU user networking on the physical NIC: each gets an
+/// address from QEMU's DHCP server through the switch, pings the gateway 10.0.2.2, and the two
+/// ping each other.
+#[test]
+fn two_linux_vms_get_dhcp_addresses_and_ping_the_gateway_and_each_other() {
+    let run = boot(&[
+        "--config",
+        "tests/configs/net-two.toml",
+        "--net",
+        "user",
+        "--smp",
+        "2",
+        "--memory",
+        "1024",
+        "--timeout",
+        "600",
+    ]);
+    run.assert_status(CLEAN);
+    let mut addresses = Vec::new();
+    for vm in ["vm1", "vm2"] {
+        let line = run.line_with(&format!("{vm} | net-test: address "));
+        let address = line.rsplit(' ').next().unwrap_or_default().to_string();
+        assert!(
+            address == "10.0.2.15" || address == "10.0.2.16",
+            "{vm} got {address}\n{}",
+            run.report()
+        );
+        addresses.push(address);
+        let (sent, received) = ping_counts(&run, vm, "gateway");
+        assert!(
+            sent == 5 && received >= 4,
+            "{vm} gateway ping {received}/{sent}\n{}",
+            run.report()
+        );
+        run.assert_serial_contains(&format!("ringzero: vm {vm} exit=poweroff status=0"));
+    }
+    assert_ne!(addresses[0], addresses[1], "both VMs got the same address");
+    for (vm, peer) in [("vm1", &addresses[1]), ("vm2", &addresses[0])] {
+        let (sent, received) = ping_counts(&run, vm, &format!("peer {peer}"));
+        assert!(
+            sent == 5 && received >= 4,
+            "{vm} -> {peer} {received}/{sent}\n{}",
+            run.report()
+        );
+    }
+    // Every frame went through the switch: the VMs' ports saw traffic both ways, and nothing
+    // was dropped as spoofed.
+    for port in ["vm1", "vm2", "uplink"] {
+        let line = run.line_with(&format!("vswitch: port {port} in="));
+        assert!(
+            ringzero_tests::field_after(line, " in=").unwrap_or(0) > 0
+                && ringzero_tests::field_after(line, " out=").unwrap_or(0) > 0
+                && line.contains("spoofed=0"),
+            "{line}\n{}",
+            run.report()
+        );
+    }
 }
