@@ -8,7 +8,7 @@
 #                            "net-test: no address" and fails), then
 #                            "net-test: gateway G dns D..." (from the lease).
 #   net_gateway              the default route's gateway (nothing without one)
-#   net_ping WHAT IP COUNT   COUNT pings (bounded by COUNT + 5 s); prints
+#   net_ping WHAT IP COUNT   COUNT pings (bounded by COUNT + 10 s); prints
 #                            "net-test: WHAT ping sent=N received=M"
 #   net_wait_for IP SECS     succeeds as soon as IP answers a ping, fails after SECS seconds
 #   net_now_ns, net_seconds  the guest's clock in ns (/proc/timer_list) and whole seconds of uptime
@@ -68,7 +68,8 @@ net_up() {
 
 net_ping() {
     local summary sent received
-    summary=$(ping -c "$3" -w $(($3 + 5)) "$2" 2>&1 | grep 'packets transmitted')
+    # timeout: busybox ping can hang despite -w (seen with replies from a broadcast address).
+    summary=$(timeout $(($3 + 10)) ping -c "$3" -w $(($3 + 5)) "$2" 2>&1 | grep 'packets transmitted')
     sent=$(echo "$summary" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     received=$(echo "$summary" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
     echo "net-test: $1 ping sent=${sent:-0} received=${received:-0}"
