@@ -216,3 +216,71 @@ fn two_linux_vms_get_dhcp_addresses_and_ping_the_gateway_and_each_other() {
         );
     }
 }
+
+/// A VM that sends from another VM's MAC: the switch drops its frames and counts them on its
+/// port; the victim's MAC stays on the victim's port (it keeps reaching the gateway while and
+/// after the spoofer forges its address), and the spoofer works again with its own MAC.
+#[test]
+fn spoofed_frames_are_dropped_and_counted_and_the_victim_keeps_its_mac() {
+    let run = boot(&[
+        "--config",
+        "tests/configs/net-spoof.toml",
+        "--net",
+        "user",
+        "--smp",
+        "2",
+        "--memory",
+        "1024",
+        "--timeout",
+        "600",
+    ]);
+    run.assert_status(CLEAN);
+    run.assert_serial_contains(
+        "spoofer | net-test: spoof mac 02:f9:8e:75:03:05 -> 02:00:00:00:00:0b",
+    );
+    assert_eq!(ping_counts(&run, "spoofer", "own").1, 3, "{}", run.report());
+    assert_eq!(
+        ping_counts(&run, "spoofer", "spoofed").1,
+        0,
+        "{}",
+        run.report()
+    );
+    assert_eq!(
+        ping_counts(&run, "spoofer", "restored").1,
+        5,
+        "{}",
+        run.report()
+    );
+    let sent = run
+        .line_with("spoofer | net-test: spoofed tx_packets=")
+        .rsplit('=')
+        .next()
+        .and_then(|count| count.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let port = run.line_with("vswitch: port spoofer in=");
+    let spoofed = ringzero_tests::field_after(port, "spoofed=").unwrap_or(0);
+    assert!(
+        sent > 0 && spoofed >= sent,
+        "the guest sent {sent} forged frames, the switch counted {spoofed}\n{}",
+        run.report()
+    );
+    // The victim pinged the gateway after the spoofer had started forging its address.
+    assert!(
+        run.position_of("victim | net-test: gateway ping sent=")
+            > run.position_of("spoofer | net-test: spoof mac "),
+        "the victim pinged before the spoofing\n{}",
+        run.report()
+    );
+    assert_eq!(
+        ping_counts(&run, "victim", "gateway").1,
+        5,
+        "{}",
+        run.report()
+    );
+    assert!(
+        run.line_with("vswitch: port victim in=")
+            .contains("spoofed=0"),
+        "{}",
+        run.report()
+    );
+}

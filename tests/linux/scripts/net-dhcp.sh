@@ -3,13 +3,16 @@
 # in boot order, which two guests booted together do not fix, so both can be given the same
 # list (ringzero.peer=10.0.2.15,10.0.2.16): each skips its own address. For each peer it waits
 # (up to ringzero.wait=30 s) until the peer answers and pings it; then it stays up
-# ringzero.linger=10 more seconds so the others can finish their own pings.
+# ringzero.linger=10 more seconds so the others can finish their own pings. ringzero.count=5
+# pings per peer; ringzero.start=S waits S seconds after getting the address.
 # Prints: net-test: mac M / address A / gateway G dns D / gateway ping sent=N received=M
 #         (or "gateway ping skipped (no default route)", static addresses) /
 #         per peer: "peer IP answers after S s" and "peer IP ping sent=N received=M", or
 #         "peer IP unreachable" / finally "done"
 . /scripts/net-common.sh
 net_up || exit 1
+# ringzero.start=S: wait S seconds before the pings (to ping while another guest does something).
+[ -n "$(net_arg start)" ] && sleep "$(net_arg start)"
 if [ -n "$(net_gateway)" ]; then
     net_ping gateway "$(net_gateway)" 5
 else
@@ -21,7 +24,7 @@ for peer in $peers; do
     start=$(net_seconds)
     if net_wait_for "$peer" "$(net_arg wait 30)"; then
         echo "net-test: peer $peer answers after $(($(net_seconds) - start)) s"
-        net_ping "peer $peer" "$peer" 5
+        net_ping "peer $peer" "$peer" "$(net_arg count 5)"
     else
         echo "net-test: peer $peer unreachable"
     fi
