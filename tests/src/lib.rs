@@ -167,6 +167,59 @@ pub fn boot(args: &[&str]) -> Run {
     }
 }
 
+/// Boots like [`boot`], but in the background: once `ready` appears in the serial output (or
+/// the run ends), calls `during` (a test talking to a guest over the network, say), then waits
+/// for the run to end. Returns the run and what `during` returned (`None` if the run ended
+/// before `ready` appeared).
+pub fn boot_while<T>(args: &[&str], ready: &str, during: impl FnOnce() -> T) -> (Run, Option<T>) {
+    use std::io::Read;
+    let script = repository_root().join("scripts/run-qemu.sh");
+    let started = Instant::now();
+    let serial_path = std::env::temp_dir().join(format!(
+        "ringzero-serial-{}-{:?}.txt",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let serial_file = std::fs::File::create(&serial_path).expect("create the serial log");
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .arg("--no-build")
+        .args(args)
+        .current_dir(repository_root())
+        .stdin(std::process::Stdio::null())
+        .stdout(serial_file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", script.display()));
+    let mut result = None;
+    loop {
+        let serial = std::fs::read_to_string(&serial_path).unwrap_or_default();
+        if serial.contains(ready) {
+            result = Some(during());
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let status = child.wait().expect("wait for run-qemu.sh");
+    let mut messages = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut messages);
+    }
+    let serial = std::fs::read_to_string(&serial_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&serial_path);
+    let run = Run {
+        command: format!("scripts/run-qemu.sh --no-build {}", args.join(" ")),
+        status: status.code().unwrap_or(-1),
+        serial,
+        messages,
+        wall_time: started.elapsed(),
+    };
+    (run, result)
+}
+
 /// The backend's arguments followed by the test's own.
 pub fn with<'a>(backend: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
     backend.iter().chain(args).copied().collect()

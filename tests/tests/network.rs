@@ -284,3 +284,68 @@ fn spoofed_frames_are_dropped_and_counted_and_the_victim_keeps_its_mac() {
         run.report()
     );
 }
+
+/// A TCP service in a VM, reached from the machine running QEMU through a host port forward
+/// (QEMU user networking -> the physical NIC -> the switch -> the VM): 4 MiB arrive intact.
+#[test]
+fn a_tcp_service_in_a_vm_is_reached_from_the_host_and_the_transfer_is_intact() {
+    use std::io::Read;
+    let port = free_local_port().to_string();
+    let forward = format!("tcp:{port}:10.0.2.15:8080");
+    let (run, received) = ringzero_tests::boot_while(
+        &[
+            "--config",
+            "tests/configs/net-serve.toml",
+            "--net",
+            "user",
+            "--hostfwd",
+            &forward,
+            "--memory",
+            "512",
+            "--timeout",
+            "600",
+        ],
+        "server | net-test: listening port 8080",
+        || {
+            // nc starts listening just after the line: retry the connection for a while.
+            for _ in 0..50 {
+                if let Ok(mut stream) = std::net::TcpStream::connect(format!("127.0.0.1:{port}")) {
+                    stream
+                        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+                        .expect("set a read timeout");
+                    let mut data = Vec::new();
+                    if stream.read_to_end(&mut data).is_ok() && !data.is_empty() {
+                        return data;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Vec::new()
+        },
+    );
+    run.assert_status(CLEAN);
+    let data = received.expect("the guest started serving");
+    let line = run.line_with("server | net-test: serving md5 ");
+    let expected_md5 = line
+        .split_whitespace()
+        .nth(5)
+        .unwrap_or_default()
+        .to_string();
+    let expected_bytes = ringzero_tests::field_after(line, "bytes ").unwrap_or(0);
+    let file = std::env::temp_dir().join(format!("ringzero-received-{}", std::process::id()));
+    std::fs::write(&file, &data).expect("keep what arrived");
+    let md5 = std::process::Command::new("md5sum")
+        .arg(&file)
+        .output()
+        .expect("md5sum runs");
+    let _ = std::fs::remove_file(&file);
+    let md5 = String::from_utf8_lossy(&md5.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(expected_bytes, 4 << 20, "{line}");
+    assert_eq!(data.len() as u64, expected_bytes, "{}", run.report());
+    assert_eq!(md5, expected_md5, "{}", run.report());
+    run.assert_serial_contains("server | net-test: served status=0");
+}
