@@ -349,3 +349,46 @@ fn a_tcp_service_in_a_vm_is_reached_from_the_host_and_the_transfer_is_intact() {
     assert_eq!(md5, expected_md5, "{}", run.report());
     run.assert_serial_contains("server | net-test: served status=0");
 }
+
+/// While one VM floods the switch (fragmented pings to the gateway, as fast as it can for 60 s),
+/// two others ping each other with less than 5% loss; the flood really went through the switch.
+#[test]
+fn two_vms_keep_pinging_each_other_while_a_third_floods_the_switch() {
+    let run = boot(&[
+        "--config",
+        "tests/configs/net-flood.toml",
+        "--net",
+        "user",
+        "--smp",
+        "2",
+        "--memory",
+        "1024",
+        "--timeout",
+        "900",
+    ]);
+    run.assert_status(CLEAN);
+    for (vm, peer) in [("a", "10.0.2.102"), ("b", "10.0.2.101")] {
+        let (sent, received) = ping_counts(&run, vm, &format!("peer {peer}"));
+        assert!(
+            sent == 40 && received * 100 >= sent * 95,
+            "{vm} -> {peer}: {received}/{sent} during the flood\n{}",
+            run.report()
+        );
+        // The pings ran while the flood did: they end before the flood's report.
+        assert!(
+            run.position_of(&format!("{vm} | net-test: peer {peer} ping sent="))
+                < run.position_of("flooder | net-test: flood frames="),
+            "{vm}'s pings did not overlap the flood\n{}",
+            run.report()
+        );
+    }
+    let flood = run.line_with("flooder | net-test: flood frames=");
+    let frames = ringzero_tests::field_after(flood, "frames=").unwrap_or(0);
+    let port = run.line_with("vswitch: port flooder in=");
+    let switched = ringzero_tests::field_after(port, " in=").unwrap_or(0);
+    assert!(
+        frames >= 10_000 && switched >= frames,
+        "flood of {frames} frames, the switch took {switched}\n{}",
+        run.report()
+    );
+}
