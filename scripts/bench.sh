@@ -12,7 +12,9 @@
 # (nested and shadow paging) against QEMU booting the same kernel directly, in one run.
 # With --disk it measures a Linux guest's sequential disk throughput under ringzero against QEMU
 # giving the same kernel its own virtio-blk disk, in one run.
-# Usage: scripts/bench.sh [--smp | --linux | --disk]   (builds first, like run-qemu.sh)
+# With --net it measures TCP throughput, guest to guest and guest to host, under ringzero against
+# QEMU giving the same kernel its own virtio-net devices, in one run.
+# Usage: scripts/bench.sh [--smp | --linux | --disk | --net]   (builds first, like run-qemu.sh)
 set -euo pipefail
 
 RZ_PROG=bench
@@ -131,6 +133,72 @@ disk_bench() {
     done
     rm -rf "$dir"
 }
+# --net: TCP throughput of one nc stream of 16 MiB (tests/linux/scripts/net-bench.sh), guest to
+# guest and guest to host, under ringzero (VM NICs on its switch, the physical NIC on QEMU user
+# networking) and under QEMU directly (the same kernel and initramfs with their own virtio-net
+# devices: two QEMUs on one socket network for guest to guest, user networking for guest to
+# host), in one run; the ratio is ringzero's rate over QEMU's. The host's listener is a small
+# Python program on 127.0.0.1:5601 (the guests' 10.0.2.2:5601).
+net_bench() {
+    source "$RZ_ROOT/scripts/lib/linux-guest.sh"
+    rz_linux_guest
+    local dir listener port=5601 socket_port=5602 rate direct_g2g="" direct_g2h=""
+    dir=$(mktemp -d)
+    listen_host() {
+        python3 -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); s.settimeout(600)
+c, _ = s.accept(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    n += len(b)
+print("host received", n, "bytes")' "$port" > "$dir/listener.log" 2>&1 &
+        listener=$!
+    }
+    direct_guest() { # NAME CMDLINE-WORDS NETDEV [MAC]
+        timeout 900 qemu-system-x86_64 -machine pc -cpu EPYC -m 256 -display none -no-reboot \
+            -kernel "$RZ_LINUX_VMLINUZ" -initrd "$RZ_LINUX_INITRAMFS" \
+            -append "console=ttyS0 ringzero.run=net-bench $2" \
+            -netdev "$3" -device "virtio-net-pci,netdev=n0,mac=$4" \
+            -serial stdio < /dev/null > "$dir/$1.log" 2>/dev/null
+    }
+    rate_of() { grep -a -o 'net-bench: send .*status=0 seconds=[0-9.]* MiB/s=[0-9.]*' "$1" | sed 's/.*MiB\/s=//' | head -n 1; }
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b + 0 == 0) print "-"; else printf "%.3f", a / b }'; }
+    printf '| %-48s | %8s | %8s |\n' run "MiB/s" ratio
+    # QEMU directly, guest to guest: two QEMUs on one socket network, static addresses.
+    direct_guest g2g-recv "ringzero.role=recv ringzero.ip=10.0.2.101 ringzero.port=5001 ringzero.wait=300" \
+        "socket,id=n0,listen=127.0.0.1:$socket_port" 02:00:00:00:01:01 &
+    local recv_pid=$!
+    sleep 1
+    direct_guest g2g-send "ringzero.role=send ringzero.ip=10.0.2.102 ringzero.peer=10.0.2.101 ringzero.port=5001 ringzero.mib=16 ringzero.wait=300" \
+        "socket,id=n0,connect=127.0.0.1:$socket_port" 02:00:00:00:01:02 || true
+    wait "$recv_pid" 2>/dev/null || true
+    direct_g2g=$(rate_of "$dir/g2g-send.log")
+    printf '| %-48s | %8s | %8s |\n' "guest to guest, QEMU directly (socket network)" "${direct_g2g:--}" "1.000"
+    # QEMU directly, guest to host.
+    listen_host
+    direct_guest g2h "ringzero.role=send ringzero.port=$port ringzero.mib=16 ringzero.wait=300" "user,id=n0" 02:00:00:00:01:03 || true
+    wait "$listener" 2>/dev/null || true
+    direct_g2h=$(rate_of "$dir/g2h.log")
+    printf '| %-48s | %8s | %8s |\n' "guest to host, QEMU directly (user network)" "${direct_g2h:--}" "1.000"
+    # ringzero: both VMs on its switch; then one VM to the host through the physical NIC.
+    bash scripts/run-qemu.sh --no-build --config tests/configs/bench-net-g2g.toml --net user --smp 2 \
+        --memory 1024 --timeout 900 > "$dir/rz-g2g.log" 2>/dev/null || true
+    rate=$(rate_of "$dir/rz-g2g.log")
+    printf '| %-48s | %8s | %8s |\n' "guest to guest, ringzero (its switch)" "${rate:--}" "$(ratio "$rate" "$direct_g2g")"
+    listen_host
+    bash scripts/run-qemu.sh --no-build --config tests/configs/bench-net-g2h.toml --net user \
+        --memory 512 --timeout 900 > "$dir/rz-g2h.log" 2>/dev/null || true
+    wait "$listener" 2>/dev/null || true
+    rate=$(rate_of "$dir/rz-g2h.log")
+    printf '| %-48s | %8s | %8s |\n' "guest to host, ringzero (switch + physical NIC)" "${rate:--}" "$(ratio "$rate" "$direct_g2h")"
+    rm -rf "$dir"
+}
+if [ "${1:-}" = --net ]; then
+    net_bench
+    exit 0
+fi
 if [ "${1:-}" = --disk ]; then
     disk_bench
     exit 0
