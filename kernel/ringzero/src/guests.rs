@@ -764,99 +764,32 @@ const ACPI_TABLES_ADDRESS: u64 = 0xE0000;
 /// Where a Linux guest's SMBIOS entry point goes (the start of the range Linux scans for it).
 const SMBIOS_ADDRESS: u64 = 0xF0000;
 
-/// Plugs the VM's disks in as virtio-blk PCI functions at 00:01.0, 00:02.0, ... (the order
-/// of `[[vm.disk]]`: the first is /dev/vda in Linux), each with BAR 0 placed the way firmware
-/// would (16 KiB apart from the start of the PCI window; the guest may move it) and INTA#
-/// wired to the I/O APIC pin the DSDT's `_PRT` gives (its Interrupt Line register says the
-/// same). A VM without the PC platform gets a PCI bus for them (its guest polls).
-fn attach_disks(
-    vm: &mut Vm,
-    disks: alloc::vec::Vec<alloc::boxed::Box<dyn ringzero_vdisk::BlockDevice>>,
-) {
+/// Plugs `function` into the VM's PCI bus (adding the bus if the VM has none) at the next free
+/// device number from 00:01.0, with BAR 0 placed the way firmware would (16 KiB apart from the
+/// start of the PCI window; the guest may move it) and INTA# wired to the I/O APIC pin the
+/// DSDT's `_PRT` gives (its Interrupt Line register says the same). Returns the device number,
+/// BAR address and GSI, or `None` (logged, naming `what`) if it could not be plugged in.
+fn plug_pci_function<F>(vm: &mut Vm, mut function: F, what: &str) -> Option<(u8, u32, u32)>
+where
+    F: ringzero_vmm::pci::BarFunction + 'static,
+{
     use alloc::boxed::Box;
     use alloc::sync::Arc;
-    use ringzero_devices::{PciBus, PciDevice};
+    use ringzero_devices::PciBus;
     use ringzero_vmm::pci::{BarFunction, PciSlot, SharedFunction};
-    if disks.is_empty() {
-        return;
-    }
     if vm.bus.device_mut::<PciBus>(PciBus::ADDRESS_PORT).is_none()
         && vm.bus.add(Box::new(PciBus::new())).is_err()
     {
         log::error!(
-            "vm {}: the PCI ports are taken; its disks are left out",
+            "vm {}: the PCI ports are taken; its {what} is left out",
             vm.name
         );
-        return;
-    }
-    for (number, backend) in disks.into_iter().enumerate() {
-        let device = number as u8 + 1;
-        let sectors = backend.sectors();
-        let writable = backend.writable();
-        let mut function = ringzero_virtio::VirtioPci::new(ringzero_virtio::Block::new(
-            ringzero_virtio::BoxedBackend(backend),
-        ));
-        let bar = PCI_MMIO32_WINDOW_START + 0x4000 * u32::from(device - 1);
-        let gsi = ringzero_acpi::pci_intx_gsi(device, 0);
-        // BAR 0 (offset 0x10) and the Interrupt Line (offset 0x3C, byte 0), as firmware sets them.
-        function.write_config(0x10, bar, 0xFFFF_FFFF);
-        function.write_config(0x3C, gsi, 0xFF);
-        let function: ringzero_vmm::pci::Function =
-            Arc::new(spin::Mutex::new(Box::new(function) as Box<dyn BarFunction>));
-        let added = vm
-            .bus
-            .device_mut::<PciBus>(PciBus::ADDRESS_PORT)
-            .map(|bus| bus.add(device, 0, Box::new(SharedFunction::new(function.clone()))));
-        if !matches!(added, Some(Ok(()))) {
-            log::error!(
-                "vm {}: cannot plug disk #{} in at 00:{device:02x}.0",
-                vm.name,
-                number + 1
-            );
-            continue;
-        }
-        log::info!(
-            "vm {}: disk #{} virtio-blk at 00:{device:02x}.0, {sectors} sectors ({} MiB), {}, BAR 0 at {bar:#x}, INTA# -> GSI {gsi}",
-            vm.name,
-            number + 1,
-            sectors >> 11,
-            if writable { "writable" } else { "read-only" }
-        );
-        vm.pci.push(PciSlot {
-            device,
-            gsi,
-            function,
-        });
-    }
-}
-
-/// Plugs the VM's NIC in as a virtio-net PCI function at the first free device number after
-/// its disks (BAR 0 and INTA# as for disks), and connects it to the hypervisor's switch.
-fn attach_nic(vm: &mut Vm, mac: [u8; 6]) {
-    use alloc::boxed::Box;
-    use alloc::sync::Arc;
-    use ringzero_devices::{PciBus, PciDevice};
-    use ringzero_vmm::pci::{BarFunction, PciSlot, SharedFunction};
-    let net = match ringzero_virtio::Net::new(ringzero_virtio::NetConfig::new(mac)) {
-        Ok(net) => net,
-        Err(error) => {
-            log::error!("vm {}: no NIC: {error:?}", vm.name);
-            return;
-        }
-    };
-    if vm.bus.device_mut::<PciBus>(PciBus::ADDRESS_PORT).is_none()
-        && vm.bus.add(Box::new(PciBus::new())).is_err()
-    {
-        log::error!(
-            "vm {}: the PCI ports are taken; its NIC is left out",
-            vm.name
-        );
-        return;
+        return None;
     }
     let device = vm.pci.iter().map(|slot| slot.device).max().unwrap_or(0) + 1;
-    let mut function = ringzero_virtio::VirtioPci::new(net);
     let bar = PCI_MMIO32_WINDOW_START + 0x4000 * u32::from(device - 1);
     let gsi = ringzero_acpi::pci_intx_gsi(device, 0);
+    // BAR 0 (offset 0x10) and the Interrupt Line (offset 0x3C, byte 0), as firmware sets them.
     function.write_config(0x10, bar, 0xFFFF_FFFF);
     function.write_config(0x3C, gsi, 0xFF);
     let function: ringzero_vmm::pci::Function =
@@ -867,16 +800,58 @@ fn attach_nic(vm: &mut Vm, mac: [u8; 6]) {
         .map(|bus| bus.add(device, 0, Box::new(SharedFunction::new(function.clone()))));
     if !matches!(added, Some(Ok(()))) {
         log::error!(
-            "vm {}: cannot plug its NIC in at 00:{device:02x}.0",
+            "vm {}: cannot plug its {what} in at 00:{device:02x}.0",
             vm.name
         );
-        return;
+        return None;
     }
     vm.pci.push(PciSlot {
         device,
         gsi,
         function,
     });
+    Some((device, bar, gsi))
+}
+
+/// Plugs the VM's disks in as virtio-blk PCI functions at 00:01.0, 00:02.0, ... (the order
+/// of `[[vm.disk]]`: the first is /dev/vda in Linux).
+fn attach_disks(
+    vm: &mut Vm,
+    disks: alloc::vec::Vec<alloc::boxed::Box<dyn ringzero_vdisk::BlockDevice>>,
+) {
+    for (number, backend) in disks.into_iter().enumerate() {
+        let sectors = backend.sectors();
+        let writable = backend.writable();
+        let function = ringzero_virtio::VirtioPci::new(ringzero_virtio::Block::new(
+            ringzero_virtio::BoxedBackend(backend),
+        ));
+        let what = alloc::format!("disk #{}", number + 1);
+        if let Some((device, bar, gsi)) = plug_pci_function(vm, function, &what) {
+            log::info!(
+                "vm {}: {what} virtio-blk at 00:{device:02x}.0, {sectors} sectors ({} MiB), {}, BAR 0 at {bar:#x}, INTA# -> GSI {gsi}",
+                vm.name,
+                sectors >> 11,
+                if writable { "writable" } else { "read-only" }
+            );
+        }
+    }
+}
+
+/// Plugs the VM's NIC in as a virtio-net PCI function after its disks, and connects it to the
+/// hypervisor's switch.
+fn attach_nic(vm: &mut Vm, mac: [u8; 6]) {
+    let net = match ringzero_virtio::Net::new(ringzero_virtio::NetConfig::new(mac)) {
+        Ok(net) => net,
+        Err(error) => {
+            log::error!("vm {}: no NIC: {error:?}", vm.name);
+            return;
+        }
+    };
+    let Some((device, bar, gsi)) =
+        plug_pci_function(vm, ringzero_virtio::VirtioPci::new(net), "NIC")
+    else {
+        return;
+    };
     let mac_text = crate::net::MacDisplay(mac);
     match crate::network::connect(vm.id, &vm.name, vm.pci.len() - 1, mac) {
         Ok(()) => log::info!(
