@@ -190,6 +190,9 @@ run_emulator() {
             -display none -no-reboot
             -chardev "stdio,id=console,logfile=$serial_log,signal=on" -serial chardev:console
             -device isa-debug-exit,iobase=0xf4,iosize=0x04
+            # QEMU's reset log: with -no-reboot a triple fault of the hypervisor ends QEMU
+            # with status 0, and this log is what tells it apart from a power-off.
+            -d cpu_reset -D "$run_dir/qemu.log"
             -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
         [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
         # The hypervisor's physical disk: no snapshot, so what VMs write stays in the file.
@@ -241,6 +244,9 @@ if [ "${#timeout_args[@]}" -gt 0 ] && { [ "$emulator_status" = 124 ] || [ "$emul
 fi
 line=$(grep -a -o 'ringzero: poweroff status=[0-9]*' "$serial_log" 2>/dev/null | tail -n 1)
 if [ -z "$line" ]; then
+    if [ "$emulator" = qemu ] && grep -q -a 'Triple fault' "$run_dir/qemu.log" 2>/dev/null; then
+        rz_say "the machine reset: QEMU logged a triple fault of the hypervisor itself (an exception it could not deliver, so no panic message), and -no-reboot ended QEMU"
+    fi
     rz_say "the emulator ended (status $emulator_status) but the hypervisor printed no power-off line"
     exit 125
 fi

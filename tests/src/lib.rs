@@ -21,15 +21,37 @@ pub struct Run {
 }
 
 impl Run {
-    /// A readable dump of everything the run printed, for assertion messages.
+    /// A readable dump of the run, for assertion messages: the command, how it ended, the
+    /// serial console (its head and its tail when long: how a run ended is at its end; the whole
+    /// of it goes to a file under `target/test-runs/`, named here) and the scripts' messages.
     pub fn report(&self) -> String {
         format!(
             "command: {}\nstatus: {} after {:.1}s\n--- serial ---\n{}\n--- messages ---\n{}",
             self.command,
             self.status,
             self.wall_time.as_secs_f64(),
-            self.serial,
+            self.serial_excerpt(),
             self.messages
+        )
+    }
+
+    /// The serial console whole when short; else its first and last lines around a note of
+    /// what was left out and where the whole of it was saved.
+    fn serial_excerpt(&self) -> String {
+        const HEAD: usize = 40;
+        const TAIL: usize = 160;
+        let lines: Vec<&str> = self.serial.lines().collect();
+        if lines.len() <= HEAD + TAIL {
+            return self.serial.clone();
+        }
+        let saved = save_serial(&self.serial)
+            .map(|path| format!("the whole serial is in {}", path.display()))
+            .unwrap_or_else(|error| format!("saving the whole serial failed: {error}"));
+        format!(
+            "{}\n[... {} lines left out; {saved} ...]\n{}",
+            lines[..HEAD].join("\n"),
+            lines.len() - HEAD - TAIL,
+            lines[lines.len() - TAIL..].join("\n")
         )
     }
 
@@ -503,4 +525,16 @@ impl Drop for PacketCapture {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Saves a run's serial console under `target/test-runs/` (for a failure report) and returns
+/// the file's path.
+fn save_serial(serial: &str) -> std::io::Result<PathBuf> {
+    static SAVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let directory = repository_root().join("target/test-runs");
+    std::fs::create_dir_all(&directory)?;
+    let number = SAVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = directory.join(format!("serial-{}-{number}.txt", std::process::id()));
+    std::fs::write(&path, serial)?;
+    Ok(path)
 }

@@ -162,6 +162,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     for line in network::statistics() {
         log::info!("{line}");
     }
+    for (cpu, used, size) in smp::stack_use() {
+        log::info!("smp: cpu{cpu} stack: at most {used} of {size} bytes in use");
+    }
 
     // Step 8.
     if all_passed {

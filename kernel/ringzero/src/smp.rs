@@ -25,7 +25,7 @@
 use crate::memory::{self, HostPhysAddr, IdentityMapping};
 use crate::{apic, console, cpu, platform, time};
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use ringzero_x86::hw::{self, ap_trampoline};
 
 /// Most CPUs the hypervisor drives (the configuration's host CPU numbers go up to 63).
@@ -54,6 +54,32 @@ static INDEX_BY_APIC_ID: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
 /// APIC ID by logical index, for the CPUs online.
 static APIC_ID_BY_INDEX: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static ONLINE: AtomicUsize = AtomicUsize::new(1);
+/// Lowest address of each AP's stack (0: none).
+static STACK_BOTTOM: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// (CPU index, most bytes of its stack ever in use, stack size) for each AP, for the end
+/// report: the stacks start zeroed and have no guard page, so this shows how close each came to
+/// overflowing into the heap (the lowest non-zero byte marks the deepest use).
+pub fn stack_use() -> alloc::vec::Vec<(usize, usize, usize)> {
+    let mut uses = alloc::vec::Vec::new();
+    for (index, bottom) in STACK_BOTTOM.iter().enumerate() {
+        let bottom = bottom.load(Ordering::Relaxed);
+        if bottom == 0 {
+            continue;
+        }
+        // The AP may be using its stack right now (idle): volatile byte reads, whose values
+        // only estimate the depth.
+        let untouched = (0..AP_STACK_SIZE)
+            .find(|&offset| {
+                // SAFETY: [bottom, +AP_STACK_SIZE) is the AP's leaked stack allocation, never
+                // freed; a byte read cannot tear.
+                unsafe { core::ptr::read_volatile((bottom as *const u8).add(offset)) != 0 }
+            })
+            .unwrap_or(AP_STACK_SIZE);
+        uses.push((index, AP_STACK_SIZE - untouched, AP_STACK_SIZE));
+    }
+    uses
+}
 /// Index + 1 of the last AP that checked in (0: none yet).
 static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
 /// The start in progress: `index << 2 | state`, state one of the three below.
@@ -194,6 +220,7 @@ fn start_each(apic_ids: &[u32], startup: &StartupPage) -> usize {
         let stack: &'static mut [u8] =
             Box::leak(alloc::vec![0u8; AP_STACK_SIZE].into_boxed_slice());
         let stack_top = (stack.as_ptr_range().end as u64) & !0xF;
+        STACK_BOTTOM[index].store(stack.as_ptr() as u64, Ordering::Relaxed);
         INDEX_BY_APIC_ID[apic_id as usize].store(index as u8, Ordering::Relaxed);
         APIC_ID_BY_INDEX[index].store(apic_id, Ordering::Relaxed);
         // SAFETY: the previous AP has checked in (or was parked by INIT), so no CPU reads the
