@@ -70,6 +70,12 @@ fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) 
     let announced = run.line_with("executing ud2 at 0x");
     let rip = announced.rsplit("at ").next().expect("address").trim();
     run.assert_serial_contains(&format!("the guest triple-faulted at rip={rip}"));
+    // The report of a faulted vCPU: its registers, then its flight recorder's last exits (the
+    // port writes that printed the guest's announcement).
+    run.assert_serial_contains(&format!(
+        "vm triple-fault vcpu 0: triple-fault with rip={rip}"
+    ));
+    run.assert_serial_contains("vm triple-fault vcpu 0:   earlier exit io at rip=");
     run.assert_serial_contains("ringzero: vm basic-2 exit=exit-port status=0");
 }
 

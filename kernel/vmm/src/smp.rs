@@ -66,6 +66,8 @@ pub struct VcpuState {
     pub tsc_aux: u64,
     /// Whether the interrupt window was requested from the backend and not taken yet.
     window_open: bool,
+    /// The last exits, for the report when the guest ends badly.
+    pub recent: crate::stats::RecentExits,
 }
 
 impl VcpuState {
@@ -83,6 +85,7 @@ impl VcpuState {
             stats: VcpuStats::default(),
             tsc_aux: 0,
             window_open: false,
+            recent: crate::stats::RecentExits::default(),
         }
     }
 }

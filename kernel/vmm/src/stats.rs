@@ -93,6 +93,42 @@ impl ExitStats {
     }
 }
 
+/// How many exits [`RecentExits`] keeps.
+pub const RECENT_EXITS: usize = 16;
+
+/// One exit as [`RecentExits`] keeps it: why, where, and one number that tells more (the
+/// guest-physical address of a nested page fault, the port of an I/O exit, the MSR of an MSR
+/// exit, else 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecentExit {
+    pub reason: Reason,
+    pub rip: u64,
+    pub detail: u64,
+}
+
+/// A vCPU's flight recorder: its last [`RECENT_EXITS`] exits, oldest first when read, so a
+/// guest that dies (a triple fault says nothing of why) leaves a trail in the report.
+#[derive(Clone, Debug, Default)]
+pub struct RecentExits {
+    ring: [Option<RecentExit>; RECENT_EXITS],
+    next: usize,
+}
+
+impl RecentExits {
+    pub fn record(&mut self, exit: RecentExit) {
+        self.ring[self.next] = Some(exit);
+        self.next = (self.next + 1) % RECENT_EXITS;
+    }
+
+    /// The exits kept, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &RecentExit> {
+        self.ring[self.next..]
+            .iter()
+            .chain(&self.ring[..self.next])
+            .flatten()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +151,21 @@ mod tests {
         assert!(table.contains("cpuid"), "{table}");
         assert!(table.contains("200"), "{table}");
         assert!(!table.contains("msr-read"), "{table}");
+    }
+
+    #[test]
+    fn the_flight_recorder_keeps_the_last_exits_oldest_first() {
+        let mut recent = RecentExits::default();
+        assert_eq!(recent.iter().count(), 0);
+        for rip in 0..(RECENT_EXITS as u64 + 3) {
+            recent.record(RecentExit {
+                reason: Reason::Halt,
+                rip,
+                detail: 0,
+            });
+        }
+        let rips: Vec<u64> = recent.iter().map(|exit| exit.rip).collect();
+        let expected: Vec<u64> = (3..RECENT_EXITS as u64 + 3).collect();
+        assert_eq!(rips, expected);
     }
 }

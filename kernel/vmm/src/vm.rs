@@ -8,7 +8,7 @@ use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
 use crate::msr::{self, MsrRead, MsrWrite};
 use crate::paging::{self, GuestPaging, LazyStats};
 use crate::smp::{self, Activity, VcpuState};
-use crate::stats::ExitStats;
+use crate::stats::{ExitStats, RecentExit};
 use crate::vcpu::{Register, Vcpu};
 use crate::Platform;
 use alloc::boxed::Box;
@@ -218,6 +218,24 @@ impl VmEnd {
             VmEnd::PowerOff => 0,
             _ => STATUS_STOPPED,
         }
+    }
+
+    /// Whether the VM was stopped by something its vCPU did that the hypervisor could not go
+    /// on from (a fault, an instruction or exit it cannot handle): the end report then shows
+    /// that vCPU's registers and last exits.
+    pub fn is_fault(&self) -> bool {
+        matches!(
+            self,
+            VmEnd::TripleFault { .. }
+                | VmEnd::NestedPageFault { .. }
+                | VmEnd::NestedPagingMisconfiguration { .. }
+                | VmEnd::HaltedForever { .. }
+                | VmEnd::EntryFailed { .. }
+                | VmEnd::Undecodable { .. }
+                | VmEnd::Unhandled { .. }
+                | VmEnd::UnsupportedMmio { .. }
+                | VmEnd::UnsupportedIo { .. }
+        )
     }
 
     /// Whether the guest ended the way a passing guest does (exit port, status 0).
@@ -434,7 +452,22 @@ pub fn run_slice<L: LockVm + ?Sized>(
         if vm.trace && !exit.reason().made_by_the_host() {
             trace_exit(vm, vcpu, host, &exit);
         }
+        let detail = match &exit {
+            VmExit::NestedPageFault { guest_physical, .. } => guest_physical.0,
+            VmExit::PageFault { address, .. } => *address,
+            VmExit::Io(io) => u64::from(io.port),
+            VmExit::MsrRead | VmExit::MsrWrite => vcpu.register(Register::Rcx) & 0xFFFF_FFFF,
+            _ => 0,
+        };
+        vm.vcpus[index].recent.record(RecentExit {
+            reason: exit.reason(),
+            rip: vcpu.register(Register::Rip),
+            detail,
+        });
         let outcome = handle(vm, index, vcpu, platform, host, &exit);
+        if let Some(end) = outcome.as_ref().filter(|end| end.is_fault()) {
+            report_failure(vm, index, vcpu, end);
+        }
         // Step 4: account the time spent in the hypervisor for this exit.
         let now = platform.timestamp();
         vm.stats.record(exit.reason(), now.wrapping_sub(exited));
@@ -456,6 +489,34 @@ pub fn run_slice<L: LockVm + ?Sized>(
         if now >= slice_end {
             return SliceEnd::Preempted;
         }
+    }
+}
+
+/// Logs what a vCPU looked like when its guest ended badly: its registers and its last exits
+/// (a triple fault tells nothing of the exceptions that led to it; the trail may).
+fn report_failure(vm: &Vm, index: usize, vcpu: &dyn Vcpu, end: &VmEnd) {
+    let state = vcpu.snapshot();
+    log::warn!(
+        "vm {} vcpu {index}: {} with rip={:#x} rsp={:#x} rflags={:#x} cpl={} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        vm.name,
+        end.reason(),
+        state.rip,
+        state.rsp,
+        state.rflags,
+        state.cpl,
+        state.cr0,
+        state.cr3,
+        state.cr4,
+        state.efer
+    );
+    for exit in vm.vcpus[index].recent.iter() {
+        log::warn!(
+            "vm {} vcpu {index}:   earlier exit {} at rip={:#x} ({:#x})",
+            vm.name,
+            exit.reason.name(),
+            exit.rip,
+            exit.detail
+        );
     }
 }
 
