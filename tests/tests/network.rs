@@ -215,6 +215,18 @@ fn two_linux_vms_get_dhcp_addresses_and_ping_the_gateway_and_each_other() {
             run.report()
         );
     }
+    // Frames moved when they were sent: the exit that notified a NIC's transmit queue put them
+    // into the switch and into the receiving VM's queue (not only the next scheduler pass), and
+    // frames for the other VM were handed to it from that exit (delivered, or marked + kicked).
+    let line = run.line_with("network: sent_at_exit=");
+    let moved = |key: &str| ringzero_tests::field_after(line, key).unwrap_or(0);
+    assert!(
+        moved("sent_at_exit=") > 0
+            && moved("delivered_at_exit=") > 0
+            && moved("direct_deliveries=") + moved("deferred_deliveries=") > 0,
+        "{line}\n{}",
+        run.report()
+    );
 }
 
 /// A VM that sends from another VM's MAC: the switch drops its frames and counts them on its

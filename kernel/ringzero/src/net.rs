@@ -402,6 +402,14 @@ impl PhysicalNic {
         outcome
     }
 
+    /// Whether [`PhysicalNic::transmit`] would find room in the transmit queue now (after
+    /// reaping what the device sent), so would not wait. Never waits.
+    pub fn can_transmit(&self) -> bool {
+        let mut queues = self.queues.lock();
+        queues.reap_sent();
+        queues.device.can_send()
+    }
+
     /// The next received Ethernet frame, if one is waiting (never waits).
     pub fn receive(&self) -> Option<Vec<u8>> {
         self.receive_with(<[u8]>::to_vec)

@@ -11,7 +11,10 @@
 //!    loops: pick the next runnable vCPU round-robin, run it for one slice
 //!    (`ringzero_vmm::vm::run_slice`), and go on. A vCPU that halts or waits for its startup IPI
 //!    gives the CPU away until an event for it arrives; a CPU with nothing runnable halts until
-//!    its next timer tick or a kick from another CPU.
+//!    its next timer tick or a kick from another CPU. Networked VMs' frames move at each pass
+//!    and, as soon as they are sent, in the exit path (`CpuPlatform::exit_handled`); frames for
+//!    a VM whose lock another CPU holds are marked on its slot and that CPU is kicked
+//!    (`network.rs` explains the order of locks).
 //! 3. Preemption: the host's local APIC timer ticks on every CPU and its interrupt makes the
 //!    guest exit (SVM: INTR intercept; VMX: external-interrupt exiting), and on VMX the
 //!    preemption timer bounds the slice too; at the first exit after the slice's end the
@@ -21,13 +24,14 @@
 //! 5. The bootstrap CPU waits for every VM, prints the per-CPU statistics and returns.
 
 use crate::guests::{self, AnyVcpu, Backend, IntegrityCheck, KernelHostMemory, KernelPlatform};
+use crate::network::{self, Moment};
 use crate::virt::Extension;
 use crate::{console, console_input, memory};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use ringzero_loader::boot_plan::EntryState;
 use ringzero_loader::manifest::{Manifest, Paging, TestHook};
-use ringzero_memory::HostPhysAddr;
+use ringzero_memory::{HostMemory, HostPhysAddr};
 use ringzero_vmm::smp;
 use ringzero_vmm::vm::{self, SliceEnd, Vm, VmEnd};
 use ringzero_vmm::Platform;
@@ -42,8 +46,11 @@ struct VmSlot {
     nested_root: Option<HostPhysAddr>,
     entry: EntryState,
     shadow: bool,
-    /// The VM has a NIC on the switch: the scheduler loop moves its frames.
+    /// The VM has a NIC on the switch: its exits and the scheduler loop move its frames.
     networked: bool,
+    /// Frames wait for it on its switch port and another CPU could not take its lock to
+    /// deliver them: its next exit (or scheduler pass) does (`network.rs`).
+    frames_waiting: AtomicBool,
     /// vCPUs not done yet; the one that brings it to 0 finishes the VM.
     remaining: AtomicUsize,
     finished: AtomicBool,
@@ -136,6 +143,144 @@ impl Platform for CpuPlatform {
 
     fn guest_left(&mut self) {
         IN_GUEST.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A networked VM's frames move here, right after the exit that sent them (a notification
+    /// of its NIC's transmit queue), or that a kick caused because frames wait for it; and, at
+    /// most every few hundred microseconds, what the physical NIC received. See `network.rs`.
+    fn exit_handled(&mut self, vm: &mut Vm, host: &mut dyn HostMemory, queues_run: bool) {
+        let Some(schedule) = SCHEDULE.get() else {
+            return;
+        };
+        let Some(slot) = schedule.slots.get(vm.id) else {
+            return;
+        };
+        if !slot.networked {
+            return;
+        }
+        let waiting = slot.frames_waiting.swap(false, Ordering::SeqCst);
+        let mut others = Vec::new();
+        if queues_run || waiting {
+            others = network::exchange(vm, host, Moment::Exit);
+        }
+        if network::uplink_poll_due() {
+            others.extend(network::pump(Moment::Exit));
+            others.sort_unstable();
+            others.dedup();
+        }
+        move_to_other_vms(schedule, self.cpu, host, vm, &others, Moment::Exit);
+    }
+}
+
+/// The frames the switch left on the ports of VMs `waiting` go into those VMs' receive queues:
+/// at once when the VM's lock is free (`try_lock`: the caller holds `holding`'s lock, and no
+/// CPU may wait for a second VM's lock while holding one), otherwise the VM is marked
+/// (`frames_waiting`) and delivers at its next exit or scheduler pass. Either way the CPUs
+/// running its vCPUs are kicked, so that a halted or running vCPU takes its NIC's interrupt (or
+/// the marked frames) now rather than at its next timer tick. Frames for `holding` itself are
+/// delivered with the lock the caller holds. Bounded: frames these deliveries send on are
+/// only marked and kicked, one level.
+fn move_to_other_vms(
+    schedule: &Schedule,
+    cpu: usize,
+    host: &mut dyn HostMemory,
+    holding: &mut Vm,
+    waiting: &[usize],
+    moment: Moment,
+) {
+    if waiting.is_empty() {
+        return;
+    }
+    let mut own = false;
+    let mut further = Vec::new();
+    for &id in waiting {
+        if id == holding.id {
+            own = true;
+            continue;
+        }
+        further.extend(deliver_or_mark(schedule, cpu, host, id));
+    }
+    // Frames for the VM the caller holds (from the physical NIC, or sent back by the VMs just
+    // delivered to): delivered with the lock the caller holds. `exchange` never names the VM
+    // it ran for, so this happens once.
+    if own || further.contains(&holding.id) {
+        further.retain(|&id| id != holding.id);
+        further.extend(network::exchange(holding, host, moment));
+    }
+    further.sort_unstable();
+    further.dedup();
+    for id in further {
+        mark_and_kick(schedule, cpu, id);
+    }
+}
+
+/// Like [`move_to_other_vms`], from the scheduler loop before any VM is locked (after
+/// `network::pump`).
+fn move_to_vms(schedule: &Schedule, cpu: usize, host: &mut dyn HostMemory, waiting: &[usize]) {
+    let mut further = Vec::new();
+    for &id in waiting {
+        further.extend(deliver_or_mark(schedule, cpu, host, id));
+    }
+    further.sort_unstable();
+    further.dedup();
+    for id in further {
+        mark_and_kick(schedule, cpu, id);
+    }
+}
+
+/// Delivers the frames waiting for VM `id` if its lock is free (and kicks its CPUs, so that its
+/// vCPUs take the NIC's interrupt now); otherwise marks it and kicks (see [`mark_and_kick`]).
+/// Returns the VMs that delivery (the VM's own sends, moved with it) left
+/// frames for.
+fn deliver_or_mark(
+    schedule: &Schedule,
+    cpu: usize,
+    host: &mut dyn HostMemory,
+    id: usize,
+) -> Vec<usize> {
+    let Some(slot) = schedule.slots.get(id) else {
+        return Vec::new();
+    };
+    if !slot.networked {
+        return Vec::new();
+    }
+    // Only tried: the caller may hold another VM's lock (see `network.rs`).
+    let Some(mut vm) = slot.vm.try_lock() else {
+        network::count_delivery(false);
+        mark_and_kick(schedule, cpu, id);
+        return Vec::new();
+    };
+    if vm.end.is_some() {
+        return Vec::new();
+    }
+    slot.frames_waiting.store(false, Ordering::SeqCst);
+    network::count_delivery(true);
+    let further = network::exchange(&mut vm, host, Moment::Exit);
+    drop(vm);
+    kick_vm(schedule, cpu, id);
+    further
+}
+
+/// Marks VM `id` as having frames waiting; the CPUs running its vCPUs are kicked when the mark
+/// is new (an older mark's kick is still on its way: a flood of frames does not become a
+/// flood of interrupts for the receiving VM's CPU).
+fn mark_and_kick(schedule: &Schedule, cpu: usize, id: usize) {
+    if let Some(slot) = schedule.slots.get(id) {
+        if slot.networked && !slot.frames_waiting.swap(true, Ordering::SeqCst) {
+            kick_vm(schedule, cpu, id);
+        }
+    }
+}
+
+/// Kicks each CPU (other than `cpu`) that runs a vCPU of VM `id`, once.
+fn kick_vm(schedule: &Schedule, cpu: usize, id: usize) {
+    let Some(cpus) = schedule.location.get(id) else {
+        return;
+    };
+    for (index, &other) in cpus.iter().enumerate() {
+        if other != cpu && !cpus[..index].contains(&other) {
+            host::kick(other);
+        }
     }
 }
 
@@ -270,6 +415,7 @@ pub fn run_all(
         let networked = crate::network::has_port(vm.id);
         slots.push(VmSlot {
             networked,
+            frames_waiting: AtomicBool::new(false),
             vm: spin::Mutex::new(vm),
             nested_root: built.nested_root,
             entry: built.entry,
@@ -442,8 +588,10 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         if cpu == 0 {
             poll_console_input(schedule);
         }
-        // Frames between the physical NIC and the switch (whichever CPU gets there).
-        crate::network::pump();
+        // Frames between the physical NIC and the switch (whichever CPU gets there), and to
+        // the VMs they are for.
+        let waiting = network::pump(Moment::Pass);
+        move_to_vms(schedule, cpu, &mut host, &waiting);
         let now = hw::rdtsc();
         let mut picked = None;
         let mut live = 0;
@@ -459,7 +607,9 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
             // A networked VM's frames, both ways, before its vCPU is looked at: a frame
             // delivered now raises its NIC's line, which wakes a halted vCPU below.
             if slot.networked && placement.vcpu == 0 && vm.end.is_none() {
-                crate::network::exchange(&mut vm, &mut host);
+                slot.frames_waiting.store(false, Ordering::SeqCst);
+                let others = network::exchange(&mut vm, &mut host, Moment::Pass);
+                move_to_other_vms(schedule, cpu, &mut host, &mut vm, &others, Moment::Pass);
             }
             if picked.is_none() && smp::is_runnable(&mut vm, placement.vcpu, now) {
                 picked = Some(index);

@@ -42,4 +42,16 @@ pub trait Platform {
     /// Just before a guest entry and just after the exit (the kernel counts CPUs in guests).
     fn guest_entering(&mut self) {}
     fn guest_left(&mut self) {}
+    /// After each exit of `vm` that was handled and left the VM running, with the VM still
+    /// locked and no device locked: `queues_run` says the exit ran a device queue (a virtio
+    /// notification, through a BAR or the configuration window). The kernel moves the VM's
+    /// network frames here, so they leave when they are sent rather than at its next
+    /// scheduler pass. It must not block on another VM's lock (only try it).
+    fn exit_handled(
+        &mut self,
+        _vm: &mut vm::Vm,
+        _host: &mut dyn ringzero_memory::HostMemory,
+        _queues_run: bool,
+    ) {
+    }
 }

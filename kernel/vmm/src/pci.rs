@@ -7,8 +7,10 @@
 //! MMIO: a guest access faults (nothing is mapped outside RAM), [`Vm`]'s `device_at` asks each
 //! function whether the address is in one of its BARs *as the guest programmed them*, and the
 //! access is emulated against it. A write that notifies a queue makes the device run that queue
-//! there and then, with the VM's RAM as [`GuestMemory`] (the "DMA"). Interrupt lines (INTx) are
-//! sampled with the other devices' lines before each guest entry
+//! there and then, with the VM's RAM as [`GuestMemory`] (the "DMA"), and the platform hears of
+//! it once the exit is handled, the VM still locked and the function unlocked
+//! ([`crate::Platform::exit_handled`]: the kernel moves a NIC's frames on from there).
+//! Interrupt lines (INTx) are sampled with the other devices' lines before each guest entry
 //! ([`crate::smp::poll_devices`]) and go to the I/O APIC pin the DSDT's `_PRT` names.
 //!
 //! Everything the guest writes is hostile: the device models (`ringzero-virtio`) validate it;
@@ -185,7 +187,8 @@ pub fn load(vm: &mut Vm, index: usize, gpa: u64, size: u8) -> u64 {
     }
 }
 
-/// A guest store to function `index`'s BAR at `gpa`; a queue notification runs the queue.
+/// A guest store to function `index`'s BAR at `gpa`; a queue notification runs the queue (and
+/// is remembered for `Platform::exit_handled`, which runs once the function is unlocked).
 pub fn store(vm: &mut Vm, host: &mut dyn HostMemory, index: usize, gpa: u64, size: u8, value: u64) {
     let Some(slot) = vm.pci.get(index) else {
         return;
@@ -201,6 +204,7 @@ pub fn store(vm: &mut Vm, host: &mut dyn HostMemory, index: usize, gpa: u64, siz
             host,
         };
         function.process(queue, &mut memory);
+        vm.queues_run = true;
     }
 }
 
@@ -219,6 +223,7 @@ pub fn service_windows(vm: &mut Vm, host: &mut dyn HostMemory) {
                 host,
             };
             function.process(queue, &mut memory);
+            vm.queues_run = true;
         }
     }
 }

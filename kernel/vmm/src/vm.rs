@@ -65,6 +65,9 @@ pub struct Vm {
     pub(crate) irq_lines: u32,
     /// PCI functions with BARs (virtio devices), also on the PCI bus for their configuration.
     pub pci: Vec<crate::pci::PciSlot>,
+    /// A PCI function ran a queue during the exit being handled (set by [`crate::pci`], taken
+    /// by [`run_slice`] for [`Platform::exit_handled`]).
+    pub(crate) queues_run: bool,
     console_line: Vec<u8>,
     msrs_reported: BTreeSet<u32>,
 }
@@ -109,6 +112,7 @@ impl Vm {
             io_apic: None,
             irq_lines: 0,
             pci: Vec::new(),
+            queues_run: false,
             console_line: Vec::new(),
             msrs_reported: BTreeSet::new(),
         }
@@ -467,6 +471,11 @@ pub fn run_slice<L: LockVm + ?Sized>(
         let outcome = handle(vm, index, vcpu, platform, host, &exit);
         if let Some(end) = outcome.as_ref().filter(|end| end.is_fault()) {
             report_failure(vm, index, vcpu, end);
+        }
+        // What the exit set going (a NIC's frames) moves on now, before the guest runs again.
+        let queues_run = core::mem::take(&mut vm.queues_run);
+        if outcome.is_none() {
+            platform.exit_handled(vm, host, queues_run);
         }
         // Step 4: account the time spent in the hypervisor for this exit.
         let now = platform.timestamp();

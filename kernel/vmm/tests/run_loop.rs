@@ -343,6 +343,8 @@ struct FakePlatform {
     cpuid: BTreeMap<(u32, u32), [u32; 4]>,
     clock: Cell<u64>,
     console: Vec<(String, String)>,
+    /// `queues_run` of each `exit_handled` call, in order.
+    handled: Vec<bool>,
 }
 
 impl FakePlatform {
@@ -365,6 +367,7 @@ impl FakePlatform {
             cpuid,
             clock: Cell::new(1000),
             console: Vec::new(),
+            handled: Vec::new(),
         }
     }
 
@@ -389,6 +392,15 @@ impl Platform for FakePlatform {
 
     fn console_line(&mut self, vm_name: &str, line: &str) {
         self.console.push((vm_name.to_string(), line.to_string()));
+    }
+
+    fn exit_handled(
+        &mut self,
+        _vm: &mut Vm,
+        _host: &mut dyn ringzero_memory::HostMemory,
+        queues_run: bool,
+    ) {
+        self.handled.push(queues_run);
     }
 }
 
@@ -1479,5 +1491,84 @@ fn mmio_access_by_other_instructions_stops_the_vm_with_a_report() {
             address: 0xFEB0_0080,
             rip: 0x2000
         }
+    );
+}
+
+/// A PCI function with one BAR at 0xFEB1_0000 (4 KiB) whose offset 0x10 is a queue notify
+/// register; it counts the queues it ran.
+struct NotifyFunction {
+    processed: std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl ringzero_devices::PciDevice for NotifyFunction {
+    fn name(&self) -> &'static str {
+        "notify"
+    }
+    fn read_config(&mut self, _offset: u16) -> u32 {
+        u32::MAX
+    }
+    fn write_config(&mut self, _offset: u16, _value: u32, _byte_mask: u32) {}
+}
+
+impl ringzero_vmm::pci::BarFunction for NotifyFunction {
+    fn bar_containing(&self, gpa: u64) -> Option<(usize, u64)> {
+        (0xFEB1_0000..0xFEB1_1000)
+            .contains(&gpa)
+            .then(|| (0, gpa - 0xFEB1_0000))
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, _size: u8) -> u64 {
+        0
+    }
+    fn bar_write(&mut self, _bar: usize, offset: u64, _size: u8, value: u64) -> Option<u16> {
+        (offset == 0x10).then_some(value as u16)
+    }
+    fn process(&mut self, queue: u16, _memory: &mut dyn ringzero_virtio::GuestMemory) -> usize {
+        self.processed.lock().unwrap().push(queue);
+        1
+    }
+    fn take_window_notifications(&mut self) -> u64 {
+        0
+    }
+    fn interrupt_line(&self) -> bool {
+        false
+    }
+    fn statistics(&self) -> String {
+        String::new()
+    }
+    fn as_model_mut(&mut self) -> &mut dyn core::any::Any {
+        self
+    }
+}
+
+#[test]
+fn a_queue_notification_is_reported_to_the_platform_after_its_exit() {
+    // mov [eax], ebx: a store to the notify register (queue 1), then a store elsewhere in the
+    // BAR (not a notification).
+    let code = [0x89, 0x18, 0x89, 0x18];
+    let notify = 0xFEB1_0010;
+    let mut h = Harness::new(vec![
+        step(
+            &[(Register::Rax, notify), (Register::Rbx, 1)],
+            mmio_fault(notify, true),
+        ),
+        step(&[(Register::Rax, notify + 8)], mmio_fault(notify + 8, true)),
+    ]);
+    let processed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let function: Box<dyn ringzero_vmm::pci::BarFunction> = Box::new(NotifyFunction {
+        processed: processed.clone(),
+    });
+    h.vm.pci.push(ringzero_vmm::pci::PciSlot {
+        device: 3,
+        gsi: 16,
+        function: std::sync::Arc::new(spin::Mutex::new(function)),
+    });
+    h.flat_32bit_without_next_rip(0x2000);
+    h.write_ram(0x2000, &code);
+    assert_eq!(h.run(), success());
+    assert_eq!(*processed.lock().unwrap(), [1], "the notified queue ran");
+    assert_eq!(
+        h.platform.handled[..2],
+        [true, false],
+        "the platform hears of the notification right after its exit, and only then"
     );
 }
