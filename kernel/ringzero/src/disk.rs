@@ -4,13 +4,25 @@
 //!
 //! - Found once at boot ([`init`]), kernel-global ([`physical_disk`]); one spin lock
 //!   serializes the requests of every CPU.
-//! - Requests complete by polling (the driver spins on the used ring; no interrupt is set up),
-//!   one at a time, in chunks of at most [`CHUNK_BYTES`] so a large request never bounces more
-//!   than that at once and another CPU waits for the lock at most one chunk.
+//! - Requests complete by polling (no interrupt is set up), one at a time, in chunks of at most
+//!   [`CHUNK_BYTES`] so another CPU waits for the lock at most one chunk.
+//! - Reads and writes use the crate's non-blocking calls (`read_blocks_nb`/`write_blocks_nb`,
+//!   `peek_used`, `complete_*_blocks`) on the driver's own heap buffers (request, response and
+//!   one chunk of data, copied from and to the caller's buffer), and wait at most
+//!   [`REQUEST_TIMEOUT_MILLIS`]. A request that misses it leaves the buffers to the device,
+//!   which may still write them at any time: they are leaked (never freed or reused), the disk
+//!   is marked failed with one `disk: read of N sectors at LBA L not completed within ...`
+//!   line, and from then on every request fails at once with [`DiskError::Io`], which the VMs'
+//!   virtio-blk devices answer with VIRTIO_BLK_S_IOERR. The device is not reset: a reset may
+//!   itself wait for the stuck request (QEMU drains its in-flight requests on reset).
+//! - Flush still waits without a limit: `virtio-drivers` 0.13 has no non-blocking flush and
+//!   keeps its virtqueue private, so a flush the device never completes hangs this CPU. On a
+//!   disk already marked failed it fails at once like the rest.
 //! - DMA needs host-physical addresses: [`DmaHal`] hands out frames from the kernel's frame
-//!   allocator (mapped by the physical window) and translates buffers through the page tables,
-//!   copying through a heap bounce buffer only when a buffer's pages are not physically
-//!   contiguous (e.g. a large stack array).
+//!   allocator (mapped by the physical window) and translates buffers through the page tables
+//!   (the request buffers are on the heap, which is physically contiguous, so they never need
+//!   a bounce buffer). The driver, with its virtqueue, lives for good in a static, so the
+//!   queue's DMA memory is never freed either.
 //! - The boot never writes the disk: it reads LBA 1 to say whether a GPT header is there.
 //!
 //! Spec: Virtual I/O Device (VIRTIO) Version 1.2, 5.2 (block device: VIRTIO_BLK_F_RO is feature
