@@ -3,6 +3,8 @@
 //! whether it takes flushes and whether LBA 1 holds a GPT header, and never writes it at boot.
 //! The VMs' disks: partitions of that disk (by GPT label) or images packed into the boot bundle,
 //! each a virtio-blk PCI device of its VM, driven by stock Linux or by a hostile test guest.
+//! A physical disk that stops answering (QEMU's throttling) is given up after the hypervisor's
+//! request deadline: its VMs get I/O errors, the others run on.
 
 use ringzero_tests::{boot, ScratchDisk};
 
@@ -277,5 +279,95 @@ fn a_read_only_image_disk_reads_back_and_refuses_writes() {
         "{status}\n{}",
         run.report()
     );
+    run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
+}
+
+/// How long the hypervisor waits for one request of its physical disk
+/// (`disk::REQUEST_TIMEOUT_MILLIS` in kernel/ringzero/src/disk.rs).
+const REQUEST_TIMEOUT_MILLIS: u64 = 10_000;
+
+/// A physical disk that stops answering: QEMU throttles it to 512 bytes/s after a 1 MiB burst
+/// (the hypervisor's boot and Linux's partition scan fit in it), so once Linux's direct reads
+/// have used the burst, the next request would take over a minute. The hypervisor gives up on
+/// it after its deadline, says so once, and fails every later request at once: Linux gets I/O
+/// errors, the echo VM beside it still answers a line typed only after the failure, both end
+/// normally and the hypervisor powers off. Without the deadline the CPU that sent the request
+/// spins for good (the run ends by the time limit).
+#[test]
+fn a_dead_disk_fails_its_requests_and_the_other_vms_run_on() {
+    let disk = ScratchDisk::partitioned(32, &[("dead", 16)]);
+    let input = std::env::temp_dir().join(format!("ringzero-disk-dead-{}.txt", std::process::id()));
+    std::fs::write(
+        &input,
+        "@wait not completed within\nstill here after the disk failed\nquit\n",
+    )
+    .expect("write the input file");
+    let drive = format!(
+        "if=none,id=disk0,file={},format=raw,throttling.bps-total=512,\
+         throttling.bps-total-max=1048576",
+        disk.path().replace(',', ",,")
+    );
+    let run = boot(&[
+        "--bios",
+        "--config",
+        "tests/configs/disk-dead.toml",
+        "--smp",
+        "2",
+        "--memory",
+        "512",
+        "--input",
+        input.to_str().expect("temporary paths are UTF-8"),
+        "--timeout",
+        "300",
+        "--",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=disk0",
+    ]);
+    let _ = std::fs::remove_file(&input);
+    run.assert_status(CLEAN);
+    // The hypervisor gave the disk up once, on a read, naming the LBA and the wait.
+    let failures: Vec<(usize, &str)> = run
+        .serial
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| line.contains("not completed within"))
+        .collect();
+    assert_eq!(failures.len(), 1, "one failure line\n{}", run.report());
+    let (failed_at, failure) = failures[0];
+    assert!(
+        failure.contains("disk: read of 128 sectors at LBA ")
+            && failure.contains(&format!(
+                "not completed within {REQUEST_TIMEOUT_MILLIS} ms: the disk is taken as failed"
+            )),
+        "unexpected failure line {failure:?}\n{}",
+        run.report()
+    );
+    // Linux saw I/O errors, at the timeout and at once afterwards.
+    run.assert_serial_contains("linux | disk-test: vda sectors=32768");
+    run.assert_serial_contains("I/O error, dev vda");
+    for which in ["first", "second"] {
+        let status = run.line_with(&format!("linux | disk-test: {which} read status "));
+        assert!(!status.ends_with("status 0"), "{status}\n{}", run.report());
+    }
+    let stats = run.line_with("vm linux: 00:01.0 virtio-blk reads=");
+    assert!(
+        !stats.contains(" backend=0 "),
+        "no backend errors counted: {stats}\n{}",
+        run.report()
+    );
+    // The other VM ran on: it echoed a line typed only after the failure.
+    let echoed = run
+        .serial
+        .lines()
+        .position(|line| line.contains("alive | echo: still here after the disk failed"))
+        .unwrap_or_else(|| panic!("the echo VM did not answer\n{}", run.report()));
+    assert!(
+        echoed > failed_at,
+        "echoed before the failure\n{}",
+        run.report()
+    );
+    run.assert_serial_contains("ringzero: vm alive exit=exit-port status=0");
     run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
 }

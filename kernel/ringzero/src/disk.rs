@@ -4,25 +4,40 @@
 //!
 //! - Found once at boot ([`init`]), kernel-global ([`physical_disk`]); one spin lock
 //!   serializes the requests of every CPU.
-//! - Requests complete by polling (the driver spins on the used ring; no interrupt is set up),
-//!   one at a time, in chunks of at most [`CHUNK_BYTES`] so a large request never bounces more
-//!   than that at once and another CPU waits for the lock at most one chunk.
+//! - Requests complete by polling (no interrupt is set up), one at a time, in chunks of at most
+//!   [`CHUNK_BYTES`] so another CPU waits for the lock at most one chunk.
+//! - Reads and writes use the crate's non-blocking calls (`read_blocks_nb`/`write_blocks_nb`,
+//!   `peek_used`, `complete_*_blocks`) on the driver's own heap buffers (request, response and
+//!   one chunk of data, copied from and to the caller's buffer), and wait at most
+//!   [`REQUEST_TIMEOUT_MILLIS`]. A request that misses it leaves the buffers to the device,
+//!   which may still write them at any time: they are leaked (never freed or reused), the disk
+//!   is marked failed with one `disk: read of N sectors at LBA L not completed within ...`
+//!   line, and from then on every request fails at once with [`DiskError::Io`], which the VMs'
+//!   virtio-blk devices answer with VIRTIO_BLK_S_IOERR. The device is not reset: a reset may
+//!   itself wait for the stuck request (QEMU drains its in-flight requests on reset).
+//! - Flush still waits without a limit: `virtio-drivers` 0.13 has no non-blocking flush and
+//!   keeps its virtqueue private, so a flush the device never completes hangs this CPU. On a
+//!   disk already marked failed it fails at once like the rest.
 //! - DMA needs host-physical addresses: [`DmaHal`] hands out frames from the kernel's frame
-//!   allocator (mapped by the physical window) and translates buffers through the page tables,
-//!   copying through a heap bounce buffer only when a buffer's pages are not physically
-//!   contiguous (e.g. a large stack array).
+//!   allocator (mapped by the physical window) and translates buffers through the page tables
+//!   (the request buffers are on the heap, which is physically contiguous, so they never need
+//!   a bounce buffer). The driver, with its virtqueue, lives for good in a static, so the
+//!   queue's DMA memory is never freed either.
 //! - The boot never writes the disk: it reads LBA 1 to say whether a GPT header is there.
 //!
 //! Spec: Virtual I/O Device (VIRTIO) Version 1.2, 5.2 (block device: VIRTIO_BLK_F_RO is feature
 //! bit 5, VIRTIO_BLK_F_FLUSH bit 9, VIRTIO_BLK_T_FLUSH), 4.1 (virtio over PCI: vendor 0x1AF4,
 //! device 0x1001 transitional or 0x1042 modern block device).
 
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, Ordering};
 use ringzero_vdisk::{check_range, DiskError, SectorIo, SECTOR_SIZE};
-use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use crate::pci;
+use crate::time;
 use crate::virtio_hal::DmaHal;
 
 /// The block device's two PCI device IDs. See: VIRTIO 1.2 4.1.2.
@@ -35,12 +50,54 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 /// The GPT header's signature, at the start of LBA 1. See: UEFI 2.10 5.3.2.
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 
+/// How long one request (a chunk of at most [`CHUNK_BYTES`], or a flush) may take before the
+/// disk is taken as failed. A healthy disk answers in milliseconds; a slow or busy one (a
+/// spinning disk behind a deep queue, a drive retrying a weak sector: desktop drives retry for up
+/// to about 7 s before they report an error) in a few seconds. Waiting longer helps no one: the
+/// waiting CPU runs no vCPU meanwhile, and every other CPU that wants the disk waits for the lock.
+/// (Linux waits 30 s before it times out a block request, but it does not stop a CPU meanwhile.)
+pub const REQUEST_TIMEOUT_MILLIS: u64 = 10_000;
+
 /// The hypervisor's physical disk (see the module documentation).
 pub struct PhysicalDisk {
     sectors: u64,
     flush_supported: bool,
     read_only: bool,
-    driver: spin::Mutex<VirtIOBlk<DmaHal, PciTransport>>,
+    /// Set once a request timed out: every later request fails at once, without the lock.
+    failed: AtomicBool,
+    driver: spin::Mutex<Driver>,
+}
+
+/// The memory the device reads and writes for one request, owned by the driver (never the
+/// caller's buffer): after a timeout the device still owns it, so it is leaked, never freed.
+struct RequestBuffers {
+    request: BlkReq,
+    response: BlkResp,
+    /// [`CHUNK_BYTES`] long.
+    data: Box<[u8]>,
+}
+
+/// The driver and its request memory, under [`PhysicalDisk::driver`]'s lock.
+struct Driver {
+    blk: VirtIOBlk<DmaHal, PciTransport>,
+    /// `None` once a timed-out request left them to the device.
+    buffers: Option<Box<RequestBuffers>>,
+}
+
+/// Which request timed out, for the log line.
+#[derive(Clone, Copy)]
+enum Operation {
+    Read,
+    Write,
+}
+
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Write => "write",
+        }
+    }
 }
 
 static DISK: spin::Once<Option<PhysicalDisk>> = spin::Once::new();
@@ -61,6 +118,109 @@ impl PhysicalDisk {
     pub fn read_only(&self) -> bool {
         self.read_only
     }
+
+    /// Whether a request timed out, so that every request now fails at once.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Runs one chunk (`data.len()` is at most [`CHUNK_BYTES`], whole sectors) through the
+    /// driver's own buffers and waits for it at most [`REQUEST_TIMEOUT_MILLIS`]. A read's data is
+    /// copied out to `data` once the device finished it; a write's is copied in before.
+    fn chunk(
+        &self,
+        driver: &mut Driver,
+        operation: Operation,
+        lba: u64,
+        data: ChunkData<'_>,
+    ) -> Result<(), DiskError> {
+        if self.failed() {
+            return Err(DiskError::Io);
+        }
+        let Driver { blk, buffers } = driver;
+        let Some(owned) = buffers.as_mut() else {
+            return Err(DiskError::Io);
+        };
+        let length = data.len();
+        let RequestBuffers {
+            request,
+            response,
+            data: bytes,
+        } = &mut **owned;
+        if let ChunkData::Out(source) = &data {
+            bytes[..length].copy_from_slice(source);
+        }
+        let sector = lba as usize;
+        // SAFETY: the request, data and response live in the heap allocation `buffers` owns and
+        // are touched by nothing else until `complete_*` below returns for this token; if the
+        // device does not finish in time, that allocation is leaked (never freed or reused) and
+        // the disk is marked failed, so the device may still write it at any later time.
+        let submitted = unsafe {
+            match operation {
+                Operation::Read => {
+                    blk.read_blocks_nb(sector, request, &mut bytes[..length], response)
+                }
+                Operation::Write => {
+                    blk.write_blocks_nb(sector, request, &bytes[..length], response)
+                }
+            }
+        };
+        let token = submitted.map_err(|error| io_error(operation.name(), lba, error))?;
+        let deadline = time::deadline_after_millis(REQUEST_TIMEOUT_MILLIS);
+        // One request at a time (under the lock): the next used element is this one.
+        while blk.peek_used() != Some(token) {
+            if time::passed(deadline) {
+                // The device still owns the buffers: leak them.
+                if let Some(abandoned) = buffers.take() {
+                    let _ = Box::leak(abandoned);
+                }
+                self.failed.store(true, Ordering::Release);
+                log::error!(
+                    "disk: {} of {} sectors at LBA {lba} not completed within {} ms: the disk \
+                     is taken as failed; every later request fails at once (I/O error)",
+                    operation.name(),
+                    length / SECTOR_SIZE,
+                    REQUEST_TIMEOUT_MILLIS
+                );
+                return Err(DiskError::Io);
+            }
+            core::hint::spin_loop();
+        }
+        // SAFETY: the same request, data and response as were submitted with this token, which
+        // the device has now finished (it is at the head of the used ring).
+        let completed = unsafe {
+            match operation {
+                Operation::Read => {
+                    blk.complete_read_blocks(token, request, &mut bytes[..length], response)
+                }
+                Operation::Write => {
+                    blk.complete_write_blocks(token, request, &bytes[..length], response)
+                }
+            }
+        };
+        completed.map_err(|error| io_error(operation.name(), lba, error))?;
+        if let ChunkData::In(target) = data {
+            target.copy_from_slice(&bytes[..length]);
+        }
+        Ok(())
+    }
+}
+
+/// The caller's side of one chunk.
+enum ChunkData<'a> {
+    /// A read: filled once the device finished.
+    In(&'a mut [u8]),
+    /// A write: copied to the driver's buffer before the request is sent.
+    Out(&'a [u8]),
+}
+
+impl ChunkData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            ChunkData::In(buf) => buf.len(),
+            ChunkData::Out(buf) => buf.len(),
+        }
+    }
 }
 
 fn io_error(what: &str, lba: u64, error: virtio_drivers::Error) -> DiskError {
@@ -75,13 +235,15 @@ impl SectorIo for PhysicalDisk {
 
     fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         check_range(self.sectors, lba, buf.len())?;
+        if self.failed() {
+            return Err(DiskError::Io);
+        }
         let mut driver = self.driver.lock();
         let mut sector = lba;
         for chunk in buf.chunks_mut(CHUNK_BYTES) {
-            driver
-                .read_blocks(sector as usize, chunk)
-                .map_err(|error| io_error("read", sector, error))?;
-            sector += (chunk.len() / SECTOR_SIZE) as u64;
+            let sectors = (chunk.len() / SECTOR_SIZE) as u64;
+            self.chunk(&mut driver, Operation::Read, sector, ChunkData::In(chunk))?;
+            sector += sectors;
         }
         Ok(())
     }
@@ -91,21 +253,31 @@ impl SectorIo for PhysicalDisk {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
+        if self.failed() {
+            return Err(DiskError::Io);
+        }
         let mut driver = self.driver.lock();
         let mut sector = lba;
         for chunk in buf.chunks(CHUNK_BYTES) {
-            driver
-                .write_blocks(sector as usize, chunk)
-                .map_err(|error| io_error("write", sector, error))?;
+            self.chunk(&mut driver, Operation::Write, sector, ChunkData::Out(chunk))?;
             sector += (chunk.len() / SECTOR_SIZE) as u64;
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<(), DiskError> {
-        // The driver sends VIRTIO_BLK_T_FLUSH when the feature was negotiated, else nothing.
-        self.driver
-            .lock()
+        if self.failed() {
+            return Err(DiskError::Io);
+        }
+        let mut driver = self.driver.lock();
+        if self.failed() {
+            return Err(DiskError::Io);
+        }
+        // `virtio-drivers` 0.13 has no non-blocking flush and keeps its queue private, so this
+        // one request still waits without a time limit (see the module documentation). The
+        // driver sends VIRTIO_BLK_T_FLUSH when the feature was negotiated, else nothing.
+        driver
+            .blk
             .flush()
             .map_err(|error| io_error("flush", 0, error))
     }
@@ -169,11 +341,20 @@ fn find() -> Option<PhysicalDisk> {
             "disk: the device offers no flush: writes are as durable as its cache makes them"
         );
     }
+    let buffers = Box::new(RequestBuffers {
+        request: BlkReq::default(),
+        response: BlkResp::default(),
+        data: alloc::vec![0; CHUNK_BYTES].into_boxed_slice(),
+    });
     Some(PhysicalDisk {
         sectors,
         flush_supported,
         read_only,
-        driver: spin::Mutex::new(driver),
+        failed: AtomicBool::new(false),
+        driver: spin::Mutex::new(Driver {
+            blk: driver,
+            buffers: Some(buffers),
+        }),
     })
 }
 

@@ -8,6 +8,10 @@
 //! - A buffer handed to a device is translated through the page tables; only when its pages are
 //!   not physically contiguous (e.g. a large stack array) is it copied through a heap bounce
 //!   buffer (the heap is one physically contiguous block, so heap buffers never bounce).
+//! - Memory a device may still write is never freed: `unshare` (which frees a bounce buffer)
+//!   runs only when a request completed. A request abandoned at its deadline (`disk`) is never
+//!   unshared, so a bounce buffer it had stays allocated for good; the disk driver's requests
+//!   use heap buffers, which do not bounce, and leaks them on a timeout.
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use core::ptr::NonNull;
