@@ -95,7 +95,9 @@ fn new_extended_state() -> GuestExtendedState {
         let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
         [answer.eax, answer.ebx, answer.ecx, answer.edx]
     };
-    GuestExtendedState::new(ringzero_vmm::xsave::host_support(&host).map(|s| s.area_size))
+    GuestExtendedState::new(
+        ringzero_vmm::xsave::host_support(&host).map(|s| (s.allowed_xcr0, s.area_size)),
+    )
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.

@@ -39,8 +39,9 @@ struct Block([u8; 64]);
 enum Storage {
     /// No XSAVE on this CPU: FXSAVE/FXRSTOR of x87/SSE.
     Fxsave(FpuState),
-    /// The standard-form XSAVE area.
-    Xsave(Vec<Block>),
+    /// The standard-form XSAVE area, and the XCR0 bits the guest may enable (the area holds
+    /// exactly those; XSAVE/XRSTOR never touch more: their instruction mask is `allowed`).
+    Xsave { area: Vec<Block>, allowed: u64 },
 }
 
 /// One vCPU's extended state and XCR0.
@@ -54,12 +55,12 @@ pub struct GuestExtendedState {
 
 impl GuestExtendedState {
     /// The state of a new vCPU (x87 and SSE registers as after FNINIT with MXCSR 0x1F80, the rest
-    /// initial, XCR0 = 1). `xsave_area_size`: the XSAVE area's size for every component the guest
-    /// may enable, or `None` to switch x87/SSE with FXSAVE. XSAVE is also left unused when this
+    /// initial, XCR0 = 1). `xsave`: the XCR0 bits the guest may enable and the XSAVE area's size
+    /// for them, or `None` to switch x87/SSE with FXSAVE. XSAVE is also left unused when this
     /// CPU's CR4.OSXSAVE is clear.
-    pub fn new(xsave_area_size: Option<u32>) -> GuestExtendedState {
-        let storage = match xsave_area_size {
-            Some(size) if hw::xcr0().is_some() => {
+    pub fn new(xsave: Option<(u64, u32)>) -> GuestExtendedState {
+        let storage = match xsave {
+            Some((allowed, size)) if hw::xcr0().is_some() => {
                 let blocks = (size as usize).max(MINIMUM_AREA).div_ceil(64);
                 let mut area = alloc::vec![Block([0; 64]); blocks];
                 // FCW 0x037F (bytes 0-1) and MXCSR 0x1F80 (bytes 24-27): XRSTOR loads MXCSR
@@ -68,7 +69,10 @@ impl GuestExtendedState {
                 // See: SDM Vol 1 13.8.1.
                 let initial = FpuState::initial();
                 area[0].0[..32].copy_from_slice(&initial.0[..32]);
-                Storage::Xsave(area)
+                Storage::Xsave {
+                    area,
+                    allowed: allowed | X87_SSE,
+                }
             }
             _ => Storage::Fxsave(FpuState::initial()),
         };
@@ -81,12 +85,17 @@ impl GuestExtendedState {
 
     /// Whether the state is switched with XSAVE (else FXSAVE).
     pub fn uses_xsave(&self) -> bool {
-        matches!(self.storage, Storage::Xsave(_))
+        matches!(self.storage, Storage::Xsave { .. })
     }
 
-    /// The guest's XCR0.
+    /// The guest's XCR0. While loaded that is the real XCR0: the same value on hardware that
+    /// intercepts XSETBV, the guest's own where it does not (QEMU 7.2 TCG ignores SVM's XSETBV
+    /// intercept: the CPU checks and loads the value itself).
     pub fn xcr0(&self) -> u64 {
-        self.xcr0
+        match (&self.storage, self.loaded) {
+            (Storage::Xsave { .. }, true) => hw::xcr0().unwrap_or(self.xcr0),
+            _ => self.xcr0,
+        }
     }
 
     /// The guest's registers and XCR0 into the CPU (no-op when already there).
@@ -97,13 +106,14 @@ impl GuestExtendedState {
         match &mut self.storage {
             // SAFETY: the image is FpuState::initial or came from FXSAVE in `deactivate`.
             Storage::Fxsave(image) => unsafe { hw::fxrstor(image) },
-            Storage::Xsave(area) => {
-                let switch = self.xcr0 | X87_SSE;
+            Storage::Xsave { area, allowed } => {
+                let (switch, mask) = (self.xcr0 | X87_SSE, *allowed);
                 // Step 1: XCR0 covering what is restored.
                 if hw::xcr0() != Some(switch) {
                     // SAFETY: OSXSAVE is on (an Xsave area exists only then); `switch` is the
-                    // guest's XCR0, checked by the core against what this CPU supports, plus
-                    // x87|SSE, which every XSAVE CPU supports.
+                    // guest's XCR0, checked by the core against what this CPU supports (or by
+                    // the CPU itself when it let the guest load it), plus x87|SSE, which every
+                    // XSAVE CPU supports.
                     unsafe { hw::set_xcr0(switch) };
                 }
                 // Step 2: XSTATE_BV may name components the guest has since disabled (XSAVE
@@ -114,10 +124,11 @@ impl GuestExtendedState {
                 let xstate_bv = u64::from_le_bytes(header) & switch;
                 area[XSTATE_BV / 64].0[..8].copy_from_slice(&xstate_bv.to_le_bytes());
                 // SAFETY: OSXSAVE is on; the area is 64-byte aligned (Block) and sized for every
-                // component the guest may enable (`new`), so for `switch`; it was initialized in
+                // component the guest may enable (`new`), and `mask` keeps XRSTOR to those; it
+                // was initialized in
                 // `new` or written by XSAVE, XCOMP_BV and the reserved header bytes stay zero,
                 // and XSTATE_BV is now within XCR0.
-                unsafe { hw::xrstor(area.as_ptr().cast(), switch) };
+                unsafe { hw::xrstor(area.as_ptr().cast(), mask) };
                 // Step 3: the guest's own XCR0 for the guest to run with.
                 if self.xcr0 != switch {
                     // SAFETY: as in step 1; dropping SSE from XCR0 leaves the XMM registers
@@ -136,15 +147,17 @@ impl GuestExtendedState {
         }
         match &mut self.storage {
             Storage::Fxsave(image) => hw::fxsave(image),
-            Storage::Xsave(area) => {
-                let switch = self.xcr0 | X87_SSE;
+            Storage::Xsave { area, allowed } => {
+                // The guest may have loaded XCR0 itself (no XSETBV intercept): take its value.
+                self.xcr0 = hw::xcr0().unwrap_or(self.xcr0);
+                let (switch, mask) = (self.xcr0 | X87_SSE, *allowed);
                 if self.xcr0 != switch {
                     // SAFETY: OSXSAVE is on; `switch` only adds SSE to a valid XCR0.
                     unsafe { hw::set_xcr0(switch) };
                 }
                 // SAFETY: OSXSAVE is on; the area is 64-byte aligned and large enough for
-                // every allowed component.
-                unsafe { hw::xsave(area.as_mut_ptr().cast(), switch) };
+                // every allowed component, and `mask` keeps XSAVE to those.
+                unsafe { hw::xsave(area.as_mut_ptr().cast(), mask) };
                 if switch != HOST_XCR0 {
                     // SAFETY: x87|SSE is valid on every XSAVE CPU; the guest's state of the
                     // components this disables was just saved.
@@ -175,7 +188,7 @@ impl GuestExtendedState {
     pub fn erase(&mut self) {
         match &mut self.storage {
             Storage::Fxsave(image) => image.erase(),
-            Storage::Xsave(area) => {
+            Storage::Xsave { area, .. } => {
                 for byte in area.iter_mut().flat_map(|block| block.0.iter_mut()) {
                     // SAFETY: `byte` is a valid, exclusive reference into the area.
                     unsafe { core::ptr::write_volatile(byte, 0) };
