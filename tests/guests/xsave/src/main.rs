@@ -29,7 +29,7 @@ const LEAF1_ECX_AVX: u32 = 1 << 28;
 const VECTOR_UD: u64 = 6;
 const VECTOR_GP: u64 = 13;
 /// A round this many times longer than the fastest one counts as a gap.
-const GAP_FACTOR: u64 = 50;
+const GAP_FACTOR: u64 = 10;
 
 fn parameter<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_whitespace().find_map(|word| {
