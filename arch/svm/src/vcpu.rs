@@ -323,7 +323,7 @@ impl SvmVcpu {
 
     /// Gives the pages back (for the caller to free) when the VM is gone.
     /// Erases the guest's registers kept in hypervisor memory (the general-purpose registers
-    /// saved at each exit, the x87/SSE registers saved by `deactivate`), where the vCPU lies:
+    /// saved at each exit, the x87/SSE/AVX registers saved by `deactivate`), where the vCPU lies:
     /// call it before moving the vCPU out of its place (a move leaves the old bytes behind), so
     /// no guest data lingers in the heap once the vCPU is gone.
     pub fn erase_saved_registers(&mut self) {

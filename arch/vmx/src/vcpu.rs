@@ -616,7 +616,7 @@ impl VmxVcpu {
 
     /// Clears the VMCS and gives the page back (for the caller to free).
     /// Erases the guest's registers kept in hypervisor memory (the general-purpose registers
-    /// saved at each exit, the x87/SSE registers saved by `deactivate`), where the vCPU lies:
+    /// saved at each exit, the x87/SSE/AVX registers saved by `deactivate`), where the vCPU lies:
     /// call it before moving the vCPU out of its place (a move leaves the old bytes behind), so
     /// no guest data lingers in the heap once the vCPU is gone.
     pub fn erase_saved_registers(&mut self) {
