@@ -38,8 +38,11 @@ fn two_vms_on_one_cpu_keep_their_own_avx_state(backend: &[&str]) {
         }
         run.assert_serial_contains(&format!("{vm} | xsave: {vm} ymm pattern loaded seed=0x"));
         // The guest saw the other VM run between its rounds (long gaps) with its YMM intact.
-        let gaps = field_after(run.line_with(&format!("{vm} | xsave: {vm} ok rounds=")), "gaps=")
-            .expect("a gap count");
+        let gaps = field_after(
+            run.line_with(&format!("{vm} | xsave: {vm} ok rounds=")),
+            "gaps=",
+        )
+        .expect("a gap count");
         assert!(gaps >= 2, "{vm} saw {gaps} gaps\n{}", run.report());
         run.assert_serial_contains(&format!("ringzero: vm {vm} exit=exit-port status=0"));
         // Both on CPU 0, taken off it for the other again and again.
@@ -71,7 +74,12 @@ fn two_vms_on_one_cpu_keep_their_own_avx_state(backend: &[&str]) {
                     .any(|pair| pair == ["xsetbv", "3"])
             })
             .count();
-        assert_eq!(rows, 2, "an `xsetbv 3` statistics row per VM\n{}", run.report());
+        assert_eq!(
+            rows,
+            2,
+            "an `xsetbv 3` statistics row per VM\n{}",
+            run.report()
+        );
     }
 }
 

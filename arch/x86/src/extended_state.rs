@@ -17,6 +17,7 @@
 extern crate alloc;
 
 use crate::hw::{self, FpuState};
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 /// x87 and SSE: always saved and restored.
@@ -38,7 +39,7 @@ struct Block([u8; 64]);
 
 enum Storage {
     /// No XSAVE on this CPU: FXSAVE/FXRSTOR of x87/SSE.
-    Fxsave(FpuState),
+    Fxsave(Box<FpuState>),
     /// The standard-form XSAVE area, and the XCR0 bits the guest may enable (the area holds
     /// exactly those; XSAVE/XRSTOR never touch more: their instruction mask is `allowed`).
     Xsave { area: Vec<Block>, allowed: u64 },
@@ -60,7 +61,7 @@ impl GuestExtendedState {
     /// CPU's CR4.OSXSAVE is clear.
     pub fn new(xsave: Option<(u64, u32)>) -> GuestExtendedState {
         let storage = match xsave {
-            Some((allowed, size)) if hw::xcr0().is_some() => {
+            Some((allowed, size)) if hw::osxsave_enabled() => {
                 let blocks = (size as usize).max(MINIMUM_AREA).div_ceil(64);
                 let mut area = alloc::vec![Block([0; 64]); blocks];
                 // FCW 0x037F (bytes 0-1) and MXCSR 0x1F80 (bytes 24-27): XRSTOR loads MXCSR
@@ -74,7 +75,8 @@ impl GuestExtendedState {
                     allowed: allowed | X87_SSE,
                 }
             }
-            _ => Storage::Fxsave(FpuState::initial()),
+            // FpuState::default() is FpuState::initial().
+            _ => Storage::Fxsave(Box::default()),
         };
         GuestExtendedState {
             storage,

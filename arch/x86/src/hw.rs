@@ -188,6 +188,13 @@ pub unsafe fn fxrstor(state: &FpuState) {
 /// CR4.OSXSAVE (bit 18): XSAVE, XRSTOR, XSETBV and XGETBV usable. See: SDM Vol 3A 2.5.
 pub const CR4_OSXSAVE: u64 = 1 << 18;
 
+/// Whether CR4.OSXSAVE is set on this CPU, from CPUID.1:ECX.OSXSAVE (which mirrors it and,
+/// unlike CR4, can be read at any privilege level: host tests build vCPUs too).
+/// See: SDM Vol 2A CPUID, Table 3-10 (bit 27).
+pub fn osxsave_enabled() -> bool {
+    cpuid(1, 0).ecx & (1 << 27) != 0
+}
+
 /// XGETBV(0): XCR0, the state components XSAVE manages and the CPU lets software use, or
 /// `None` when CR4.OSXSAVE is clear (XGETBV would raise #UD). See: SDM Vol 2C "XGETBV".
 pub fn xcr0() -> Option<u64> {

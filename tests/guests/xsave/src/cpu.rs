@@ -71,8 +71,14 @@ pub fn install_idt() {
     // SAFETY: the guest is single-threaded and this runs once, before any fault can read the
     // table; nothing else references IDT.
     unsafe {
-        (*idt)[6] = gate(xsave_guest_ud_handler as *const () as usize as u64, selector);
-        (*idt)[13] = gate(xsave_guest_gp_handler as *const () as usize as u64, selector);
+        (*idt)[6] = gate(
+            xsave_guest_ud_handler as *const () as usize as u64,
+            selector,
+        );
+        (*idt)[13] = gate(
+            xsave_guest_gp_handler as *const () as usize as u64,
+            selector,
+        );
     }
     let pointer = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,

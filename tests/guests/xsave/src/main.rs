@@ -70,9 +70,14 @@ fn main(boot_info: BootInfo) -> ! {
     let cmdline = core::str::from_utf8(boot_info.cmdline()).unwrap_or("");
     let name = parameter(cmdline, "name").unwrap_or("xsave");
     let Some(seed) = parameter(cmdline, "seed").and_then(parse_number) else {
-        fail(name, format_args!("no seed=NUMBER on the command line '{cmdline}'"));
+        fail(
+            name,
+            format_args!("no seed=NUMBER on the command line '{cmdline}'"),
+        );
     };
-    let want_gaps = parameter(cmdline, "gaps").and_then(parse_number).unwrap_or(8);
+    let want_gaps = parameter(cmdline, "gaps")
+        .and_then(parse_number)
+        .unwrap_or(8);
     let max_rounds = parameter(cmdline, "rounds")
         .and_then(parse_number)
         .unwrap_or(50_000);
