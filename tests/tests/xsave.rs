@@ -1,6 +1,7 @@
 //! The guests' extended state (XSAVE, docs/guest-interface.md "CPUID", "XSETBV"): two `xsave`
 //! guests (tests/guests/xsave) pinned to the same host CPU, each with its own pattern in
-//! YMM0-15, check their registers round after round while the other runs between their slices.
+//! YMM0-15, check their registers round after round while the other runs between their slices
+//! (x1 on nested paging, x2 on shadow paging, where its CR4.OSXSAVE write is trapped).
 //! Each also checks CPUID (XSAVE, AVX, OSXSAVE following its CR4, leaf 0xD sizes), XGETBV and
 //! XSETBV's faults (#UD before CR4.OSXSAVE, #GP for XCR0 = 5 and for ECX = 1).
 
