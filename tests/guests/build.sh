@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the ringzero test guests (tests/guests) for x86_64-unknown-none, release, and puts the
 # images in target/guests/: basic.bin, triple-fault.bin, escape.bin, toucher.bin, torture.bin,
-# demo-traps.bin, demo-paravirt.bin, smp.bin, worker.bin, spinner.bin, echo.bin (flat64 raw
+# demo-traps.bin, demo-paravirt.bin, smp.bin, worker.bin, spinner.bin, echo.bin, xsave.bin (flat64 raw
 # binaries, loaded and entered at 0x100000), multiboot.elf (Multiboot v1 ELF64 with a.out-kludge
 # fields) and flat64-shim.elf (test helper: boots a flat64 image given as a Multiboot module under
 # plain QEMU). Works from any directory. See tests/guests/README.md.
@@ -21,7 +21,7 @@ objcopy="$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/llvm-
 
 elf_dir="$build_dir/x86_64-unknown-none/release"
 mkdir -p "$out_dir"
-for guest in basic triple-fault escape toucher torture demo-traps demo-paravirt smp worker spinner echo disk-abuse; do
+for guest in basic triple-fault escape toucher torture demo-traps demo-paravirt smp worker spinner echo disk-abuse xsave; do
     "$objcopy" -O binary "$elf_dir/$guest" "$out_dir/$guest.bin"
     echo "built $out_dir/$guest.bin (flat64, $(stat -c %s "$out_dir/$guest.bin") bytes)"
 done

@@ -69,6 +69,11 @@ fn boots_to_a_shell_runs_commands_and_powers_off(config: &str, smp: &str, cpus: 
         "grep -c hypervisor /proc/cpuinfo did not print {cpus}\n{}",
         run.report()
     );
+    // XSAVE and AVX (docs/guest-interface.md, CPUID): in every vCPU's flags, and Linux
+    // switched its FPU code to XSAVE with x87, SSE and AVX state.
+    run.assert_serial_contains("linux | ringzero-flags: avx xsave");
+    run.assert_serial_contains("x86/fpu: Enabled xstate features 0x7,");
+    run.assert_serial_lacks("XSAVE consistency problem");
     // `dmesg | grep -i hypervisor`: Linux names the platform it found in the SMBIOS tables
     // the hypervisor built (its `DMI:` line), once on the boot console and once from the grep.
     let dmi = "DMI: ringzero hypervisor VM, BIOS ringzero-0.1.0";
@@ -189,6 +194,9 @@ fn linux_under_bochs_vmx() {
     );
     run.assert_serial_contains(&format!("ringzero-date={}", today()));
     run.assert_serial_contains("linux | ringzero-linux: automatic session done");
+    // XSAVE with at least x87, SSE and AVX (Bochs's Skylake-X adds AVX-512: 0xe7).
+    run.assert_serial_contains("x86/fpu: Enabled xstate features 0x");
+    run.assert_serial_lacks("XSAVE consistency problem");
     run.assert_serial_contains("ringzero: vm linux exit=poweroff status=0");
 }
 

@@ -31,6 +31,8 @@ pub mod code {
     pub const STGI: u64 = 0x84;
     pub const CLGI: u64 = 0x85;
     pub const SKINIT: u64 = 0x86;
+    /// XSETBV (the misc-2 intercept). See: APM Vol 2 Table C-1.
+    pub const XSETBV: u64 = 0x8D;
     pub const NPF: u64 = 0x400;
     /// VMEXIT_INVALID: VMRUN's consistency checks failed (-1; QEMU's TCG stores it as a
     /// 32-bit -1, so both forms are accepted).
@@ -70,6 +72,7 @@ pub fn decode(exit_code: u64, info1: u64, info2: u64, decode_assists: bool) -> D
         code::INVLPG => plain(VmExit::Invlpg { address: decode_assists.then_some(info1) }),
         code::HLT => plain(VmExit::Halt),
         code::VMMCALL => plain(VmExit::Hypercall),
+        code::XSETBV => plain(VmExit::Xsetbv),
         code::SHUTDOWN => plain(VmExit::TripleFault),
         code::INTR | code::NMI => plain(VmExit::ExternalInterrupt),
         // See: APM Vol 2 15.21.4.
@@ -162,6 +165,16 @@ mod tests {
             VmExit::Invlpg {
                 address: Some(0x1000)
             }
+        );
+    }
+
+    #[test]
+    fn xsetbv_exit() {
+        let decoded = decode_plain(code::XSETBV, 0, 0);
+        assert_eq!(decoded.exit, VmExit::Xsetbv);
+        assert_eq!(
+            decoded.next_rip, None,
+            "NRIP save (when present) gives the length"
         );
     }
 

@@ -40,6 +40,9 @@ pub mod misc2 {
     pub const STGI: u32 = 1 << 4;
     pub const CLGI: u32 = 1 << 5;
     pub const SKINIT: u32 = 1 << 6;
+    /// XSETBV: the guest's XCR0 is checked and kept by the hypervisor (without the intercept
+    /// the guest would load the real XCR0 unchecked). See: APM Vol 2 15.12, Table B-1 (bit 13).
+    pub const XSETBV: u32 = 1 << 13;
 }
 
 /// The misc-1 intercepts of every ringzero guest.
@@ -51,8 +54,10 @@ pub const MISC1: u32 = misc1::INTR
     | misc1::IOIO_PROT
     | misc1::MSR_PROT
     | misc1::SHUTDOWN;
-/// The misc-2 intercepts: VMMCALL (hypercalls) and every SVM instruction (#UD for the guest).
+/// The misc-2 intercepts: VMMCALL (hypercalls), XSETBV and every SVM instruction (#UD for the
+/// guest).
 pub const MISC2: u32 = misc2::VMRUN
+    | misc2::XSETBV
     | misc2::VMMCALL
     | misc2::VMLOAD
     | misc2::VMSAVE

@@ -11,7 +11,7 @@ use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
-use ringzero_x86::hw::FpuState;
+use ringzero_x86::extended_state::GuestExtendedState;
 
 /// A host page (or run of contiguous pages) the backend uses: where the hardware sees it and
 /// where the hypervisor does.
@@ -83,11 +83,21 @@ pub struct SvmVcpu {
     /// Shadow paging: the paging registers the guest believes in.
     visible: Option<GuestPagingState>,
     flush_pending: bool,
-    /// The guest's x87/SSE registers while they are not in the CPU (the one piece of guest
-    /// state outside the VMCB: VMRUN and #VMEXIT leave them alone).
-    saved_fpu: FpuState,
-    /// Whether the real x87/SSE registers hold this guest's (from `activate` to `deactivate`).
-    cpu_state_loaded: bool,
+    /// The guest's x87/SSE/AVX registers and XCR0 while they are not in the CPU (the one piece
+    /// of guest state outside the VMCB: VMRUN and #VMEXIT leave them alone).
+    extended_state: GuestExtendedState,
+}
+
+/// A new vCPU's extended state: an XSAVE area for every component guests may enable when this
+/// CPU has XSAVE on (`ringzero_vmm::xsave::host_support`), else an FXSAVE image.
+fn new_extended_state() -> GuestExtendedState {
+    let host = |leaf, subleaf| {
+        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
+        [answer.eax, answer.ebx, answer.ecx, answer.edx]
+    };
+    GuestExtendedState::new(
+        ringzero_vmm::xsave::host_support(&host).map(|s| (s.allowed_xcr0, s.area_size)),
+    )
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
@@ -272,9 +282,8 @@ impl SvmVcpu {
             visible: None,
             flush_pending: false,
             // A fresh vCPU must not see the FPU registers of a VM that ran here before: as
-            // after FNINIT, loaded by `activate` (at the latest by the first `run`).
-            saved_fpu: FpuState::initial(),
-            cpu_state_loaded: false,
+            // after FNINIT, loaded by `activate` (before the first `run`).
+            extended_state: new_extended_state(),
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
@@ -314,18 +323,18 @@ impl SvmVcpu {
 
     /// Gives the pages back (for the caller to free) when the VM is gone.
     /// Erases the guest's registers kept in hypervisor memory (the general-purpose registers
-    /// saved at each exit, the x87/SSE registers saved by `deactivate`), where the vCPU lies:
+    /// saved at each exit, the x87/SSE/AVX registers saved by `deactivate`), where the vCPU lies:
     /// call it before moving the vCPU out of its place (a move leaves the old bytes behind), so
     /// no guest data lingers in the heap once the vCPU is gone.
     pub fn erase_saved_registers(&mut self) {
-        self.saved_fpu.erase();
+        self.extended_state.erase();
         // SAFETY: `self.registers` is a valid, exclusive, aligned place of that type.
         unsafe { core::ptr::write_volatile(&mut self.registers, GuestRegisters::default()) };
     }
 
     pub fn into_frames(mut self) -> SvmFrames {
-        // The guest's x87/SSE registers saved by `deactivate` are erased with the vCPU.
-        self.saved_fpu.erase();
+        // The guest's x87/SSE/AVX registers saved by `deactivate` are erased with the vCPU.
+        self.extended_state.erase();
         self.frames
     }
 
@@ -353,22 +362,24 @@ impl Vcpu for SvmVcpu {
         // VMCB may be taken from the CPU's cache of it. See: APM Vol 2 15.15 "VMCB State
         // Caching".
         self.vmcb_mut().control.clean_bits = 0;
-        // Step 2: the guest's x87/SSE registers back into the CPU.
-        if !self.cpu_state_loaded {
-            // SAFETY: the image is FpuState::initial or came from FXSAVE in `deactivate`.
-            unsafe { ringzero_x86::hw::fxrstor(&self.saved_fpu) };
-            self.cpu_state_loaded = true;
-        }
+        // Step 2: the guest's XCR0 and x87/SSE/AVX registers back into the CPU; they stay
+        // there across VMRUN and #VMEXIT (the hypervisor uses none of them) until `deactivate`.
+        self.extended_state.activate();
     }
 
     fn deactivate(&mut self) {
         // The rest of the guest lives in the VMCB (VMSAVE at each exit took the hidden state:
         // FS/GS/TR/LDTR, KERNEL_GS_BASE, STAR/LSTAR/CSTAR/SFMASK, SYSENTER); only the x87/SSE
-        // registers stay in the CPU.
-        if self.cpu_state_loaded {
-            ringzero_x86::hw::fxsave(&mut self.saved_fpu);
-            self.cpu_state_loaded = false;
-        }
+        // registers and XCR0 stay in the CPU: saved here, the host's XCR0 back.
+        self.extended_state.deactivate();
+    }
+
+    fn guest_xcr0(&self) -> u64 {
+        self.extended_state.xcr0()
+    }
+
+    fn set_guest_xcr0(&mut self, value: u64) {
+        self.extended_state.set_xcr0(value);
     }
 
     fn can_inject_interrupt(&self) -> bool {

@@ -38,6 +38,8 @@ pub mod reason {
     pub const INVEPT: u32 = 50;
     pub const PREEMPTION_TIMER: u32 = 52;
     pub const INVVPID: u32 = 53;
+    /// XSETBV exits unconditionally in VMX non-root operation. See: SDM Vol 3C 26.1.2.
+    pub const XSETBV: u32 = 55;
 }
 
 /// Bit 31 of the exit reason: the VM entry failed. See: SDM Vol 3C 28.2.1, Table 28-1... (25.9.1).
@@ -81,6 +83,7 @@ pub fn decode(exit_reason: u32, qualification: u64, guest_physical: u64) -> VmEx
         },
         reason::HLT => VmExit::Halt,
         reason::VMCALL => VmExit::Hypercall,
+        reason::XSETBV => VmExit::Xsetbv,
         reason::TRIPLE_FAULT => VmExit::TripleFault,
         reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
         // Interrupt-window exiting: the guest can take an interrupt now. See: SDM Vol 3C 26.7.5.
@@ -388,6 +391,7 @@ mod tests {
     #[test]
     fn simple_exits_and_failures() {
         assert_eq!(decode(reason::CPUID, 0, 0), VmExit::Cpuid);
+        assert_eq!(decode(reason::XSETBV, 0, 0), VmExit::Xsetbv);
         assert_eq!(decode(reason::TRIPLE_FAULT, 0, 0), VmExit::TripleFault);
         assert_eq!(
             decode(reason::EXTERNAL_INTERRUPT, 0, 0),

@@ -21,7 +21,7 @@ use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
 use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
 use ringzero_x86::caps::vmx::VmxCapabilities;
-use ringzero_x86::hw::FpuState;
+use ringzero_x86::extended_state::GuestExtendedState;
 
 /// A host page (or run of contiguous pages): where the hardware sees it and where the
 /// hypervisor does.
@@ -166,16 +166,29 @@ pub struct VmxVcpu {
     ept_pointer: u64,
     vpid: u16,
     first_run: bool,
-    /// The guest's [`PASS_THROUGH_MSRS`] (same order), CR2 and x87/SSE registers while they are
-    /// not in the CPU.
+    /// The guest's [`PASS_THROUGH_MSRS`] (same order) and CR2 while they are not in the CPU.
     saved_msrs: [u64; PASS_THROUGH_MSRS.len()],
     saved_cr2: u64,
-    saved_fpu: FpuState,
-    /// Whether the real pass-through MSRs, CR2 and x87/SSE registers hold this guest's values
+    /// The guest's x87/SSE/AVX registers and XCR0 while they are not in the CPU (VM entries
+    /// and exits switch neither).
+    extended_state: GuestExtendedState,
+    /// Whether the real pass-through MSRs, CR2 and extended state hold this guest's values
     /// (from `activate` to `deactivate`).
     cpu_state_loaded: bool,
     /// The VMX-preemption timer value written before every entry while the timer is on.
     preemption_timer: Option<u32>,
+}
+
+/// A new vCPU's extended state: an XSAVE area for every component guests may enable when this
+/// CPU has XSAVE on (`ringzero_vmm::xsave::host_support`), else an FXSAVE image.
+fn new_extended_state() -> GuestExtendedState {
+    let host = |leaf, subleaf| {
+        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
+        [answer.eax, answer.ebx, answer.ecx, answer.edx]
+    };
+    GuestExtendedState::new(
+        ringzero_vmm::xsave::host_support(&host).map(|s| (s.allowed_xcr0, s.area_size)),
+    )
 }
 
 /// The power-on PAT value. See: SDM Vol 3A 13.12.4.
@@ -420,7 +433,7 @@ impl VmxVcpu {
             // the latest by the first `run`).
             saved_msrs: [0; PASS_THROUGH_MSRS.len()],
             saved_cr2: 0,
-            saved_fpu: FpuState::initial(),
+            extended_state: new_extended_state(),
             cpu_state_loaded: false,
             preemption_timer: None,
         };
@@ -603,18 +616,18 @@ impl VmxVcpu {
 
     /// Clears the VMCS and gives the page back (for the caller to free).
     /// Erases the guest's registers kept in hypervisor memory (the general-purpose registers
-    /// saved at each exit, the x87/SSE registers saved by `deactivate`), where the vCPU lies:
+    /// saved at each exit, the x87/SSE/AVX registers saved by `deactivate`), where the vCPU lies:
     /// call it before moving the vCPU out of its place (a move leaves the old bytes behind), so
     /// no guest data lingers in the heap once the vCPU is gone.
     pub fn erase_saved_registers(&mut self) {
-        self.saved_fpu.erase();
+        self.extended_state.erase();
         // SAFETY: `self.registers` is a valid, exclusive, aligned place of that type.
         unsafe { core::ptr::write_volatile(&mut self.registers, GuestRegisters::default()) };
     }
 
     pub fn into_frames(mut self) -> VmxFrames {
-        // The guest's x87/SSE registers saved by `deactivate` are erased with the vCPU.
-        self.saved_fpu.erase();
+        // The guest's x87/SSE/AVX registers saved by `deactivate` are erased with the vCPU.
+        self.extended_state.erase();
         // SAFETY: VMX is still on and this is our VMCS; clearing it makes the region safe to
         // reuse as ordinary memory.
         let _ = unsafe { hw::vmclear(self.frames.vmcs.physical.0) };
@@ -684,7 +697,8 @@ impl Vcpu for VmxVcpu {
                 );
             }
         }
-        // Step 2: the guest's pass-through MSRs, CR2 and x87/SSE registers back into the CPU.
+        // Step 2: the guest's pass-through MSRs, CR2, XCR0 and x87/SSE/AVX registers back into
+        // the CPU; they stay there across VM entries and exits until `deactivate`.
         if !self.cpu_state_loaded {
             for (msr, value) in PASS_THROUGH_MSRS.into_iter().zip(self.saved_msrs) {
                 // SAFETY: these MSRs exist on every 64-bit CPU and the hypervisor uses neither
@@ -694,8 +708,7 @@ impl Vcpu for VmxVcpu {
             }
             // SAFETY: CR2 holds no state the hypervisor depends on (it takes no page faults).
             unsafe { ringzero_x86::hw::write_cr2(self.saved_cr2) };
-            // SAFETY: the image is FpuState::initial or came from FXSAVE in `deactivate`.
-            unsafe { ringzero_x86::hw::fxrstor(&self.saved_fpu) };
+            self.extended_state.activate();
             self.cpu_state_loaded = true;
         }
     }
@@ -707,9 +720,18 @@ impl Vcpu for VmxVcpu {
                 *slot = unsafe { ringzero_x86::hw::read_msr(msr) };
             }
             self.saved_cr2 = ringzero_x86::hw::read_cr2();
-            ringzero_x86::hw::fxsave(&mut self.saved_fpu);
+            // The guest's extended state saved, the host's XCR0 back.
+            self.extended_state.deactivate();
             self.cpu_state_loaded = false;
         }
+    }
+
+    fn guest_xcr0(&self) -> u64 {
+        self.extended_state.xcr0()
+    }
+
+    fn set_guest_xcr0(&mut self, value: u64) {
+        self.extended_state.set_xcr0(value);
     }
 
     fn can_inject_interrupt(&self) -> bool {
@@ -928,6 +950,7 @@ impl Vcpu for VmxVcpu {
                         | VmExit::Hypercall
                         | VmExit::ControlRegister(_)
                         | VmExit::Invlpg { .. }
+                        | VmExit::Xsetbv
                 ) {
                     let length = hw::vmread(vmcs::VM_EXIT_INSTRUCTION_LENGTH);
                     self.next_rip = Some(hw::vmread(vmcs::GUEST_RIP).wrapping_add(length));

@@ -3,9 +3,9 @@
 //! Manuals cited: Intel SDM (Intel 64 and IA-32 Architectures Software Developer's Manual,
 //! order 325462, rev. 084) and AMD APM (AMD64 Architecture Programmer's Manual, pub. 24593,
 //! rev. 3.42). Wrappers from the `x86_64` crate are used where it has them (control registers,
-//! MSRs, ports); only what it lacks (VMXON/VMXOFF, CR2, FXSAVE/FXRSTOR, the STI windows) is
-//! written here with `asm!`, and the application processors' real-mode start-up code
-//! (`global_asm!`) lives in [`ap_trampoline`].
+//! MSRs, ports); only what it lacks (VMXON/VMXOFF, CR2, FXSAVE/FXRSTOR, XSAVE/XRSTOR and
+//! XSETBV/XGETBV, the STI windows) is written here with `asm!`, and the application
+//! processors' real-mode start-up code (`global_asm!`) lives in [`ap_trampoline`].
 //!
 //! Every function here is `unsafe` or documents why it is safe: each executes an instruction
 //! that can fault or change machine state for the whole CPU.
@@ -182,6 +182,80 @@ pub unsafe fn fxrstor(state: &FpuState) {
         // SAFETY: the caller guarantees a valid image (MXCSR reserved bits clear); the area is
         // 512 readable bytes aligned to 16; EM and TS are clear.
         unsafe { asm!("fxrstor64 [{0}]", in(reg) state.0.as_ptr(), options(nostack, readonly)) };
+    });
+}
+
+/// CR4.OSXSAVE (bit 18): XSAVE, XRSTOR, XSETBV and XGETBV usable. See: SDM Vol 3A 2.5.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// Whether CR4.OSXSAVE is set on this CPU, from CPUID.1:ECX.OSXSAVE (which mirrors it and,
+/// unlike CR4, can be read at any privilege level: host tests build vCPUs too).
+/// See: SDM Vol 2A CPUID, Table 3-10 (bit 27).
+pub fn osxsave_enabled() -> bool {
+    cpuid(1, 0).ecx & (1 << 27) != 0
+}
+
+/// XGETBV(0): XCR0, the state components XSAVE manages and the CPU lets software use, or
+/// `None` when CR4.OSXSAVE is clear (XGETBV would raise #UD). See: SDM Vol 2C "XGETBV".
+pub fn xcr0() -> Option<u64> {
+    if read_cr4() & CR4_OSXSAVE == 0 {
+        return None;
+    }
+    let (low, high): (u32, u32);
+    // SAFETY: CR4.OSXSAVE is set (checked above) and ECX = 0 names XCR0, so XGETBV cannot
+    // fault; it only reads the register.
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") low, out("edx") high, options(nomem, nostack))
+    };
+    Some(u64::from(high) << 32 | u64::from(low))
+}
+
+/// XSETBV(0): loads XCR0. See: SDM Vol 2C "XSETBV", Vol 1 13.3.
+///
+/// # Safety
+/// CR4.OSXSAVE is set and `value` is a valid XCR0 for this CPU (bit 0 set, only bits CPUID
+/// 0DH:EDX:EAX reports, AVX only with SSE, the AVX-512 bits together and with AVX), else #GP.
+/// State components the change disables must not hold anything the caller still needs.
+pub unsafe fn set_xcr0(value: u64) {
+    // SAFETY: the caller guarantees OSXSAVE and a valid value.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32,
+            options(nomem, nostack))
+    };
+}
+
+/// XSAVE64: the state components in XCR0 & `mask` into the standard-form area at `area`.
+/// See: SDM Vol 1 13.7, Vol 2C "XSAVE".
+///
+/// # Safety
+/// CR4.OSXSAVE is set; `area` is 64-byte aligned, writable, and at least as large as CPUID
+/// 0DH reports for the components in XCR0 & `mask`.
+pub unsafe fn xsave(area: *mut u8, mask: u64) {
+    with_fxsr_usable(|| {
+        // SAFETY: the caller guarantees OSXSAVE and a large, aligned area; CR0.TS is clear
+        // (no #NM). XSAVE only writes the area.
+        unsafe {
+            asm!("xsave64 [{0}]", in(reg) area, in("eax") mask as u32,
+                in("edx") (mask >> 32) as u32, options(nostack))
+        };
+    });
+}
+
+/// XRSTOR64: the state components in XCR0 & `mask` from the standard-form area at `area`;
+/// those whose XSTATE_BV bit is clear are put in their initial configuration.
+/// See: SDM Vol 1 13.8, Vol 2C "XRSTOR".
+///
+/// # Safety
+/// As [`xsave`], and the area is valid for XRSTOR: XCOMP_BV and header bytes 16-63 zero,
+/// XSTATE_BV only bits set in XCR0, a valid MXCSR image (written by XSAVE or initialized).
+pub unsafe fn xrstor(area: *const u8, mask: u64) {
+    with_fxsr_usable(|| {
+        // SAFETY: the caller guarantees OSXSAVE and a valid, large, aligned area; CR0.TS is
+        // clear. XRSTOR only reads the area.
+        unsafe {
+            asm!("xrstor64 [{0}]", in(reg) area, in("eax") mask as u32,
+                in("edx") (mask >> 32) as u32, options(nostack, readonly))
+        };
     });
 }
 

@@ -73,6 +73,51 @@ pub fn init_this_cpu() {
     }
     IDT.load();
     normalize_cr0();
+    enable_xsave();
+}
+
+/// Logs what `enable_xsave` gave this CPU and what guests may use (a fixed line:
+/// `xsave: host XCR0 0x3, guests may enable XCR0 0x7, area 832 bytes` or `xsave: none, ...`).
+pub fn report_xsave() {
+    let host = |leaf, subleaf| {
+        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
+        [answer.eax, answer.ebx, answer.ecx, answer.edx]
+    };
+    match (
+        ringzero_x86::hw::xcr0(),
+        ringzero_vmm::xsave::host_support(&host),
+    ) {
+        (Some(xcr0), Some(support)) => log::info!(
+            "xsave: host XCR0 {xcr0:#x}, guests may enable XCR0 {:#x}, area {} bytes",
+            support.allowed_xcr0,
+            support.area_size
+        ),
+        _ => log::info!("xsave: none (guests get x87/SSE switched with FXSAVE and no XSAVE)"),
+    }
+}
+
+/// Turns on CR4.OSXSAVE when the CPU has XSAVE, with XCR0 = x87|SSE (the hypervisor itself,
+/// built soft-float, uses no extended state): the vCPUs then switch their guests' x87/SSE/AVX
+/// registers and XCR0 with XSAVE/XRSTOR/XSETBV (`ringzero_x86::extended_state`), and guests are
+/// shown XSAVE (`ringzero_vmm::xsave`). Every CPU does it (boot CPU and APs) before any vCPU
+/// is created on it, so the VMX host CR4 read at VMCS set-up has the bit. Without XSAVE the
+/// vCPUs fall back to FXSAVE. See: SDM Vol 1 13.3 "Enabling the XSAVE Feature Set".
+fn enable_xsave() {
+    const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+    if ringzero_x86::hw::cpuid(1, 0).ecx & LEAF1_ECX_XSAVE == 0 {
+        return;
+    }
+    let cr4 = ringzero_x86::hw::read_cr4();
+    if cr4 & ringzero_x86::hw::CR4_OSXSAVE == 0 {
+        // SAFETY: only OSXSAVE changes (CPUID says the CPU has XSAVE, so the bit is not
+        // reserved); it enables instructions, nothing the running code depends on.
+        unsafe { ringzero_x86::hw::write_cr4(cr4 | ringzero_x86::hw::CR4_OSXSAVE) };
+    }
+    if ringzero_x86::hw::xcr0() != Some(ringzero_x86::extended_state::HOST_XCR0) {
+        // SAFETY: OSXSAVE is now set; x87|SSE is a valid XCR0 on every CPU with XSAVE (SSE is
+        // part of x86-64), and no extended state of the hypervisor's is live.
+        unsafe { ringzero_x86::hw::set_xcr0(ringzero_x86::extended_state::HOST_XCR0) };
+    }
 }
 
 /// Lets the interrupts already pending on this CPU in, runs their handlers (which acknowledge

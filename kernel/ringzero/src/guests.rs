@@ -445,7 +445,7 @@ impl IntegrityCheck {
 
     /// Returns a description of what is wrong, or None when everything is intact. The heap is
     /// scanned for a guest's marker only with `scan_heap`: while VMs run, their saved register
-    /// images (FXSAVE areas) legitimately hold guest data there.
+    /// images (XSAVE/FXSAVE areas) legitimately hold guest data there.
     pub fn verify(&self, scan_heap: bool) -> Option<&'static str> {
         if fnv1a(&self.kernel_read_only) != self.kernel_hash {
             return Some("the hypervisor's kernel image (code or read-only data) changed");

@@ -86,6 +86,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     cpu::init_this_cpu();
     cpu::mask_legacy_pic();
     log::info!("cpu: GDT, TSS (IST stacks for #DF, NMI, #MC) and IDT loaded");
+    cpu::report_xsave();
     time::calibrate();
     time::read_wall_clock();
     if let Err(error) = apic::init_this_cpu() {

@@ -678,8 +678,10 @@ fn run_cpu(schedule: &Schedule, cpu: usize) {
         }
         last_preempted = outcome == SliceEnd::Preempted;
         if outcome == SliceEnd::VmEnded {
-            // Erase the guest's saved registers where they lie in the heap, then tear down.
+            // Take the guest's registers and XCR0 out of the CPU (the host's XCR0 back), erase
+            // them where they lie in the heap, then tear down.
             if let Some(vcpu) = vcpus[index].as_mut() {
+                vcpu.as_vcpu().deactivate();
                 vcpu.erase_saved_registers();
             }
             if let Some(vcpu) = vcpus[index].take() {

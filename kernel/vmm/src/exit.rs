@@ -79,6 +79,8 @@ pub enum VmExit {
     Halt,
     /// VMMCALL / VMCALL.
     Hypercall,
+    /// XSETBV; XCR number in ECX, value in EDX:EAX.
+    Xsetbv,
     /// A guest-physical access the nested page tables do not allow.
     NestedPageFault {
         guest_physical: GuestPhysAddr,
@@ -120,6 +122,7 @@ impl VmExit {
             VmExit::MsrWrite => Reason::MsrWrite,
             VmExit::Halt => Reason::Halt,
             VmExit::Hypercall => Reason::Hypercall,
+            VmExit::Xsetbv => Reason::Xsetbv,
             VmExit::NestedPageFault { .. } | VmExit::NestedPagingMisconfiguration { .. } => {
                 Reason::NestedPageFault
             }
@@ -146,6 +149,7 @@ pub enum Reason {
     MsrWrite,
     Halt,
     Hypercall,
+    Xsetbv,
     NestedPageFault,
     ControlRegister,
     Invlpg,
@@ -160,13 +164,14 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Cpuid,
         Reason::Io,
         Reason::MsrRead,
         Reason::MsrWrite,
         Reason::Halt,
         Reason::Hypercall,
+        Reason::Xsetbv,
         Reason::NestedPageFault,
         Reason::ControlRegister,
         Reason::Invlpg,
@@ -188,6 +193,7 @@ impl Reason {
             Reason::MsrWrite => "msr-write",
             Reason::Halt => "hlt",
             Reason::Hypercall => "hypercall",
+            Reason::Xsetbv => "xsetbv",
             Reason::NestedPageFault => "nested-page-fault",
             Reason::ControlRegister => "cr-access",
             Reason::Invlpg => "invlpg",

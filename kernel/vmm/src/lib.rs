@@ -20,6 +20,7 @@ pub mod smp;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
+pub mod xsave;
 
 /// What the core needs from the machine it runs on, as a trait so tests can fake it.
 pub trait Platform {

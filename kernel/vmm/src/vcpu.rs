@@ -127,13 +127,21 @@ pub trait Vcpu {
     /// hypercall), flushing the guest's non-global translations.
     fn set_guest_cr3(&mut self, value: u64);
 
+    /// The guest's XCR0 (what its XGETBV reads; [`crate::xsave::XCR0_RESET`] at first).
+    fn guest_xcr0(&self) -> u64;
+    /// Completes a guest XSETBV the core checked (`xsave::check_xsetbv`): the guest's XCR0
+    /// becomes `value` and, while the vCPU is active, so does the real one. State components
+    /// the guest enables anew start in their initial configuration.
+    fn set_guest_xcr0(&mut self, value: u64);
+
     /// Makes this vCPU the one the hardware uses on this CPU. The scheduler calls it before
     /// `run` (and before any other method) whenever another vCPU may have run on this CPU since
     /// this one last did. VMX: VMPTRLD of its VMCS and the guest's pass-through MSRs loaded;
     /// SVM: the VMCB's clean bits cleared (another VMCB ran here).
     fn activate(&mut self);
     /// The scheduler is about to run another vCPU on this CPU: save what of this guest lives in
-    /// the CPU itself (VMX: the pass-through SYSCALL MSRs and KERNEL_GS_BASE).
+    /// the CPU itself (its x87/SSE/AVX registers and XCR0; VMX: the pass-through SYSCALL MSRs
+    /// and KERNEL_GS_BASE).
     fn deactivate(&mut self);
     /// Whether the guest can take an external interrupt at the next entry: RFLAGS.IF set, no
     /// STI / MOV SS interrupt shadow, and no event already queued for injection.

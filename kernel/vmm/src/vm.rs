@@ -2,7 +2,7 @@
 //! guest ends or misbehaves. Each handler says in a comment what the hardware did and what
 //! the hypervisor does about it.
 
-use crate::cpuid::guest_cpuid;
+use crate::cpuid::{guest_cpuid, GuestCpuState};
 use crate::decode;
 use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
 use crate::msr::{self, MsrRead, MsrWrite};
@@ -597,7 +597,12 @@ fn handle(
             let leaf = vcpu.register(Register::Rax) as u32;
             let subleaf = vcpu.register(Register::Rcx) as u32;
             let host_cpuid = |leaf, subleaf| platform.host_cpuid(leaf, subleaf);
-            let [eax, mut ebx, ecx, mut edx] = guest_cpuid(&host_cpuid, leaf, subleaf);
+            // CPUID.1:ECX.OSXSAVE and CPUID.0DH:EBX follow the guest's CR4 and XCR0.
+            let guest = GuestCpuState {
+                cr4: vcpu.snapshot().cr4,
+                xcr0: vcpu.guest_xcr0(),
+            };
+            let [eax, mut ebx, ecx, mut edx] = guest_cpuid(&host_cpuid, leaf, subleaf, &guest);
             // The APIC ID the guest sees is its vCPU number, not the host CPU's.
             // See: SDM Vol 2A CPUID leaf 01H EBX[31:24], leaves 0BH/1FH EDX (x2APIC ID).
             let apic_id = vm.vcpus[index].apic.id();
@@ -710,6 +715,31 @@ fn handle(
             Ok(()) => skip_instruction(vm, vcpu, host).err(),
             Err(end) => Some(end),
         },
+        // XSETBV (SVM intercepts it, VMX always exits): checked as the CPU would against the
+        // components the hypervisor switches, then performed by the backend on the guest's
+        // XCR0; a bad one gets the CPU's #UD or #GP(0) instead.
+        VmExit::Xsetbv => {
+            let state = vcpu.snapshot();
+            let index = vcpu.register(Register::Rcx) as u32;
+            let value =
+                (vcpu.register(Register::Rdx) << 32) | (vcpu.register(Register::Rax) & 0xFFFF_FFFF);
+            let host_cpuid = |leaf, subleaf| platform.host_cpuid(leaf, subleaf);
+            let allowed = crate::xsave::host_support(&host_cpuid).map(|s| s.allowed_xcr0);
+            match crate::xsave::check_xsetbv(index, value, state.cpl, state.cr4, allowed) {
+                Ok(xcr0) => {
+                    vcpu.set_guest_xcr0(xcr0);
+                    skip_instruction(vm, vcpu, host).err()
+                }
+                Err(crate::xsave::XsetbvFault::InvalidOpcode) => {
+                    vcpu.inject_exception(VECTOR_INVALID_OPCODE, None);
+                    None
+                }
+                Err(crate::xsave::XsetbvFault::GeneralProtection) => {
+                    vcpu.inject_exception(VECTOR_GENERAL_PROTECTION, Some(0));
+                    None
+                }
+            }
+        }
         // Nested page fault: a page of RAM not backed yet is backed and mapped (overcommit);
         // anything else is an access outside the VM's RAM.
         VmExit::NestedPageFault {

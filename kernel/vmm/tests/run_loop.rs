@@ -133,6 +133,7 @@ struct FakeVcpu {
     /// The last `set_preemption_timer` argument, and what it answers (VMX: true, SVM: false).
     preemption_timer: Option<u64>,
     preemption_timer_supported: bool,
+    xcr0: u64,
 }
 
 impl FakeVcpu {
@@ -176,6 +177,7 @@ impl FakeVcpu {
             interrupt_queued: false,
             preemption_timer: None,
             preemption_timer_supported: true,
+            xcr0: 1,
         }
     }
 
@@ -324,6 +326,14 @@ impl Vcpu for FakeVcpu {
     }
 
     fn set_guest_cr3(&mut self, _value: u64) {}
+
+    fn guest_xcr0(&self) -> u64 {
+        self.xcr0
+    }
+
+    fn set_guest_xcr0(&mut self, value: u64) {
+        self.xcr0 = value;
+    }
 
     fn set_hardware_msr(&mut self, msr: u32, value: u64) -> bool {
         if msr == IA32_EFER {
@@ -1105,6 +1115,77 @@ fn triple_fault_ends_the_vm_with_rip() {
     assert_eq!(end, VmEnd::TripleFault { rip: 0xABCD });
     assert_eq!(end.reason(), "triple-fault");
     assert_eq!(end.status(), STATUS_STOPPED);
+}
+
+/// The fake host with XSAVE turned on (CR4.OSXSAVE) and x87, SSE, AVX in XCR0's range.
+fn with_xsave_host(h: &mut Harness) {
+    let leaf1 = h.platform.cpuid.get_mut(&(1, 0)).expect("leaf 1");
+    leaf1[2] |= (1 << 26) | (1 << 27) | (1 << 28);
+    h.platform.cpuid.insert((0xD, 0), [0x7, 832, 832, 0]);
+    h.platform.cpuid.insert((0xD, 2), [256, 576, 0, 0]);
+}
+
+fn xsetbv(index: u32, value: u64) -> Step {
+    step(
+        &[
+            (Register::Rcx, u64::from(index)),
+            (Register::Rax, value & 0xFFFF_FFFF),
+            (Register::Rdx, value >> 32),
+        ],
+        VmExit::Xsetbv,
+    )
+}
+
+#[test]
+fn xsetbv_sets_the_guest_xcr0_and_cpuid_follows() {
+    let mut h = Harness::new(vec![xsetbv(0, 7), cpuid(1, 0), cpuid(0xD, 0)]);
+    with_xsave_host(&mut h);
+    h.vcpu.state.cr4 |= 1 << 18;
+    assert_eq!(h.run(), success());
+    assert_eq!(h.vcpu.xcr0, 7);
+    assert!(h.vcpu.injected.is_empty());
+    assert_eq!(h.vcpu.rip_at_entry(1), START_RIP + 2, "XSETBV skipped");
+    let leaf1 = h.vcpu.after_step(1);
+    assert_ne!(
+        leaf1.get(Register::Rcx) & (1 << 27),
+        0,
+        "OSXSAVE = guest CR4.OSXSAVE"
+    );
+    let leaf_d = h.vcpu.after_step(2);
+    assert_eq!(leaf_d.get(Register::Rax), 7);
+    assert_eq!(leaf_d.get(Register::Rbx), 832, "size for XCR0 = 7");
+    assert_eq!(h.vm.stats.get(Reason::Xsetbv).count, 1);
+}
+
+#[test]
+fn bad_xsetbv_injects_gp_or_ud() {
+    // AVX without SSE: #GP(0), XCR0 unchanged, RIP unchanged.
+    let mut h = Harness::new(vec![xsetbv(0, 5), xsetbv(1, 1), cpuid(0, 0)]);
+    with_xsave_host(&mut h);
+    h.vcpu.state.cr4 |= 1 << 18;
+    assert_eq!(h.run(), success());
+    assert_eq!(h.vcpu.xcr0, 1);
+    let gp = |at_entry| Injected {
+        vector: VECTOR_GP,
+        error_code: Some(0),
+        at_entry,
+    };
+    assert_eq!(h.vcpu.injected, [gp(1), gp(2)]);
+    assert_eq!(h.vcpu.rip_at_entry(2), START_RIP, "a fault: RIP unchanged");
+
+    // CR4.OSXSAVE clear: #UD.
+    let mut h = Harness::new(vec![xsetbv(0, 3), cpuid(0, 0)]);
+    with_xsave_host(&mut h);
+    assert_eq!(h.run(), success());
+    assert_eq!(h.vcpu.xcr0, 1);
+    assert_eq!(
+        h.vcpu.injected,
+        [Injected {
+            vector: VECTOR_UD,
+            error_code: None,
+            at_entry: 1
+        }]
+    );
 }
 
 #[test]
