@@ -19,7 +19,7 @@
 //!   at most [`REQUEST_TIMEOUT_MILLIS`]. A request that misses it leaves the buffers to the
 //!   device, which may still write them at any time: they are leaked (never freed or reused),
 //!   the disk is marked failed with one `disk: read of N sectors at LBA L not completed within
-//!   ...` line, and from then on every request fails at once with [`DiskError::Io`], which the
+//!   ...` line (`disk: flush not completed within ...` for a flush), and from then on every request fails at once with [`DiskError::Io`], which the
 //!   VMs' virtio-blk devices answer with VIRTIO_BLK_S_IOERR. The device is not reset: a reset
 //!   may itself wait for the stuck request (QEMU drains its in-flight requests on reset).
 //! - DMA needs host-physical addresses: [`DmaHal`] hands out frames from the kernel's frame
@@ -210,13 +210,19 @@ impl PhysicalDisk {
                     let _ = Box::leak(abandoned);
                 }
                 self.failed.store(true, Ordering::Release);
-                log::error!(
-                    "disk: {} of {} sectors at LBA {lba} not completed within {} ms: the disk \
-                     is taken as failed; every later request fails at once (I/O error)",
-                    operation.name(),
-                    length / SECTOR_SIZE,
-                    REQUEST_TIMEOUT_MILLIS
-                );
+                let failed = "the disk is taken as failed; every later request fails at once \
+                              (I/O error)";
+                match operation {
+                    Operation::Flush => log::error!(
+                        "disk: flush not completed within {REQUEST_TIMEOUT_MILLIS} ms: {failed}"
+                    ),
+                    _ => log::error!(
+                        "disk: {} of {} sectors at LBA {lba} not completed within \
+                         {REQUEST_TIMEOUT_MILLIS} ms: {failed}",
+                        operation.name(),
+                        length / SECTOR_SIZE
+                    ),
+                }
                 return Err(DiskError::Io);
             }
             core::hint::spin_loop();
