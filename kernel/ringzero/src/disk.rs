@@ -1,23 +1,27 @@
 //! The physical disk: the hypervisor's own driver for the virtio-blk device on the host's PCI
-//! bus, through the `virtio-drivers` crate, offered to the VMs' disk backends as
-//! [`ringzero_vdisk::SectorIo`]. The partitions VMs get are windows onto it (`ringzero-vdisk`).
+//! bus, on the `virtio-drivers` crate's PCI transport and split virtqueue, offered to the VMs'
+//! disk backends as [`ringzero_vdisk::SectorIo`]. The partitions VMs get are windows onto it
+//! (`ringzero-vdisk`).
+//!
+//! Why not the crate's `VirtIOBlk`: its blocking calls spin on the used ring without a time
+//! limit, and its flush has no non-blocking form (its queue is private), so a disk that never
+//! completes a flush would hang the CPU for good. The block protocol on top of the queue is
+//! small (a 16-byte header, the data, a status byte), so this module speaks it itself and bounds
+//! every request, flush included.
 //!
 //! - Found once at boot ([`init`]), kernel-global ([`physical_disk`]); one spin lock
 //!   serializes the requests of every CPU.
 //! - Requests complete by polling (no interrupt is set up), one at a time, in chunks of at most
 //!   [`CHUNK_BYTES`] so another CPU waits for the lock at most one chunk.
-//! - Reads and writes use the crate's non-blocking calls (`read_blocks_nb`/`write_blocks_nb`,
-//!   `peek_used`, `complete_*_blocks`) on the driver's own heap buffers (request, response and
-//!   one chunk of data, copied from and to the caller's buffer), and wait at most
-//!   [`REQUEST_TIMEOUT_MILLIS`]. A request that misses it leaves the buffers to the device,
-//!   which may still write them at any time: they are leaked (never freed or reused), the disk
-//!   is marked failed with one `disk: read of N sectors at LBA L not completed within ...`
-//!   line, and from then on every request fails at once with [`DiskError::Io`], which the VMs'
-//!   virtio-blk devices answer with VIRTIO_BLK_S_IOERR. The device is not reset: a reset may
-//!   itself wait for the stuck request (QEMU drains its in-flight requests on reset).
-//! - Flush still waits without a limit: `virtio-drivers` 0.13 has no non-blocking flush and
-//!   keeps its virtqueue private, so a flush the device never completes hangs this CPU. On a
-//!   disk already marked failed it fails at once like the rest.
+//! - Every request (read, write, flush) is added to the queue without waiting
+//!   (`VirtQueue::add`, `peek_used`, `pop_used`) on the driver's own heap buffers (header,
+//!   status byte and one chunk of data, copied from and to the caller's buffer), and waited for
+//!   at most [`REQUEST_TIMEOUT_MILLIS`]. A request that misses it leaves the buffers to the
+//!   device, which may still write them at any time: they are leaked (never freed or reused),
+//!   the disk is marked failed with one `disk: read of N sectors at LBA L not completed within
+//!   ...` line (`disk: flush not completed within ...` for a flush), and from then on every request fails at once with [`DiskError::Io`], which the
+//!   VMs' virtio-blk devices answer with VIRTIO_BLK_S_IOERR. The device is not reset: a reset
+//!   may itself wait for the stuck request (QEMU drains its in-flight requests on reset).
 //! - DMA needs host-physical addresses: [`DmaHal`] hands out frames from the kernel's frame
 //!   allocator (mapped by the physical window) and translates buffers through the page tables
 //!   (the request buffers are on the heap, which is physically contiguous, so they never need
@@ -25,14 +29,16 @@
 //!   queue's DMA memory is never freed either.
 //! - The boot never writes the disk: it reads LBA 1 to say whether a GPT header is there.
 //!
-//! Spec: Virtual I/O Device (VIRTIO) Version 1.2, 5.2 (block device: VIRTIO_BLK_F_RO is feature
-//! bit 5, VIRTIO_BLK_F_FLUSH bit 9, VIRTIO_BLK_T_FLUSH), 4.1 (virtio over PCI: vendor 0x1AF4,
+//! Spec: Virtual I/O Device (VIRTIO) Version 1.2, 3.1.1 (driver initialization), 5.2 (block
+//! device: VIRTIO_BLK_F_RO is feature bit 5, VIRTIO_BLK_F_FLUSH bit 9, the request layout and
+//! types IN 0, OUT 1, FLUSH 4), 4.1 (virtio over PCI: vendor 0x1AF4,
 //! device 0x1001 transitional or 0x1042 modern block device).
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, Ordering};
 use ringzero_vdisk::{check_range, DiskError, SectorIo, SECTOR_SIZE};
-use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+use ringzero_virtio::blk;
+use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
@@ -43,8 +49,14 @@ use crate::virtio_hal::DmaHal;
 /// The block device's two PCI device IDs. See: VIRTIO 1.2 4.1.2.
 const BLOCK_TRANSITIONAL: u16 = 0x1001;
 const BLOCK_MODERN: u16 = 0x1042;
+/// VIRTIO_BLK_F_RO: the device refuses writes. See: VIRTIO 1.2 5.2.3.
+const FEATURE_RO: u64 = blk::features::RO;
 /// VIRTIO_BLK_F_FLUSH: the device takes VIRTIO_BLK_T_FLUSH. See: VIRTIO 1.2 5.2.3.
-const FEATURE_FLUSH: u64 = 1 << 9;
+const FEATURE_FLUSH: u64 = blk::features::FLUSH;
+/// VIRTIO_F_VERSION_1: a driver must accept it when offered. See: VIRTIO 1.2 6.1.
+const FEATURE_VERSION_1: u64 = 1 << 32;
+/// Entries of the request queue (queue 0): one request at a time needs at most 3.
+const QUEUE_SIZE: usize = 16;
 /// Largest piece of one request sent to the device at once.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// The GPT header's signature, at the start of LBA 1. See: UEFI 2.10 5.3.2.
@@ -71,24 +83,29 @@ pub struct PhysicalDisk {
 /// The memory the device reads and writes for one request, owned by the driver (never the
 /// caller's buffer): after a timeout the device still owns it, so it is leaked, never freed.
 struct RequestBuffers {
-    request: BlkReq,
-    response: BlkResp,
+    /// `struct virtio_blk_req`'s header ([`blk::encode_header`]). See: VIRTIO 1.2 5.2.6.
+    header: [u8; blk::HEADER_SIZE as usize],
+    /// The status byte the device writes last.
+    status: [u8; 1],
     /// [`CHUNK_BYTES`] long.
     data: Box<[u8]>,
 }
 
-/// The driver and its request memory, under [`PhysicalDisk::driver`]'s lock.
+/// The device and its request memory, under [`PhysicalDisk::driver`]'s lock.
 struct Driver {
-    blk: VirtIOBlk<DmaHal, PciTransport>,
+    transport: PciTransport,
+    /// The request queue (queue 0), `virtio-drivers`' split virtqueue.
+    queue: VirtQueue<DmaHal, QUEUE_SIZE>,
     /// `None` once a timed-out request left them to the device.
     buffers: Option<Box<RequestBuffers>>,
 }
 
-/// Which request timed out, for the log line.
+/// The kinds of request the hypervisor sends.
 #[derive(Clone, Copy)]
 enum Operation {
     Read,
     Write,
+    Flush,
 }
 
 impl Operation {
@@ -96,6 +113,15 @@ impl Operation {
         match self {
             Operation::Read => "read",
             Operation::Write => "write",
+            Operation::Flush => "flush",
+        }
+    }
+
+    fn request_type(self) -> u32 {
+        match self {
+            Operation::Read => blk::request::IN,
+            Operation::Write => blk::request::OUT,
+            Operation::Flush => blk::request::FLUSH,
         }
     }
 }
@@ -124,10 +150,11 @@ impl PhysicalDisk {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Runs one chunk (`data.len()` is at most [`CHUNK_BYTES`], whole sectors) through the
-    /// driver's own buffers and waits for it at most [`REQUEST_TIMEOUT_MILLIS`]. A read's data is
-    /// copied out to `data` once the device finished it; a write's is copied in before.
-    fn chunk(
+    /// Runs one request (`data.len()` is at most [`CHUNK_BYTES`], whole sectors; empty for a
+    /// flush) through the driver's own buffers and waits for it at most
+    /// [`REQUEST_TIMEOUT_MILLIS`]. A read's data is copied out to `data` once the device
+    /// finished it; a write's is copied in before.
+    fn request(
         &self,
         driver: &mut Driver,
         operation: Operation,
@@ -137,70 +164,83 @@ impl PhysicalDisk {
         if self.failed() {
             return Err(DiskError::Io);
         }
-        let Driver { blk, buffers } = driver;
+        let Driver {
+            transport,
+            queue,
+            buffers,
+        } = driver;
         let Some(owned) = buffers.as_mut() else {
             return Err(DiskError::Io);
         };
         let length = data.len();
         let RequestBuffers {
-            request,
-            response,
+            header,
+            status,
             data: bytes,
         } = &mut **owned;
+        *header = blk::encode_header(operation.request_type(), lba);
+        status[0] = u8::MAX;
         if let ChunkData::Out(source) = &data {
             bytes[..length].copy_from_slice(source);
         }
-        let sector = lba as usize;
-        // SAFETY: the request, data and response live in the heap allocation `buffers` owns and
-        // are touched by nothing else until `complete_*` below returns for this token; if the
-        // device does not finish in time, that allocation is leaked (never freed or reused) and
-        // the disk is marked failed, so the device may still write it at any later time.
-        let submitted = unsafe {
-            match operation {
-                Operation::Read => {
-                    blk.read_blocks_nb(sector, request, &mut bytes[..length], response)
-                }
-                Operation::Write => {
-                    blk.write_blocks_nb(sector, request, &bytes[..length], response)
-                }
-            }
+        let bytes = &mut bytes[..length];
+        // The chain: header (device-readable), then the data (device-writable for a read,
+        // readable for a write; none for a flush), then the status byte (device-writable).
+        // See: VIRTIO 1.2 5.2.6.
+        let (inputs, outputs): (&[&[u8]], &mut [&mut [u8]]) = match operation {
+            Operation::Read => (&[&header[..]], &mut [bytes, &mut status[..]]),
+            Operation::Write => (&[&header[..], &bytes[..]], &mut [&mut status[..]]),
+            Operation::Flush => (&[&header[..]], &mut [&mut status[..]]),
         };
-        let token = submitted.map_err(|error| io_error(operation.name(), lba, error))?;
+        // SAFETY: the header, data and status live in heap allocations `buffers` owns and are
+        // touched by nothing else until `pop_used` below returns for this token; if the device
+        // does not finish in time, they are leaked (never freed or reused) and the disk is
+        // marked failed, so the device may still read and write them at any later time.
+        let token = unsafe { queue.add(inputs, outputs) }
+            .map_err(|error| io_error(operation.name(), lba, error))?;
+        if queue.should_notify() {
+            transport.notify(0);
+        }
         let deadline = time::deadline_after_millis(REQUEST_TIMEOUT_MILLIS);
         // One request at a time (under the lock): the next used element is this one.
-        while blk.peek_used() != Some(token) {
+        while queue.peek_used() != Some(token) {
             if time::passed(deadline) {
                 // The device still owns the buffers: leak them.
                 if let Some(abandoned) = buffers.take() {
                     let _ = Box::leak(abandoned);
                 }
                 self.failed.store(true, Ordering::Release);
-                log::error!(
-                    "disk: {} of {} sectors at LBA {lba} not completed within {} ms: the disk \
-                     is taken as failed; every later request fails at once (I/O error)",
-                    operation.name(),
-                    length / SECTOR_SIZE,
-                    REQUEST_TIMEOUT_MILLIS
-                );
+                let failed = "the disk is taken as failed; every later request fails at once \
+                              (I/O error)";
+                match operation {
+                    Operation::Flush => log::error!(
+                        "disk: flush not completed within {REQUEST_TIMEOUT_MILLIS} ms: {failed}"
+                    ),
+                    _ => log::error!(
+                        "disk: {} of {} sectors at LBA {lba} not completed within \
+                         {REQUEST_TIMEOUT_MILLIS} ms: {failed}",
+                        operation.name(),
+                        length / SECTOR_SIZE
+                    ),
+                }
                 return Err(DiskError::Io);
             }
             core::hint::spin_loop();
         }
-        // SAFETY: the same request, data and response as were submitted with this token, which
-        // the device has now finished (it is at the head of the used ring).
-        let completed = unsafe {
-            match operation {
-                Operation::Read => {
-                    blk.complete_read_blocks(token, request, &mut bytes[..length], response)
-                }
-                Operation::Write => {
-                    blk.complete_write_blocks(token, request, &bytes[..length], response)
-                }
-            }
-        };
-        completed.map_err(|error| io_error(operation.name(), lba, error))?;
+        // SAFETY: the same buffers as were added with this token, which the device has now
+        // finished (it is at the head of the used ring).
+        unsafe { queue.pop_used(token, inputs, outputs) }
+            .map_err(|error| io_error(operation.name(), lba, error))?;
+        if status[0] != blk::request_status::OK {
+            log::warn!(
+                "disk: {} at LBA {lba} failed: device status {}",
+                operation.name(),
+                status[0]
+            );
+            return Err(DiskError::Io);
+        }
         if let ChunkData::In(target) = data {
-            target.copy_from_slice(&bytes[..length]);
+            target.copy_from_slice(bytes);
         }
         Ok(())
     }
@@ -242,7 +282,7 @@ impl SectorIo for PhysicalDisk {
         let mut sector = lba;
         for chunk in buf.chunks_mut(CHUNK_BYTES) {
             let sectors = (chunk.len() / SECTOR_SIZE) as u64;
-            self.chunk(&mut driver, Operation::Read, sector, ChunkData::In(chunk))?;
+            self.request(&mut driver, Operation::Read, sector, ChunkData::In(chunk))?;
             sector += sectors;
         }
         Ok(())
@@ -259,7 +299,7 @@ impl SectorIo for PhysicalDisk {
         let mut driver = self.driver.lock();
         let mut sector = lba;
         for chunk in buf.chunks(CHUNK_BYTES) {
-            self.chunk(&mut driver, Operation::Write, sector, ChunkData::Out(chunk))?;
+            self.request(&mut driver, Operation::Write, sector, ChunkData::Out(chunk))?;
             sector += (chunk.len() / SECTOR_SIZE) as u64;
         }
         Ok(())
@@ -269,17 +309,12 @@ impl SectorIo for PhysicalDisk {
         if self.failed() {
             return Err(DiskError::Io);
         }
-        let mut driver = self.driver.lock();
-        if self.failed() {
-            return Err(DiskError::Io);
+        if !self.flush_supported {
+            // Without VIRTIO_BLK_F_FLUSH the device writes through. See: VIRTIO 1.2 5.2.6.2.
+            return Ok(());
         }
-        // `virtio-drivers` 0.13 has no non-blocking flush and keeps its queue private, so this
-        // one request still waits without a time limit (see the module documentation). The
-        // driver sends VIRTIO_BLK_T_FLUSH when the feature was negotiated, else nothing.
-        driver
-            .blk
-            .flush()
-            .map_err(|error| io_error("flush", 0, error))
+        let mut driver = self.driver.lock();
+        self.request(&mut driver, Operation::Flush, 0, ChunkData::Out(&[]))
     }
 }
 
@@ -315,21 +350,42 @@ fn find() -> Option<PhysicalDisk> {
             return None;
         }
     };
-    // The features the device offers, read as `begin_init` will (reset, ACKNOWLEDGE + DRIVER,
-    // then the feature bits), to say whether flushes reach the medium.
-    // See: VIRTIO 1.2 3.1.1 (driver initialization).
+    // Driver initialization: reset, ACKNOWLEDGE + DRIVER, features, FEATURES_OK, the queue,
+    // DRIVER_OK. See: VIRTIO 1.2 3.1.1.
     transport.set_status(DeviceStatus::empty());
     transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-    let flush_supported = transport.read_device_features() & FEATURE_FLUSH != 0;
-    let driver = match VirtIOBlk::<DmaHal, _>::new(transport) {
-        Ok(driver) => driver,
+    let offered = transport.read_device_features();
+    let accepted = offered & (FEATURE_RO | FEATURE_FLUSH | FEATURE_VERSION_1);
+    transport.write_driver_features(accepted);
+    transport
+        .set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
+    if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
+        fail(&format_args!("it refused the features {accepted:#x}"));
+        return None;
+    }
+    let flush_supported = accepted & FEATURE_FLUSH != 0;
+    let read_only = accepted & FEATURE_RO != 0;
+    // `capacity`, a little-endian u64 at offset 0 of the configuration. See: VIRTIO 1.2 5.2.4.
+    let capacity = transport.read_consistent(|| {
+        let low = transport.read_config_space::<u32>(0)?;
+        let high = transport.read_config_space::<u32>(4)?;
+        Ok(u64::from(low) | u64::from(high) << 32)
+    });
+    let sectors = match capacity {
+        Ok(sectors) => sectors,
         Err(error) => {
             fail(&error);
             return None;
         }
     };
-    let sectors = driver.capacity();
-    let read_only = driver.readonly();
+    let queue = match VirtQueue::<DmaHal, QUEUE_SIZE>::new(&mut transport, 0, false, false) {
+        Ok(queue) => queue,
+        Err(error) => {
+            fail(&error);
+            return None;
+        }
+    };
+    transport.finish_init();
     log::info!(
         "disk: virtio-blk at {location}, {sectors} sectors ({} MiB), flush={}{}",
         (sectors * SECTOR_SIZE as u64) >> 20,
@@ -342,8 +398,8 @@ fn find() -> Option<PhysicalDisk> {
         );
     }
     let buffers = Box::new(RequestBuffers {
-        request: BlkReq::default(),
-        response: BlkResp::default(),
+        header: [0; blk::HEADER_SIZE as usize],
+        status: [0],
         data: alloc::vec![0; CHUNK_BYTES].into_boxed_slice(),
     });
     Some(PhysicalDisk {
@@ -352,7 +408,8 @@ fn find() -> Option<PhysicalDisk> {
         read_only,
         failed: AtomicBool::new(false),
         driver: spin::Mutex::new(Driver {
-            blk: driver,
+            transport,
+            queue,
             buffers: Some(buffers),
         }),
     })

@@ -10,8 +10,8 @@
 //!   buffer (the heap is one physically contiguous block, so heap buffers never bounce).
 //! - Memory a device may still write is never freed: `unshare` (which frees a bounce buffer)
 //!   runs only when a request completed. A request abandoned at its deadline (`disk`) is never
-//!   unshared, so a bounce buffer it had stays allocated for good; the disk driver's requests
-//!   use heap buffers, which do not bounce, and leaks them on a timeout.
+//!   unshared, so a bounce buffer it had stays allocated for good. The disk driver keeps its
+//!   request buffers on the heap (never bounced) and leaks them on a timeout.
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use core::ptr::NonNull;

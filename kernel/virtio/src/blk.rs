@@ -64,6 +64,24 @@ pub mod request_status {
 
 /// Bytes of the request header: le32 type, le32 reserved, le64 sector (5.2.6).
 pub const HEADER_SIZE: u64 = 16;
+
+/// A request header (a driver's side: the hypervisor's own physical-disk driver builds its
+/// requests with it): `request_type`, reserved 0, `sector`, little-endian. See: spec 5.2.6.
+pub fn encode_header(request_type: u32, sector: u64) -> [u8; HEADER_SIZE as usize] {
+    let mut header = [0u8; HEADER_SIZE as usize];
+    header[..4].copy_from_slice(&request_type.to_le_bytes());
+    header[8..].copy_from_slice(&sector.to_le_bytes());
+    header
+}
+
+/// A request header's type and sector (the reserved field is ignored). See: spec 5.2.6.
+pub fn decode_header(header: &[u8; HEADER_SIZE as usize]) -> (u32, u64) {
+    let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = *header;
+    (
+        u32::from_le_bytes([t0, t1, t2, t3]),
+        u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+    )
+}
 /// Bytes of a GET_ID answer (5.2.6: VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
 /// The largest segment offered (size_max).
@@ -275,9 +293,7 @@ impl<D: BlockDevice> Block<D> {
         }
         let mut header = [0u8; HEADER_SIZE as usize];
         read_stream(memory, chain.readable(), 0, &mut header).map_err(|e| (e.into(), 0))?;
-        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
-        let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
-        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let (request_type, sector) = decode_header(&header);
         match request_type {
             // Data in the wrong direction (see: virtio 1.2 5.2.6.1, the driver MUST NOT put
             // device-readable data in an IN request or device-writable data, beyond the status
@@ -480,6 +496,28 @@ mod tests {
     use crate::memory::FakeMemory;
     use crate::pci::VirtioPci;
     use crate::testing::{bring_up, ram, DriverQueue, RamDisk};
+
+    #[test]
+    fn request_headers_encode_the_spec_layout_and_decode_back() {
+        // le32 type, le32 reserved (0), le64 sector. See: spec 5.2.6.
+        let header = encode_header(request::OUT, 0x0102_0304_0506_0708);
+        assert_eq!(
+            header,
+            [1, 0, 0, 0, 0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1],
+            "{header:?}"
+        );
+        for (request_type, sector) in [
+            (request::IN, 0),
+            (request::FLUSH, 0),
+            (request::OUT, u64::MAX),
+            (request::GET_ID, 12345),
+        ] {
+            assert_eq!(
+                decode_header(&encode_header(request_type, sector)),
+                (request_type, sector)
+            );
+        }
+    }
 
     const HEADER: u64 = 0x20000;
     const DATA: u64 = 0x40000;
