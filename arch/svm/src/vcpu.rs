@@ -88,18 +88,6 @@ pub struct SvmVcpu {
     extended_state: GuestExtendedState,
 }
 
-/// A new vCPU's extended state: an XSAVE area for every component guests may enable when this
-/// CPU has XSAVE on (`ringzero_vmm::xsave::host_support`), else an FXSAVE image.
-fn new_extended_state() -> GuestExtendedState {
-    let host = |leaf, subleaf| {
-        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
-        [answer.eax, answer.ebx, answer.ecx, answer.edx]
-    };
-    GuestExtendedState::new(
-        ringzero_vmm::xsave::host_support(&host).map(|s| (s.allowed_xcr0, s.area_size)),
-    )
-}
-
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
 const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
 /// EVENTINJ type 3 = exception; bit 11 error code valid; bit 31 valid. See: APM Vol 2 15.20.
@@ -283,7 +271,9 @@ impl SvmVcpu {
             flush_pending: false,
             // A fresh vCPU must not see the FPU registers of a VM that ran here before: as
             // after FNINIT, loaded by `activate` (before the first `run`).
-            extended_state: new_extended_state(),
+            extended_state: GuestExtendedState::new(ringzero_vmm::xsave::guest_area(
+                &ringzero_x86::hw::cpuid_words,
+            )),
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;

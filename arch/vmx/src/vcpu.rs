@@ -179,18 +179,6 @@ pub struct VmxVcpu {
     preemption_timer: Option<u32>,
 }
 
-/// A new vCPU's extended state: an XSAVE area for every component guests may enable when this
-/// CPU has XSAVE on (`ringzero_vmm::xsave::host_support`), else an FXSAVE image.
-fn new_extended_state() -> GuestExtendedState {
-    let host = |leaf, subleaf| {
-        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
-        [answer.eax, answer.ebx, answer.ecx, answer.edx]
-    };
-    GuestExtendedState::new(
-        ringzero_vmm::xsave::host_support(&host).map(|s| (s.allowed_xcr0, s.area_size)),
-    )
-}
-
 /// The power-on PAT value. See: SDM Vol 3A 13.12.4.
 const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
 /// VM-entry interruption information: type 3 = hardware exception, bit 11 deliver error code,
@@ -433,7 +421,9 @@ impl VmxVcpu {
             // the latest by the first `run`).
             saved_msrs: [0; PASS_THROUGH_MSRS.len()],
             saved_cr2: 0,
-            extended_state: new_extended_state(),
+            extended_state: GuestExtendedState::new(ringzero_vmm::xsave::guest_area(
+                &ringzero_x86::hw::cpuid_words,
+            )),
             cpu_state_loaded: false,
             preemption_timer: None,
         };

@@ -37,6 +37,13 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
     }
 }
 
+/// CPUID as `[eax, ebx, ecx, edx]`: the form the VM core's CPUID policies take their host
+/// answers in (`host(leaf, subleaf)`).
+pub fn cpuid_words(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let result = cpuid(leaf, subleaf);
+    [result.eax, result.ebx, result.ecx, result.edx]
+}
+
 /// Reads the time-stamp counter. See: SDM Vol 2B 4.3 "RDTSC".
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC reads a counter; it has no side effects and cannot fault at CPL 0.

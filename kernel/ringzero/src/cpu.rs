@@ -79,13 +79,9 @@ pub fn init_this_cpu() {
 /// Logs what `enable_xsave` gave this CPU and what guests may use (a fixed line:
 /// `xsave: host XCR0 0x3, guests may enable XCR0 0x7, area 832 bytes` or `xsave: none, ...`).
 pub fn report_xsave() {
-    let host = |leaf, subleaf| {
-        let answer = ringzero_x86::hw::cpuid(leaf, subleaf);
-        [answer.eax, answer.ebx, answer.ecx, answer.edx]
-    };
     match (
         ringzero_x86::hw::xcr0(),
-        ringzero_vmm::xsave::host_support(&host),
+        ringzero_vmm::xsave::host_support(&ringzero_x86::hw::cpuid_words),
     ) {
         (Some(xcr0), Some(support)) => log::info!(
             "xsave: host XCR0 {xcr0:#x}, guests may enable XCR0 {:#x}, area {} bytes",

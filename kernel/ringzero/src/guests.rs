@@ -70,8 +70,7 @@ pub struct KernelPlatform;
 
 impl Platform for KernelPlatform {
     fn host_cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let result = hw::cpuid(leaf, subleaf);
-        [result.eax, result.ebx, result.ecx, result.edx]
+        hw::cpuid_words(leaf, subleaf)
     }
 
     fn timestamp(&self) -> u64 {

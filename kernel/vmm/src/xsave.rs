@@ -40,6 +40,12 @@ pub struct XsaveSupport {
     pub area_size: u32,
 }
 
+/// What a new vCPU's extended state is built with (`GuestExtendedState::new`): the XCR0 bits
+/// guests may enable and the XSAVE area's size for them, or `None` (FXSAVE) without XSAVE.
+pub fn guest_area(host: &dyn Fn(u32, u32) -> [u32; 4]) -> Option<(u64, u32)> {
+    host_support(host).map(|support| (support.allowed_xcr0, support.area_size))
+}
+
 /// The host's XSAVE support for guests, from its CPUID (`host(leaf, subleaf)`), or `None` when
 /// the host cannot XSAVE: no XSAVE, or the hypervisor did not turn CR4.OSXSAVE on, or CPUID
 /// has no leaf 0DH. Then guests see no XSAVE and the backends switch x87/SSE with FXSAVE.
