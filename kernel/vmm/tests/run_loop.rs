@@ -518,13 +518,18 @@ fn rdmsr(msr: u32) -> Step {
 }
 
 fn wrmsr(msr: u32, value: u64) -> Step {
+    ecx_edx_eax(msr, value, VmExit::MsrWrite)
+}
+
+/// An exit of an instruction that takes ECX and a 64-bit value in EDX:EAX (WRMSR, XSETBV).
+fn ecx_edx_eax(ecx: u32, value: u64, exit: VmExit) -> Step {
     step(
         &[
-            (Register::Rcx, u64::from(msr)),
+            (Register::Rcx, u64::from(ecx)),
             (Register::Rax, value & 0xFFFF_FFFF),
             (Register::Rdx, value >> 32),
         ],
-        VmExit::MsrWrite,
+        exit,
     )
 }
 
@@ -1126,14 +1131,7 @@ fn with_xsave_host(h: &mut Harness) {
 }
 
 fn xsetbv(index: u32, value: u64) -> Step {
-    step(
-        &[
-            (Register::Rcx, u64::from(index)),
-            (Register::Rax, value & 0xFFFF_FFFF),
-            (Register::Rdx, value >> 32),
-        ],
-        VmExit::Xsetbv,
-    )
+    ecx_edx_eax(index, value, VmExit::Xsetbv)
 }
 
 #[test]
