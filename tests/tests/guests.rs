@@ -76,6 +76,16 @@ fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) 
         "vm triple-fault vcpu 0: triple-fault with rip={rip}"
     ));
     run.assert_serial_contains("vm triple-fault vcpu 0:   earlier exit io at rip=");
+    // Then what delivering an event there needed: the empty IDT the guest loaded, and where
+    // its code lies (guest-physical, the frame backing it, the nested entry naming that frame).
+    run.assert_serial_contains("idt=0x0/0x0");
+    run.assert_serial_contains("vm triple-fault vcpu 0:   idt[8]: unreadable");
+    let place = run.line_with(&format!("vm triple-fault vcpu 0:   rip {rip}: "));
+    assert!(
+        place.contains(": gpa 0x") && place.contains(", frame 0x") && !place.contains("ANOTHER"),
+        "{place}\n{}",
+        run.report()
+    );
     run.assert_serial_contains("ringzero: vm basic-2 exit=exit-port status=0");
 }
 

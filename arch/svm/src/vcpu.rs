@@ -10,7 +10,7 @@ use ringzero_loader::boot_plan::{CpuMode, EntryState};
 use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
-use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
+use ringzero_vmm::vcpu::{FaultContext, GuestSnapshot, Register, Vcpu};
 use ringzero_x86::extended_state::GuestExtendedState;
 
 /// A host page (or run of contiguous pages) the backend uses: where the hardware sees it and
@@ -86,6 +86,9 @@ pub struct SvmVcpu {
     /// The guest's x87/SSE/AVX registers and XCR0 while they are not in the CPU (the one piece
     /// of guest state outside the VMCB: VMRUN and #VMEXIT leave them alone).
     extended_state: GuestExtendedState,
+    /// EVENTINJ as the last VMRUN read it (the field is rewritten after each exit), for
+    /// failure reports.
+    last_entry_event: u64,
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
@@ -274,6 +277,7 @@ impl SvmVcpu {
             extended_state: GuestExtendedState::new(ringzero_vmm::xsave::guest_area(
                 &ringzero_x86::hw::cpuid_words,
             )),
+            last_entry_event: 0,
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
@@ -437,6 +441,7 @@ impl Vcpu for SvmVcpu {
         vmcb.control.tlb_control = u8::from(flush);
         let guest_vmcb = self.frames.vmcb.physical.0;
         let host_state = self.frames.host_state.physical.0;
+        self.last_entry_event = self.vmcb().control.event_injection;
         // SAFETY: SVM is enabled on this CPU (the kernel calls `hw::enable` before creating
         // vCPUs), the VMCB was built by `new` with the VMRUN intercept set, the host-state page
         // is ours, and the hypervisor runs with interrupts off.
@@ -567,6 +572,20 @@ impl Vcpu for SvmVcpu {
             cs_long_mode: save.efer & EFER_LMA != 0 && save.cs.attributes & ATTRIBUTE_LONG != 0,
             cs_default_32: save.cs.attributes & ATTRIBUTE_DEFAULT_32 != 0,
             cpl: save.cpl,
+        }
+    }
+
+    fn fault_context(&self) -> FaultContext {
+        let vmcb = self.vmcb();
+        FaultContext {
+            idtr_base: vmcb.save.idtr.base,
+            idtr_limit: vmcb.save.idtr.limit,
+            gdtr_base: vmcb.save.gdtr.base,
+            gdtr_limit: vmcb.save.gdtr.limit,
+            tr_base: vmcb.save.tr.base,
+            tr_limit: vmcb.save.tr.limit,
+            entry_event: self.last_entry_event,
+            exit_event: vmcb.control.exit_interrupt_info,
         }
     }
 

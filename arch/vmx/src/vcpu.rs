@@ -19,7 +19,7 @@ use ringzero_loader::boot_plan::{CpuMode, EntryState};
 use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::HostPhysAddr;
 use ringzero_vmm::exit::VmExit;
-use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
+use ringzero_vmm::vcpu::{FaultContext, GuestSnapshot, Register, Vcpu};
 use ringzero_x86::caps::vmx::VmxCapabilities;
 use ringzero_x86::extended_state::GuestExtendedState;
 
@@ -177,6 +177,9 @@ pub struct VmxVcpu {
     cpu_state_loaded: bool,
     /// The VMX-preemption timer value written before every entry while the timer is on.
     preemption_timer: Option<u32>,
+    /// The VM-entry interruption information of the last entry (cleared at every exit), for
+    /// failure reports.
+    last_entry_event: u64,
 }
 
 /// The power-on PAT value. See: SDM Vol 3A 13.12.4.
@@ -425,6 +428,7 @@ impl VmxVcpu {
                 &ringzero_x86::hw::cpuid_words,
             )),
             cpu_state_loaded: false,
+            last_entry_event: 0,
             preemption_timer: None,
         };
         // Step 2: execution, exit and entry controls. See: SDM Vol 3C 25.6-25.8.
@@ -851,6 +855,7 @@ impl Vcpu for VmxVcpu {
             // SAFETY: VMX is on and the CPU supports this INVVPID type.
             let _ = unsafe { hw::invvpid(kind, self.vpid.max(1)) };
         }
+        self.last_entry_event = hw::vmread(vmcs::VM_ENTRY_INTERRUPTION_INFO);
         // SAFETY: VMX is on, this vCPU's VMCS is current with complete host state (`new`), and
         // the hypervisor runs with interrupts off.
         let outcome = unsafe { hw::world_switch(&mut self.registers, self.launched) };
@@ -1016,6 +1021,19 @@ impl Vcpu for VmxVcpu {
             Register::R15 => &mut registers.r15,
         };
         *slot = value;
+    }
+
+    fn fault_context(&self) -> FaultContext {
+        FaultContext {
+            idtr_base: hw::vmread(vmcs::GUEST_IDTR_BASE),
+            idtr_limit: hw::vmread(vmcs::GUEST_IDTR_LIMIT) as u32,
+            gdtr_base: hw::vmread(vmcs::GUEST_GDTR_BASE),
+            gdtr_limit: hw::vmread(vmcs::GUEST_GDTR_LIMIT) as u32,
+            tr_base: hw::vmread(vmcs::GUEST_TR_BASE),
+            tr_limit: hw::vmread(vmcs::GUEST_TR_LIMIT) as u32,
+            entry_event: self.last_entry_event,
+            exit_event: hw::vmread(vmcs::IDT_VECTORING_INFO),
+        }
     }
 
     fn snapshot(&self) -> GuestSnapshot {

@@ -16,6 +16,7 @@ pub mod mmio;
 pub mod msr;
 pub mod paging;
 pub mod pci;
+pub mod postmortem;
 pub mod smp;
 pub mod stats;
 pub mod vcpu;

@@ -92,6 +92,25 @@ impl GuestSnapshot {
     }
 }
 
+/// What a failure report shows beyond [`GuestSnapshot`]: where the guest's descriptor tables
+/// are, and the events around the last entry (a triple fault at entry is an event the guest
+/// could not deliver: these say which, and through which tables).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultContext {
+    pub idtr_base: u64,
+    pub idtr_limit: u32,
+    pub gdtr_base: u64,
+    pub gdtr_limit: u32,
+    pub tr_base: u64,
+    pub tr_limit: u32,
+    /// The event the last entry delivered, in the vendor's raw encoding (SVM EVENTINJ, VMX
+    /// VM-entry interruption information; bits 7:0 the vector, bit 31 valid in both).
+    pub entry_event: u64,
+    /// The event whose delivery the last exit interrupted (SVM EXITINTINFO, VMX IDT-vectoring
+    /// information; same layout).
+    pub exit_event: u64,
+}
+
 /// One virtual CPU on one vendor's hardware.
 pub trait Vcpu {
     /// Enters the guest and returns at the next exit.
@@ -99,6 +118,8 @@ pub trait Vcpu {
     fn register(&self, register: Register) -> u64;
     fn set_register(&mut self, register: Register, value: u64);
     fn snapshot(&self) -> GuestSnapshot;
+    /// The descriptor tables and events of the last entry and exit, for failure reports.
+    fn fault_context(&self) -> FaultContext;
     /// The address of the instruction after the one that exited, when the hardware told
     /// (SVM NRIP save or an I/O exit's own field; VMX's exit instruction length). `None`
     /// means the core must decode the instruction to skip it.

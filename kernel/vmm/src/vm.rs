@@ -470,7 +470,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
         });
         let outcome = handle(vm, index, vcpu, platform, host, &exit);
         if let Some(end) = outcome.as_ref().filter(|end| end.is_fault()) {
-            report_failure(vm, index, vcpu, end);
+            report_failure(vm, index, vcpu, host, end);
         }
         // What the exit set going (a NIC's frames) moves on now, before the guest runs again.
         let queues_run = core::mem::take(&mut vm.queues_run);
@@ -503,7 +503,7 @@ pub fn run_slice<L: LockVm + ?Sized>(
 
 /// Logs what a vCPU looked like when its guest ended badly: its registers and its last exits
 /// (a triple fault tells nothing of the exceptions that led to it; the trail may).
-fn report_failure(vm: &Vm, index: usize, vcpu: &dyn Vcpu, end: &VmEnd) {
+fn report_failure(vm: &Vm, index: usize, vcpu: &dyn Vcpu, host: &dyn HostMemory, end: &VmEnd) {
     let state = vcpu.snapshot();
     log::warn!(
         "vm {} vcpu {index}: {} with rip={:#x} rsp={:#x} rflags={:#x} cpl={} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
@@ -526,6 +526,9 @@ fn report_failure(vm: &Vm, index: usize, vcpu: &dyn Vcpu, end: &VmEnd) {
             exit.rip,
             exit.detail
         );
+    }
+    for line in crate::postmortem::describe(vm, vcpu, host) {
+        log::warn!("vm {} vcpu {index}:   {line}", vm.name);
     }
 }
 

@@ -11,7 +11,7 @@ use ringzero_memory::shadow::{GuestPagingState, RealPaging};
 use ringzero_memory::{GuestPhysAddr, GuestRam, HostPhysAddr, NestedFormat, NestedPageTables};
 use ringzero_vmm::exit::{IoDirection, IoExit, MemoryAccess, Reason, VmExit};
 use ringzero_vmm::paging::GuestPaging;
-use ringzero_vmm::vcpu::{GuestSnapshot, Register, Vcpu};
+use ringzero_vmm::vcpu::{FaultContext, GuestSnapshot, Register, Vcpu};
 use ringzero_vmm::vm::{run, Vm, VmEnd, STATUS_STOPPED};
 use ringzero_vmm::Platform;
 
@@ -291,6 +291,11 @@ impl Vcpu for FakeVcpu {
             rflags: self.registers.get(Register::Rflags),
             ..self.state
         }
+    }
+
+    fn fault_context(&self) -> FaultContext {
+        // The scripted guest has no descriptor tables and takes no events.
+        FaultContext::default()
     }
 
     fn next_rip(&self) -> Option<u64> {
