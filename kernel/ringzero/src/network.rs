@@ -34,7 +34,7 @@
 //!
 //! Time for the switch's MAC ageing is in milliseconds of the TSC.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +56,10 @@ struct Network {
     uplink: Option<PortId>,
     /// VM id -> (index of its NIC in `vm.pci`, its port).
     ports: BTreeMap<usize, (usize, PortId)>,
+    /// VMs whose frames wait on their ports for the guest to post receive buffers: not worth
+    /// a delivery attempt from another VM (their own notification of the receive queue, or
+    /// their next pass, delivers).
+    starved: BTreeSet<usize>,
 }
 
 static NETWORK: spin::Once<spin::Mutex<Network>> = spin::Once::new();
@@ -69,6 +73,7 @@ fn network() -> &'static spin::Mutex<Network> {
             switch,
             uplink,
             ports: BTreeMap::new(),
+            starved: BTreeSet::new(),
         })
     })
 }
@@ -207,12 +212,27 @@ pub fn exchange(vm: &mut Vm, host: &mut dyn HostMemory, moment: Moment) -> Vec<u
     }
     let now = now_millis();
     network.switch.run(now, BUDGET);
-    // Received: into the guest's receive queue (dropped and counted by the device when the
-    // guest has posted no buffers).
+    // Received: into the guest's receive queue. While the guest has posted no buffer, the
+    // frames stay on its port (bounded: the switch drops what does not fit there); the
+    // guest's notification of its receive queue, when it posts buffers, brings them.
     let mut delivered = 0;
-    while let Some(frame) = network.switch.pop(port) {
+    let mut starved = false;
+    while network.switch.peek(port).is_some() {
+        if nic.receive_would_wait(&mut memory) {
+            starved = true;
+            break;
+        }
+        let Some(frame) = network.switch.pop(port) else {
+            break;
+        };
+        // Other refusals (a malformed queue, link down) drop the frame, counted by the device.
         let _ = nic.deliver(frame.bytes(), &mut memory);
         delivered += 1;
+    }
+    if starved {
+        network.starved.insert(vm.id);
+    } else {
+        network.starved.remove(&vm.id);
     }
     drop(function);
     flush_uplink(&mut network, false);
@@ -259,6 +279,7 @@ fn waiting_vms(network: &Network, except: Option<usize>) -> Vec<usize> {
         .iter()
         .filter(|&(&vm_id, &(_, port))| {
             Some(vm_id) != except
+                && !network.starved.contains(&vm_id)
                 && network
                     .switch
                     .egress_level(port)

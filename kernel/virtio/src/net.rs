@@ -540,6 +540,14 @@ impl VirtioDevice for Net {
 }
 
 impl VirtioPci<Net> {
+    /// Whether a frame delivered now would find no receive buffer on a live device with its
+    /// link up (the driver has posted none that is not used yet). The caller may then keep
+    /// the frame and deliver it once the driver posts buffers (it notifies the receive queue),
+    /// instead of having [`Self::deliver`] drop it.
+    pub fn receive_would_wait(&self, memory: &mut dyn GuestMemory) -> bool {
+        self.device().link_up && self.waiting_for_chain(RX_QUEUE, memory)
+    }
+
     /// Delivers `frame` (an Ethernet frame without FCS) to the guest: into the next receive
     /// buffer it posted, with the queue interrupt unless suppressed. A frame that cannot be
     /// delivered now is dropped and counted; nothing is kept for later.

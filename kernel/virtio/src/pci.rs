@@ -319,6 +319,19 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.queues.get(usize::from(index))
     }
 
+    /// Whether a chain [`Self::use_chain`] would take from queue `index` now is missing: the
+    /// device is live, the queue enabled, and the driver has made no new chain available.
+    /// Reads the avail index only. `false` when the device or queue is not live (using a
+    /// chain would fail for that reason, not for want of one).
+    pub fn waiting_for_chain(&self, index: u16, memory: &mut dyn GuestMemory) -> bool {
+        self.live()
+            && self.config.command() & COMMAND_BUS_MASTER != 0
+            && self
+                .queues
+                .get(usize::from(index))
+                .is_some_and(|queue| queue.enabled && !queue.has_available(memory))
+    }
+
     /// The queue fault that set DEVICE_NEEDS_RESET, for the log; cleared by a reset.
     pub fn queue_error(&self) -> Option<QueueError> {
         self.queue_error

@@ -240,6 +240,14 @@ impl Queue {
         }
     }
 
+    /// Whether the driver made a chain available that [`Self::pop`] has not taken yet: reads the
+    /// avail index only and changes nothing (a read that fails says no; [`Self::pop`] reports
+    /// it).
+    pub fn has_available(&self, memory: &mut dyn GuestMemory) -> bool {
+        read_u16(memory, self.avail_ring.wrapping_add(AVAIL_IDX))
+            .is_ok_and(|avail_idx| avail_idx != self.next_avail)
+    }
+
     /// Takes the next available chain, walked and checked; `None` when the driver made no new
     /// one available. The queue must have passed [`Self::validate`] (a ring read that fails
     /// anyway is [`QueueError::RingOutOfRam`]).

@@ -382,6 +382,10 @@ impl<T: ByteLen> BoundedQueue<T> {
         Some(item)
     }
 
+    fn peek(&self) -> Option<&T> {
+        self.items.front()
+    }
+
     fn level(&self) -> QueueLevel {
         QueueLevel {
             frames: self.items.len(),
@@ -702,6 +706,12 @@ impl Switch {
         port.stats.out_frames += 1;
         port.stats.out_bytes += frame.len() as u64;
         Some(frame)
+    }
+
+    /// The frame [`Switch::pop`] would return next for port `id`, left in place (a receiver
+    /// with no room yet keeps it queued; the port's bounded queue drops what comes meanwhile).
+    pub fn peek(&self, id: PortId) -> Option<&Frame> {
+        self.port(id)?.egress.peek()
     }
 
     /// Has any port frames waiting for [`Switch::run`]?
