@@ -898,6 +898,23 @@ mod tests {
     }
 
     #[test]
+    fn receive_would_wait_only_for_a_live_queue_without_buffers() {
+        let mut rig = Rig::new();
+        assert!(
+            rig.pci.receive_would_wait(&mut rig.memory),
+            "live, no buffer posted"
+        );
+        rig.post_rx(1);
+        assert!(!rig.pci.receive_would_wait(&mut rig.memory));
+        assert_eq!(rig.pci.deliver(&frame(60, 0), &mut rig.memory), Ok(()));
+        assert!(rig.pci.receive_would_wait(&mut rig.memory), "used up");
+        assert_eq!(rig.stats().drops.total(), 0, "asking drops nothing");
+        // A device the driver has not brought up does not wait: delivering fails otherwise.
+        let idle = VirtioPci::new(Net::new(NetConfig::new(MAC)).unwrap());
+        assert!(!idle.receive_would_wait(&mut rig.memory));
+    }
+
+    #[test]
     fn receive_drops() {
         let mut rig = Rig::new();
         // No buffer posted.

@@ -97,6 +97,25 @@ fn vm_to_vm_by_pinned_address() {
 }
 
 #[test]
+fn peek_shows_the_next_frame_and_leaves_it_queued() {
+    let mut net = Net::new(small_config());
+    assert_eq!(net.switch.peek(net.vm2), None);
+    let first = frame(VM2, VM1, 1);
+    let second = frame(VM2, VM1, 2);
+    net.send(net.vm1, first.clone(), 0).unwrap();
+    net.send(net.vm1, second.clone(), 0).unwrap();
+    assert_eq!(net.switch.peek(net.vm2), Some(&first));
+    assert_eq!(
+        net.switch.peek(net.vm2),
+        Some(&first),
+        "peeking takes nothing"
+    );
+    assert_eq!(net.switch.egress_level(net.vm2).unwrap().frames, 2);
+    assert_eq!(net.switch.port_stats(net.vm2).unwrap().out_frames, 0);
+    assert_eq!(net.drain(net.vm2), vec![first, second]);
+}
+
+#[test]
 fn learning_and_forwarding_to_the_learned_port() {
     let mut net = Net::new(small_config());
     // Unknown: flooded to the uplink and the other VMs.
