@@ -254,6 +254,21 @@ pub fn allocated_frames() -> u64 {
     FRAMES.lock().allocated_frames
 }
 
+/// Test hook: takes a frame and returns it twice; the second free must stop the hypervisor.
+pub fn free_twice_for_test() {
+    let Some(frame) = allocate_frame() else {
+        log::error!("test hook: no frame to free twice");
+        return;
+    };
+    log::warn!("test hook: freeing frame {:#x} twice", frame.0);
+    free_frame(frame);
+    free_frame(frame);
+    log::error!(
+        "test hook: the second free of {:#x} was NOT refused",
+        frame.0
+    );
+}
+
 /// Returns a frame to the allocator.
 pub fn free_frame(frame: HostPhysAddr) {
     FRAMES.lock().free(frame);
