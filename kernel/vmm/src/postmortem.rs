@@ -76,7 +76,7 @@ pub fn describe(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Vec<String> 
             place(vm, host, &state, address)
         ));
     }
-    if let Some(line) = nested_consistency(vm, host) {
+    if let Some(line) = nested_consistency(vm, vcpu, host) {
         lines.push(line);
     }
     lines
@@ -237,9 +237,16 @@ fn walk_entries(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, linear: u
 /// Whether the nested tables and the RAM map agree on every page (the hardware walks the
 /// first, the hypervisor reads and writes guest memory through the second): `None` under
 /// shadow paging.
-fn nested_consistency(vm: &Vm, host: &dyn HostMemory) -> Option<String> {
+fn nested_consistency(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Option<String> {
     let GuestPaging::Nested(tables) = &vm.paging else {
         return None;
+    };
+    let root = tables.root().0;
+    let used = vcpu.fault_context().nested_root;
+    let root_line = if used == root {
+        format!("root {root:#x}")
+    } else {
+        format!("THE VCPU USES ROOT {used:#x}, THE VM'S IS {root:#x}")
     };
     let pages = vm.ram.size() >> 12;
     let mut mapped = 0u64;
@@ -257,7 +264,7 @@ fn nested_consistency(vm: &Vm, host: &dyn HostMemory) -> Option<String> {
         }
     }
     let mut line = format!(
-        "nested tables: {mapped} pages mapped, {} disagree with the RAM map",
+        "nested tables: {root_line}, {mapped} pages mapped, {} disagree with the RAM map",
         wrong.len()
     );
     for (gpa, nested, ram) in wrong.iter().take(8) {
