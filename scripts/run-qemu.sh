@@ -52,7 +52,8 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
                     (0x01) in FILE is the hypervisor's escape key (docs/guest-interface.md).
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state,
                     disk-write: writes near the end of the --disk file; net-probe: sends an ARP
-                    request for 10.0.2.2 on the --net user NIC and waits up to 2 s for the reply)
+                    request for 10.0.2.2 on the --net user NIC and waits up to 2 s for the reply;
+                    double-free: frees a frame twice, which must stop the hypervisor)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text

@@ -5,6 +5,7 @@
 use ringzero_tests::boot;
 
 const CLEAN: i32 = 0;
+const PANIC: i32 = 1;
 const HYPERVISOR_EXCEPTION: i32 = 2;
 const CANNOT_VIRTUALIZE: i32 = 3;
 const GUEST_FAILED: i32 = 6;
@@ -154,6 +155,35 @@ fn page_fault_in_the_hypervisor_is_reported_and_powers_off() {
     run.assert_serial_contains("stack[rsp+0x00] = ");
     run.assert_serial_contains("ringzero: poweroff status=2");
     run.assert_serial_lacks("ringzero: virt");
+}
+
+/// The frame allocator knows which frames are handed out: a second free of one (a frame with
+/// two owners in the making) stops the hypervisor with a message naming it.
+#[test]
+fn a_frame_freed_twice_stops_the_hypervisor() {
+    let run = boot(&[
+        "--bios",
+        "--test-hook",
+        "double-free",
+        "--config",
+        "config/test-guests.toml",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(PANIC);
+    let hook = run.line_with("test hook: freeing frame ");
+    let frame = hook
+        .rsplit("frame ")
+        .next()
+        .expect("a frame")
+        .split(' ')
+        .next()
+        .expect("address");
+    run.assert_serial_contains("PANIC: panicked at kernel/ringzero/src/memory.rs");
+    run.assert_serial_contains(&format!(
+        "memory: frame {frame} freed while it is not in use (a double free)"
+    ));
+    run.assert_serial_lacks("was NOT refused");
 }
 
 #[test]

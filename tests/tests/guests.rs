@@ -80,6 +80,13 @@ fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) 
     // its code lies (guest-physical, the frame backing it, the nested entry naming that frame).
     run.assert_serial_contains("idt=0x0/0x0");
     run.assert_serial_contains("vm triple-fault vcpu 0:   idt[8]: unreadable");
+    run.assert_serial_contains("vm triple-fault vcpu 0:   rip walk: L4 ");
+    let tables = run.line_with("vm triple-fault vcpu 0:   nested tables: root ");
+    assert!(
+        tables.contains(" 0 disagree with the RAM map"),
+        "{tables}\n{}",
+        run.report()
+    );
     let place = run.line_with(&format!("vm triple-fault vcpu 0:   rip {rip}: "));
     assert!(
         place.contains(": gpa 0x") && place.contains(", frame 0x") && !place.contains("ANOTHER"),

@@ -586,6 +586,11 @@ impl Vcpu for SvmVcpu {
             tr_limit: vmcb.save.tr.limit,
             entry_event: self.last_entry_event,
             exit_event: vmcb.control.exit_interrupt_info,
+            nested_root: if self.visible.is_none() {
+                vmcb.control.nested_cr3
+            } else {
+                0
+            },
         }
     }
 

@@ -1033,6 +1033,11 @@ impl Vcpu for VmxVcpu {
             tr_limit: hw::vmread(vmcs::GUEST_TR_LIMIT) as u32,
             entry_event: self.last_entry_event,
             exit_event: hw::vmread(vmcs::IDT_VECTORING_INFO),
+            nested_root: if self.visible.is_none() {
+                hw::vmread(vmcs::EPT_POINTER) & !0xFFF
+            } else {
+                0
+            },
         }
     }
 

@@ -466,6 +466,11 @@ impl LocalApic {
         self.accept_with_trigger(vector, true);
     }
 
+    /// Whether `vector` waits in IRR (accepted, not yet injected).
+    pub fn is_requested(&self, vector: u8) -> bool {
+        test_bit(&self.interrupt_request, vector)
+    }
+
     /// The highest-priority vector in IRR whose priority class is above the processor priority
     /// class (PPR), if any: the one the hypervisor may inject now (when the guest's RFLAGS.IF
     /// and interruptibility allow). `None` while globally disabled. See: SDM Vol 3A 11.8.3.1.

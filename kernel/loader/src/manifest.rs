@@ -146,6 +146,9 @@ pub enum TestHook {
     /// Send an ARP request from the physical NIC and wait (bounded) for the reply of QEMU's
     /// user-mode network: the one boot that transmits on the NIC.
     NetProbe,
+    /// Free one frame twice after the platform is up: the frame allocator's ownership check
+    /// must stop the hypervisor, naming the frame.
+    DoubleFree,
 }
 
 impl TestHook {
@@ -156,6 +159,7 @@ impl TestHook {
             TestHook::InvalidGuestState => 2,
             TestHook::DiskWrite => 3,
             TestHook::NetProbe => 4,
+            TestHook::DoubleFree => 5,
         }
     }
 
@@ -166,6 +170,7 @@ impl TestHook {
             2 => Ok(TestHook::InvalidGuestState),
             3 => Ok(TestHook::DiskWrite),
             4 => Ok(TestHook::NetProbe),
+            5 => Ok(TestHook::DoubleFree),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -178,6 +183,7 @@ impl TestHook {
             TestHook::InvalidGuestState => "invalid-guest-state",
             TestHook::DiskWrite => "disk-write",
             TestHook::NetProbe => "net-probe",
+            TestHook::DoubleFree => "double-free",
         }
     }
 
@@ -189,6 +195,7 @@ impl TestHook {
             TestHook::InvalidGuestState,
             TestHook::DiskWrite,
             TestHook::NetProbe,
+            TestHook::DoubleFree,
         ]
         .into_iter()
         .find(|hook| hook.name() == name)

@@ -128,6 +128,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     if manifest.test_hook == TestHook::PageFault {
         trigger_page_fault();
     }
+    if manifest.test_hook == TestHook::DoubleFree {
+        memory::free_twice_for_test();
+    }
     if manifest.test_hook == TestHook::DiskWrite {
         disk::exercise_for_test();
     }

@@ -46,6 +46,11 @@ struct FrameAllocator {
     free_list: u64,
     total_frames: u64,
     allocated_frames: u64,
+    /// One bit per frame below the end of the highest region: set while the frame is handed
+    /// out. An allocation of a set frame or a free of a clear one is a bug that would let two
+    /// owners share a frame (a guest page over a VMCB, say): it stops the hypervisor at once,
+    /// naming the frame, instead of corrupting memory silently.
+    in_use: &'static mut [u64],
 }
 
 impl FrameAllocator {
@@ -58,7 +63,24 @@ impl FrameAllocator {
             free_list: 0,
             total_frames: 0,
             allocated_frames: 0,
+            in_use: &mut [],
         }
+    }
+
+    /// Marks `frame` handed out (`taken`) or returned; panics when it already was.
+    fn claim(&mut self, frame: u64, taken: bool) {
+        let index = (frame / FRAME_SIZE) as usize;
+        let Some(word) = self.in_use.get_mut(index / 64) else {
+            panic!("memory: frame {frame:#x} is outside every usable region");
+        };
+        let bit = 1u64 << (index % 64);
+        if (*word & bit != 0) == taken {
+            if taken {
+                panic!("memory: frame {frame:#x} handed out while it is still in use");
+            }
+            panic!("memory: frame {frame:#x} freed while it is not in use (a double free)");
+        }
+        *word ^= bit;
     }
 
     fn allocate(&mut self) -> Option<HostPhysAddr> {
@@ -66,6 +88,7 @@ impl FrameAllocator {
             let frame = self.free_list;
             self.free_list = read_phys_u64(HostPhysAddr(frame));
             self.allocated_frames += 1;
+            self.claim(frame, true);
             return Some(HostPhysAddr(frame));
         }
         while self.current_region < self.region_count {
@@ -74,6 +97,7 @@ impl FrameAllocator {
                 let frame = self.next_frame;
                 self.next_frame += FRAME_SIZE;
                 self.allocated_frames += 1;
+                self.claim(frame, true);
                 return Some(HostPhysAddr(frame));
             }
             self.current_region += 1;
@@ -93,6 +117,9 @@ impl FrameAllocator {
                 let first = self.next_frame;
                 self.next_frame += count * FRAME_SIZE;
                 self.allocated_frames += count;
+                for frame in 0..count {
+                    self.claim(first + frame * FRAME_SIZE, true);
+                }
                 return Some(HostPhysAddr(first));
             }
             self.current_region += 1;
@@ -104,6 +131,7 @@ impl FrameAllocator {
     }
 
     fn free(&mut self, frame: HostPhysAddr) {
+        self.claim(frame.0, false);
         write_phys_u64(frame, self.free_list);
         self.free_list = frame.0;
         self.allocated_frames -= 1;
@@ -182,6 +210,13 @@ pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<Memo
         }
     }
     frames.next_frame = frames.regions[0].0;
+    let top = frames.regions[..frames.region_count]
+        .iter()
+        .map(|&(_, end)| end)
+        .max()
+        .unwrap_or(0);
+    let words = (top / FRAME_SIZE).div_ceil(64) as usize;
+    frames.in_use = alloc::vec![0u64; words].leak();
     Some(MemorySummary {
         usable_bytes,
         heap_start: HostPhysAddr(heap_region_start),
@@ -217,6 +252,21 @@ pub fn allocate_contiguous(count: u64) -> Option<HostPhysAddr> {
 /// Frames currently handed out (for the memory statistics).
 pub fn allocated_frames() -> u64 {
     FRAMES.lock().allocated_frames
+}
+
+/// Test hook: takes a frame and returns it twice; the second free must stop the hypervisor.
+pub fn free_twice_for_test() {
+    let Some(frame) = allocate_frame() else {
+        log::error!("test hook: no frame to free twice");
+        return;
+    };
+    log::warn!("test hook: freeing frame {:#x} twice", frame.0);
+    free_frame(frame);
+    free_frame(frame);
+    log::error!(
+        "test hook: the second free of {:#x} was NOT refused",
+        frame.0
+    );
 }
 
 /// Returns a frame to the allocator.

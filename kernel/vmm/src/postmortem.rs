@@ -66,11 +66,18 @@ pub fn describe(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Vec<String> 
     for (name, stack) in tss_stacks(vm, host, &state, &context) {
         places.push((name, stack.wrapping_sub(8)));
     }
+    lines.push(format!(
+        "rip walk: {}",
+        walk_entries(vm, host, &state, state.rip)
+    ));
     for (name, address) in places {
         lines.push(format!(
             "{name} {address:#x}: {}",
             place(vm, host, &state, address)
         ));
+    }
+    if let Some(line) = nested_consistency(vm, vcpu, host) {
+        lines.push(line);
     }
     lines
 }
@@ -198,4 +205,70 @@ fn place(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, address: u64) ->
         GuestPaging::Shadow { .. } => String::new(),
     };
     format!("gpa {:#x}, {frame}{nested}", gpa.0)
+}
+
+/// The guest's 4-level walk of `linear` entry by entry (as guest RAM holds it now), so an entry
+/// with reserved bits or a wrong address shows: "L4 gpa=value L3 ...". Long mode only.
+fn walk_entries(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, linear: u64) -> String {
+    const PRESENT: u64 = 1;
+    const LARGE: u64 = 1 << 7;
+    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+    if state.cr0 & (1 << 31) == 0 || state.efer & (1 << 10) == 0 {
+        return "not in long mode".into();
+    }
+    let mut table = state.cr3 & ADDRESS;
+    let mut out = String::new();
+    for level in (1..=4u32).rev() {
+        let index = (linear >> (12 + 9 * (level - 1))) & 0x1FF;
+        let address = GuestPhysAddr(table + index * 8);
+        let Ok(entry) = vm.ram.read_u64(host, address) else {
+            out.push_str(&format!("L{level} {:#x} outside RAM", address.0));
+            return out;
+        };
+        out.push_str(&format!("L{level} {:#x}={entry:#x} ", address.0));
+        if entry & PRESENT == 0 || (level > 1 && level < 4 && entry & LARGE != 0) {
+            break;
+        }
+        table = entry & ADDRESS;
+    }
+    out
+}
+
+/// Whether the nested tables and the RAM map agree on every page (the hardware walks the
+/// first, the hypervisor reads and writes guest memory through the second): `None` under
+/// shadow paging.
+fn nested_consistency(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Option<String> {
+    let GuestPaging::Nested(tables) = &vm.paging else {
+        return None;
+    };
+    let root = tables.root().0;
+    let used = vcpu.fault_context().nested_root;
+    let root_line = if used == root {
+        format!("root {root:#x}")
+    } else {
+        format!("THE VCPU USES ROOT {used:#x}, THE VM'S IS {root:#x}")
+    };
+    let pages = vm.ram.size() >> 12;
+    let mut mapped = 0u64;
+    let mut wrong = Vec::new();
+    for page in 0..pages {
+        let gpa = GuestPhysAddr(page << 12);
+        let nested = tables.translate(host, gpa);
+        if nested.is_some() {
+            mapped += 1;
+        }
+        let ram = vm.ram.host_frame(gpa);
+        // A backed page the guest has not touched yet has no nested entry: that is fine.
+        if nested.is_some() && nested != ram {
+            wrong.push((gpa.0, nested, ram));
+        }
+    }
+    let mut line = format!(
+        "nested tables: {root_line}, {mapped} pages mapped, {} disagree with the RAM map",
+        wrong.len()
+    );
+    for (gpa, nested, ram) in wrong.iter().take(8) {
+        line.push_str(&format!("; gpa {gpa:#x} nested {nested:x?} ram {ram:x?}"));
+    }
+    Some(line)
 }

@@ -145,6 +145,9 @@ fn gsi_of_isa_irq(irq: u8) -> u8 {
 
 /// The PIT's IRQ 0 (edges).
 const PIT_IRQ: u8 = 0;
+/// The most PIT ticks owed to a guest (see `poll_devices`): a guest that did not run for a
+/// long time gets this many late ticks, not one per period missed.
+const PIT_MAX_OWED: u32 = 16;
 /// COM1's IRQ 4 (a line: asserted while the UART has an interrupt pending and MCR.OUT2 gates
 /// it onto the bus, as on PCs). See: PC16550D datasheet 8.6 (MCR OUT2).
 const COM1_IRQ: u8 = 4;
@@ -161,10 +164,23 @@ pub fn poll_devices(vm: &mut Vm, now: u64) {
         .bus
         .device_mut::<Pit>(Pit::BASE)
         .map_or(0, |pit| pit.irq0_edges(now));
-    let io_apic = vm.io_apic.as_mut().expect("checked above");
-    if pit_edges > 0 {
-        // Several periods passed unseen: one interrupt, as a late timer tick coalesces.
-        deliveries.extend(io_apic.pulse(gsi_of_isa_irq(PIT_IRQ)));
+    // Ticks that fell due while the vCPU did not run are owed, not lost, and delivered one at
+    // a time: the next once the guest has taken the last (its vector left the local APIC's
+    // IRR), as KVM's PIT does in its default "reinject" mode. Linux counts ticks at boot
+    // (`timer_irq_works`: more than 4 in about 10 periods) and panics with "IO-APIC + timer
+    // doesn't work!" when a busy host coalesced them. Bounded: at most PIT_MAX_OWED.
+    vm.pit_owed = vm.pit_owed.saturating_add(pit_edges).min(PIT_MAX_OWED);
+    if vm.pit_owed > 0 {
+        let pin = gsi_of_isa_irq(PIT_IRQ);
+        let io_apic = vm.io_apic.as_ref().expect("checked above");
+        let vector = io_apic.redirection_entry(pin).map(|entry| entry as u8);
+        let last_not_taken =
+            vector.is_some_and(|vector| vm.vcpus.iter().any(|vcpu| vcpu.apic.is_requested(vector)));
+        if !last_not_taken {
+            vm.pit_owed -= 1;
+            let io_apic = vm.io_apic.as_mut().expect("checked above");
+            deliveries.extend(io_apic.pulse(pin));
+        }
     }
     let uart_line = vm
         .bus
@@ -436,6 +452,7 @@ fn deliver_ipi(
 mod tests {
     use super::*;
     use crate::paging::GuestPaging;
+    use ringzero_devices::PortDevice;
     use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
     use ringzero_memory::GuestRam;
 
@@ -488,6 +505,69 @@ mod tests {
     fn enable_apic(vm: &mut Vm, index: usize) {
         let mut events = Vec::new();
         vm.vcpus[index].apic.write_mmio(0xF0, 0x1FF, 0, &mut events);
+    }
+
+    /// A VM with one vCPU whose APIC is on, an I/O APIC sending pin 2 (the PIT) as vector
+    /// 0x30, and a PIT whose channel 0 ticks every 1193 clocks (1 ms) from TSC 0.
+    fn vm_with_a_ticking_pit() -> Vm {
+        let mut vm = vm(1);
+        enable_apic(&mut vm, 0);
+        let mut io_apic = ringzero_devices::IoApic::new(1);
+        for (register, value) in [(0x14, 0x30), (0x15, 0)] {
+            io_apic.write_mmio(0x00, 4, register);
+            io_apic.write_mmio(0x10, 4, value);
+        }
+        vm.io_apic = Some(io_apic);
+        let mut pit = Pit::new(DEFAULT_CLOCK.tsc_hz);
+        let mut events = Vec::new();
+        // Channel 0, LSB then MSB, mode 2 (rate generator), count 1193.
+        pit.write(0x43, 1, 0x34, &mut events);
+        pit.write(0x40, 1, 1193 & 0xFF, &mut events);
+        pit.write(0x40, 1, 1193 >> 8, &mut events);
+        vm.bus
+            .add(alloc::boxed::Box::new(pit))
+            .expect("the PIT's ports are free");
+        vm
+    }
+
+    /// The guest takes the pending PIT interrupt and ends it (injection, then EOI).
+    fn take_tick(vm: &mut Vm) -> bool {
+        if vm.vcpus[0].apic.pending_vector() != Some(0x30) {
+            return false;
+        }
+        vm.vcpus[0].apic.acknowledge(0x30);
+        let mut events = Vec::new();
+        vm.vcpus[0].apic.write_mmio(0xB0, 0, 0, &mut events);
+        true
+    }
+
+    #[test]
+    fn late_pit_ticks_are_owed_and_delivered_one_at_a_time() {
+        let mut vm = vm_with_a_ticking_pit();
+        // 10 ms pass while the vCPU does not run: ten ticks fall due.
+        poll_devices(&mut vm, 10_000_000);
+        assert!(take_tick(&mut vm), "the first late tick");
+        let mut ticks = 1;
+        // Each poll (before an entry) sends the next owed tick once the last was taken, and
+        // nothing while it still waits in the IRR.
+        for _ in 0..40 {
+            poll_devices(&mut vm, 10_000_000);
+            poll_devices(&mut vm, 10_000_000);
+            if !take_tick(&mut vm) {
+                break;
+            }
+            ticks += 1;
+        }
+        assert!((9..=10).contains(&ticks), "{ticks} ticks for 10 ms");
+        assert_eq!(vm.pit_owed, 0);
+        // A long absence owes at most PIT_MAX_OWED ticks.
+        poll_devices(&mut vm, 2_000_000_000);
+        let mut late = 0;
+        while take_tick(&mut vm) {
+            late += 1;
+            poll_devices(&mut vm, 2_000_000_000);
+        }
+        assert_eq!(late, PIT_MAX_OWED);
     }
 
     #[test]

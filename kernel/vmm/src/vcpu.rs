@@ -109,6 +109,9 @@ pub struct FaultContext {
     /// The event whose delivery the last exit interrupted (SVM EXITINTINFO, VMX IDT-vectoring
     /// information; same layout).
     pub exit_event: u64,
+    /// The nested page table root the hardware uses (SVM N_CR3, VMX EPTP with its low control
+    /// bits cleared); 0 under shadow paging.
+    pub nested_root: u64,
 }
 
 /// One virtual CPU on one vendor's hardware.

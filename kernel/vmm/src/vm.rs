@@ -63,6 +63,8 @@ pub struct Vm {
     pub io_apic: Option<IoApic>,
     /// The device interrupt lines (I/O APIC pins) last seen asserted, bit per pin.
     pub(crate) irq_lines: u32,
+    /// PIT ticks that fell due and are not delivered yet (`smp::poll_devices`).
+    pub(crate) pit_owed: u32,
     /// PCI functions with BARs (virtio devices), also on the PCI bus for their configuration.
     pub pci: Vec<crate::pci::PciSlot>,
     /// A PCI function ran a queue during the exit being handled (set by [`crate::pci`], taken
@@ -111,6 +113,7 @@ impl Vm {
             interrupt_sources: false,
             io_apic: None,
             irq_lines: 0,
+            pit_owed: 0,
             pci: Vec::new(),
             queues_run: false,
             console_line: Vec::new(),
