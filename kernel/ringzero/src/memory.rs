@@ -186,12 +186,25 @@ pub fn init(physical_memory_offset: u64, regions: &MemoryRegions) -> Option<Memo
     AP_STARTUP_PAGE.call_once(|| startup_page.map(HostPhysAddr));
 
     let mut frames = FRAMES.lock();
+    // A region that starts where the last one ended extends it: UEFI maps split RAM into many
+    // adjacent pieces (134 usable ones under OVMF with 1 GiB), more than MAX_REGIONS.
     let mut add = |start: u64, end: u64| {
-        if end > start && frames.region_count < MAX_REGIONS {
-            let index = frames.region_count;
-            frames.regions[index] = (start, end);
+        if end <= start {
+            return;
+        }
+        let count = frames.region_count;
+        if count > 0 && frames.regions[count - 1].1 == start {
+            frames.regions[count - 1].1 = end;
+            frames.total_frames += (end - start) / FRAME_SIZE;
+        } else if count < MAX_REGIONS {
+            frames.regions[count] = (start, end);
             frames.region_count += 1;
             frames.total_frames += (end - start) / FRAME_SIZE;
+        } else {
+            log::warn!(
+                "memory: more than {MAX_REGIONS} separate usable regions; {:#x}..{end:#x} left unused",
+                start
+            );
         }
     };
     for (start, end) in usable() {
