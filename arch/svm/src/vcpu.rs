@@ -586,7 +586,8 @@ impl Vcpu for SvmVcpu {
             tr_limit: vmcb.save.tr.limit,
             entry_event: self.last_entry_event,
             exit_event: vmcb.control.exit_interrupt_info,
-            nested_root: if self.visible.is_none() {
+            // 0 when the VMCB has nested paging off (NP_ENABLE, bit 0).
+            nested_root: if self.visible.is_none() && vmcb.control.nested_paging_control & 1 != 0 {
                 vmcb.control.nested_cr3
             } else {
                 0
