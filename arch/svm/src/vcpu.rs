@@ -89,6 +89,9 @@ pub struct SvmVcpu {
     /// EVENTINJ as the last VMRUN read it (the field is rewritten after each exit), for
     /// failure reports.
     last_entry_event: u64,
+    /// The nested root this vCPU was built with (`None` under shadow paging): checked against
+    /// the VMCB before every VMRUN, since nothing may change it.
+    nested_root: Option<u64>,
 }
 
 /// The power-on PAT value (WB, WT, UC-, UC repeated). See: SDM Vol 3A 13.12.4 / APM Vol 2 7.8.2.
@@ -278,6 +281,10 @@ impl SvmVcpu {
                 &ringzero_x86::hw::cpuid_words,
             )),
             last_entry_event: 0,
+            nested_root: match paging {
+                PagingSetup::Nested { root } => Some(root.0),
+                PagingSetup::Shadow => None,
+            },
         };
         vcpu.registers.rbx = entry.rbx;
         vcpu.registers.rdi = entry.rdi;
@@ -442,6 +449,16 @@ impl Vcpu for SvmVcpu {
         let guest_vmcb = self.frames.vmcb.physical.0;
         let host_state = self.frames.host_state.physical.0;
         self.last_entry_event = self.vmcb().control.event_injection;
+        if let Some(root) = self.nested_root {
+            let control = &self.vmcb().control;
+            if control.nested_cr3 != root || control.nested_paging_control & 1 == 0 {
+                log::error!(
+                    "svm: the VMCB at {guest_vmcb:#x} lost its nested paging setup (N_CR3 {:#x}, NP_ENABLE {}; built with {root:#x}): something wrote the VMCB",
+                    control.nested_cr3,
+                    control.nested_paging_control & 1
+                );
+            }
+        }
         // SAFETY: SVM is enabled on this CPU (the kernel calls `hw::enable` before creating
         // vCPUs), the VMCB was built by `new` with the VMRUN intercept set, the host-state page
         // is ours, and the hypervisor runs with interrupts off.
