@@ -78,7 +78,8 @@
 //!   half-cycle). A count of 1, below the minimum of 2 for modes 2 and 3 (datasheet, table
 //!   "Minimum and Maximum Initial Counts"), gives an output that stays high, so a guest cannot
 //!   ask for an interrupt storm of 1.19 MHz; a count of 2 is allowed and gives one edge every 2
-//!   ticks (which the hypervisor coalesces).
+//!   ticks (the hypervisor owes a guest at most 16 late ticks and hands them over one at a
+//!   time, `ringzero_vmm::smp::poll_devices`).
 //! - A count of 0 means 0x10000 (datasheet, "Write Operations": the largest count).
 //! - BCD counting (control word bit 0) is accepted and shown in the status byte, but the
 //!   counter counts in binary.
