@@ -57,3 +57,11 @@ impl BootInfo {
         &self.cmdline[..(self.cmdline_length as usize).min(CMDLINE_MAX)]
     }
 }
+
+/// The value of `key=` among the space-separated words of a command line, if any.
+pub fn parameter<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split_whitespace().find_map(|word| {
+        word.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}

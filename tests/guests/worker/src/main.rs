@@ -11,6 +11,7 @@
 #![no_main]
 
 use core::hint::black_box;
+use guest_lib::boot_info::parameter;
 use guest_lib::{exit, hw, println, BootInfo};
 
 guest_lib::flat64_entry!(main);
@@ -23,14 +24,6 @@ const STEPS_PER_ROUND: u64 = 12 << 20;
 const A: u64 = 6_364_136_223_846_793_005;
 const C: u64 = 1_442_695_040_888_963_407;
 const SEED: u64 = 0x5249_4E47_5A45_524F;
-
-/// The value of `key=` in the command line, if any.
-fn parameter<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().find_map(|word| {
-        word.strip_prefix(key)
-            .and_then(|rest| rest.strip_prefix('='))
-    })
-}
 
 /// (x, sum) after `steps` more steps, one at a time: the work.
 fn run_steps(mut x: u64, mut sum: u64, steps: u64) -> (u64, u64) {

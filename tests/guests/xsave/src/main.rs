@@ -17,6 +17,7 @@
 
 mod cpu;
 
+use guest_lib::boot_info::parameter;
 use guest_lib::{exit, hw, println, BootInfo};
 
 guest_lib::flat64_entry!(main);
@@ -30,13 +31,6 @@ const VECTOR_UD: u64 = 6;
 const VECTOR_GP: u64 = 13;
 /// A round this many times longer than the fastest one counts as a gap.
 const GAP_FACTOR: u64 = 10;
-
-fn parameter<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().find_map(|word| {
-        word.strip_prefix(key)
-            .and_then(|rest| rest.strip_prefix('='))
-    })
-}
 
 fn parse_number(text: &str) -> Option<u64> {
     match text.strip_prefix("0x") {
