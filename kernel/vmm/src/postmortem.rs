@@ -14,9 +14,10 @@ use crate::vm::Vm;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use ringzero_memory::page_table::{self, LongModeFormat, WalkFault};
 use ringzero_memory::{
-    paging_mode, read_guest_virtual, translate_guest_virtual, GuestPhysAddr, GuestVirtAddr,
-    HostMemory,
+    paging_mode, read_guest_virtual, translate_guest_virtual, GuestMemoryError, GuestPhysAddr,
+    GuestVirtAddr, HostMemory,
 };
 
 /// Vectors whose IDT entries are always shown: #DF, #GP, #PF.
@@ -208,28 +209,35 @@ fn place(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, address: u64) ->
 }
 
 /// The guest's 4-level walk of `linear` entry by entry (as guest RAM holds it now), so an entry
-/// with reserved bits or a wrong address shows: "L4 gpa=value L3 ...". Long mode only.
+/// with reserved bits or a wrong address shows: "L4 gpa=value L3 ... -> result". Long mode
+/// only. The generic walker does the walking; its reader records each entry it reads.
 fn walk_entries(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, linear: u64) -> String {
-    const PRESENT: u64 = 1;
-    const LARGE: u64 = 1 << 7;
-    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
     if state.cr0 & (1 << 31) == 0 || state.efer & (1 << 10) == 0 {
         return "not in long mode".into();
     }
-    let mut table = state.cr3 & ADDRESS;
     let mut out = String::new();
-    for level in (1..=4u32).rev() {
-        let index = (linear >> (12 + 9 * (level - 1))) & 0x1FF;
-        let address = GuestPhysAddr(table + index * 8);
-        let Ok(entry) = vm.ram.read_u64(host, address) else {
-            out.push_str(&format!("L{level} {:#x} outside RAM", address.0));
-            return out;
-        };
-        out.push_str(&format!("L{level} {:#x}={entry:#x} ", address.0));
-        if entry & PRESENT == 0 || (level > 1 && level < 4 && entry & LARGE != 0) {
-            break;
+    let mut level = 4u8;
+    let result = page_table::walk(
+        &LongModeFormat,
+        state.cr3 & page_table::ADDRESS_MASK_64,
+        4,
+        linear,
+        |_table, address| {
+            let entry = vm.ram.read_u64(host, GuestPhysAddr(address))?;
+            out.push_str(&format!("L{level} {address:#x}={entry:#x} "));
+            level = level.saturating_sub(1);
+            Ok::<u64, GuestMemoryError>(entry)
+        },
+    );
+    match result {
+        Ok(mapping) => out.push_str(&format!("-> {:#x}", mapping.physical_address(linear))),
+        Err(WalkFault::NotPresent { level }) => out.push_str(&format!("-> L{level} not present")),
+        Err(WalkFault::ReservedBits { level }) => {
+            out.push_str(&format!("-> L{level} reserved bits"));
         }
-        table = entry & ADDRESS;
+        Err(WalkFault::Unreadable { table, .. }) => {
+            out.push_str(&format!("-> table {table:#x} outside RAM"));
+        }
     }
     out
 }
@@ -271,4 +279,62 @@ fn nested_consistency(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Option
         line.push_str(&format!("; gpa {gpa:#x} nested {nested:x?} ram {ram:x?}"));
     }
     Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::walk_entries;
+    use crate::paging::GuestPaging;
+    use crate::vcpu::GuestSnapshot;
+    use crate::vm::Vm;
+    use ringzero_memory::fake::FakeHostMemory;
+    use ringzero_memory::shadow::{GuestPagingState, ShadowPaging};
+    use ringzero_memory::{GuestPhysAddr, GuestRam};
+
+    /// A VM whose tables map linear 0x20_0000 with a 2 MiB page at guest-physical 0x40_0000:
+    /// PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000.
+    fn vm_with_tables(host: &mut FakeHostMemory) -> Vm {
+        let paging = GuestPaging::Shadow {
+            engine: ShadowPaging::new(1),
+            visible: GuestPagingState::default(),
+        };
+        let mut ram = GuestRam::new_lazy(8 << 20);
+        for (address, entry) in [(0x1000, 0x2003u64), (0x2000, 0x3003), (0x3008, 0x40_0083)] {
+            ram.write_allocating(host, GuestPhysAddr(address), &entry.to_le_bytes())
+                .unwrap();
+        }
+        Vm::new("guest", ram, paging, false)
+    }
+
+    fn long_mode(cr3: u64) -> GuestSnapshot {
+        GuestSnapshot {
+            cr0: 1 << 31 | 1,
+            cr3,
+            efer: 1 << 10 | 1 << 8,
+            ..GuestSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn the_walk_shows_each_entry_and_where_it_ends() {
+        let mut host = FakeHostMemory::new();
+        let vm = vm_with_tables(&mut host);
+        let state = long_mode(0x1000);
+        assert_eq!(
+            walk_entries(&vm, &host, &state, 0x20_1234),
+            "L4 0x1000=0x2003 L3 0x2000=0x3003 L2 0x3008=0x400083 -> 0x401234"
+        );
+        assert_eq!(
+            walk_entries(&vm, &host, &state, 0x40_0000),
+            "L4 0x1000=0x2003 L3 0x2000=0x3003 L2 0x3010=0x0 -> L2 not present"
+        );
+        assert_eq!(
+            walk_entries(&vm, &host, &long_mode(0x90_0000), 0),
+            "-> table 0x900000 outside RAM"
+        );
+        assert_eq!(
+            walk_entries(&vm, &host, &GuestSnapshot::default(), 0),
+            "not in long mode"
+        );
+    }
 }
