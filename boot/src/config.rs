@@ -457,7 +457,7 @@ struct VmChecker<'a, 'e> {
     failed: bool,
 }
 
-impl VmChecker<'_, '_> {
+impl<'e> VmChecker<'_, 'e> {
     fn error(&mut self, key: &str, message: String) {
         self.failed = true;
         self.errors
@@ -470,6 +470,64 @@ impl VmChecker<'_, '_> {
             with_article(found.type_str())
         );
         self.error(key, message);
+    }
+
+    /// The values of the `[[vm.KEY]]` array of tables, at most `max` of them (`too_many` says
+    /// the limit in the error). `None` when the key is absent, and (after an error) when it
+    /// holds too many values or something other than an array.
+    fn array_of_tables(&mut self, key: &str, max: usize, too_many: &str) -> Option<Vec<&'e Value>> {
+        let table: &'e Table = self.table;
+        match table.get(key) {
+            None => None,
+            Some(Value::Array(values)) if values.len() > max => {
+                let count = values.len();
+                self.error(key, format!("{count} [[vm.{key}]] tables, {too_many}"));
+                None
+            }
+            Some(Value::Array(values)) => Some(values.iter().collect()),
+            Some(Value::Table(_)) => {
+                self.error(
+                    key,
+                    format!("expected [[vm.{key}]] tables (double brackets), found a single [vm.{key}] table"),
+                );
+                None
+            }
+            Some(other) => {
+                self.wrong_type(key, &format!("[[vm.{key}]] tables"), other);
+                None
+            }
+        }
+    }
+
+    /// Entry `number` (from 1) of the `[[vm.KEY]]` array: its table, and whether it has keys
+    /// outside `known` (each named in an error). `None` (after an error) when it is not a table.
+    fn entry_table<'v>(
+        &mut self,
+        key: &str,
+        number: usize,
+        value: &'v Value,
+        known: &[&str],
+    ) -> Option<(&'v Table, bool)> {
+        let Value::Table(table) = value else {
+            let found = with_article(value.type_str());
+            self.error(
+                key,
+                format!("{key} #{number}: expected a table, found {found}"),
+            );
+            return None;
+        };
+        let mut unknown = false;
+        for name in table.keys() {
+            if !known.contains(&name.as_str()) {
+                let known = known.join(", ");
+                self.error(
+                    key,
+                    format!("{key} #{number}: unknown key \"{name}\" (known: {known})"),
+                );
+                unknown = true;
+            }
+        }
+        Some((table, unknown))
     }
 
     /// The string at `key`; `None` (with an error when `required` or of the wrong type) if
@@ -812,45 +870,17 @@ fn check_vm(
 
 /// Checks the `[[vm.disk]]` tables of the VM `check` is about.
 fn check_disks(check: &mut VmChecker<'_, '_>, base: &Path) -> Vec<DiskConfig> {
-    let tables: Vec<&Value> = match check.table.get("disk") {
-        None => return Vec::new(),
-        Some(Value::Array(tables)) => tables.iter().collect(),
-        Some(other) => {
-            check.wrong_type("disk", "[[vm.disk]] tables", other);
-            return Vec::new();
-        }
-    };
-    if tables.len() > MAX_DISKS {
-        check.error(
-            "disk",
-            format!(
-                "{} [[vm.disk]] tables, at most {MAX_DISKS} disks per VM are allowed",
-                tables.len()
-            ),
-        );
+    let too_many = format!("at most {MAX_DISKS} disks per VM are allowed");
+    let Some(tables) = check.array_of_tables("disk", MAX_DISKS, &too_many) else {
         return Vec::new();
-    }
+    };
     let mut disks = Vec::new();
     for (index, value) in tables.into_iter().enumerate() {
         let number = index + 1;
-        let mut fail = |message: String| check.error("disk", format!("disk #{number}: {message}"));
-        let Value::Table(table) = value else {
-            fail(format!(
-                "expected a table, found {}",
-                with_article(value.type_str())
-            ));
+        let Some((table, mut failed)) = check.entry_table("disk", number, value, &DISK_KEYS) else {
             continue;
         };
-        let mut failed = false;
-        for key in table.keys() {
-            if !DISK_KEYS.contains(&key.as_str()) {
-                fail(format!(
-                    "unknown key \"{key}\" (known: {})",
-                    DISK_KEYS.join(", ")
-                ));
-                failed = true;
-            }
-        }
+        let mut fail = |message: String| check.error("disk", format!("disk #{number}: {message}"));
         let writable = match table.get("writable") {
             None => false,
             Some(Value::Boolean(writable)) => *writable,
@@ -941,52 +971,15 @@ fn check_disks(check: &mut VmChecker<'_, '_>, base: &Path) -> Vec<DiskConfig> {
 /// Checks the `[[vm.nic]]` tables of the VM `check` is about (named `name`, when it has a
 /// name: the default MAC is derived from it).
 fn check_nic(check: &mut VmChecker<'_, '_>, name: Option<&str>) -> Option<NicConfig> {
-    let tables: Vec<&Value> = match check.table.get("nic") {
-        None => return None,
-        Some(Value::Array(tables)) => tables.iter().collect(),
-        Some(Value::Table(_)) => {
-            check.error(
-                "nic",
-                "expected [[vm.nic]] tables (double brackets, like [[vm.disk]]), found a single [vm.nic] table".into(),
-            );
-            return None;
-        }
-        Some(other) => {
-            check.wrong_type("nic", "[[vm.nic]] tables", other);
-            return None;
-        }
-    };
-    if tables.len() > MAX_NICS {
-        check.error(
-            "nic",
-            format!(
-                "{} [[vm.nic]] tables, at most {MAX_NICS} NIC per VM is allowed for now",
-                tables.len()
-            ),
-        );
-        return None;
-    }
+    let too_many = format!("at most {MAX_NICS} NIC per VM is allowed for now");
+    let tables = check.array_of_tables("nic", MAX_NICS, &too_many)?;
     let mut nic = None;
     for (index, value) in tables.into_iter().enumerate() {
         let number = index + 1;
-        let mut fail = |message: String| check.error("nic", format!("nic #{number}: {message}"));
-        let Value::Table(table) = value else {
-            fail(format!(
-                "expected a table, found {}",
-                with_article(value.type_str())
-            ));
+        let Some((table, failed)) = check.entry_table("nic", number, value, &NIC_KEYS) else {
             continue;
         };
-        let mut failed = false;
-        for key in table.keys() {
-            if !NIC_KEYS.contains(&key.as_str()) {
-                fail(format!(
-                    "unknown key \"{key}\" (known: {})",
-                    NIC_KEYS.join(", ")
-                ));
-                failed = true;
-            }
-        }
+        let mut fail = |message: String| check.error("nic", format!("nic #{number}: {message}"));
         let config = match table.get("mac") {
             None => name.map(|name| NicConfig {
                 mac: mac_from_name(name),

@@ -973,6 +973,15 @@ fn bad_disks() {
         one_error(&scratch, &format!("{BASIC}disk = \"vm1\"\n")),
         format!("{prefix}expected [[vm.disk]] tables, found a string")
     );
+    assert_eq!(
+        one_error(
+            &scratch,
+            &format!("{BASIC}[vm.disk]\npartition = \"vm1\"\n")
+        ),
+        format!(
+            "{prefix}expected [[vm.disk]] tables (double brackets), found a single [vm.disk] table"
+        )
+    );
 }
 
 #[test]
@@ -1134,7 +1143,9 @@ fn bad_nics() {
     );
     assert_eq!(
         one_error(&scratch, &format!("{BASIC}[vm.nic]\n")),
-        format!("{prefix}expected [[vm.nic]] tables (double brackets, like [[vm.disk]]), found a single [vm.nic] table")
+        format!(
+            "{prefix}expected [[vm.nic]] tables (double brackets), found a single [vm.nic] table"
+        )
     );
     assert_eq!(
         one_error(&scratch, &format!("{BASIC}nic = \"02:00:00:00:00:01\"\n")),
