@@ -53,7 +53,9 @@ usage: scripts/run-qemu.sh [options] [-- QEMU ARGS...]
   --test-hook NAME  test-only: boot an image whose manifest asks for NAME (page-fault, invalid-guest-state,
                     disk-write: writes near the end of the --disk file; net-probe: sends an ARP
                     request for 10.0.2.2 on the --net user NIC and waits up to 2 s for the reply;
-                    double-free: frees a frame twice, which must stop the hypervisor)
+                    double-free: frees a frame twice, which must stop the hypervisor;
+                    triple-fault: the hypervisor triple-faults, which must be reported with
+                    each CPU's registers at the reset)
   --no-build        do not compile (the test harness compiles once); images are still packed
   --build-only      compile and pack target/ringzero/images/{uefi,bios}.img, then stop
   -h, --help        this text
@@ -184,15 +186,63 @@ feed_input() {
     done < "$input"
 }
 
+# QEMU logs two resets of CPU 0 as it starts; a third is the machine resetting (a triple fault
+# of the hypervisor, or a reset it asked for). Then each CPU's state is in the log (QEMU writes
+# all of them in the one reset): stop QEMU, so the machine does not boot again, and leave a mark.
+watch_for_reset() {
+    local log=$run_dir/qemu.log
+    while sleep 0.5; do
+        if [ "$(grep -c -a 'CPU Reset (CPU 0)' "$log" 2>/dev/null)" -gt 2 ]; then
+            sleep 0.5
+            touch "$run_dir/machine-reset"
+            kill "$(cat "$run_dir/qemu.pid")" 2>/dev/null
+            return
+        fi
+    done
+}
+
+# The CPU state blocks QEMU logged at the machine reset: from the third reset of CPU 0, one
+# block per CPU.
+at_reset() {
+    awk -v cpus="$smp" '/CPU Reset \(CPU 0\)/ { zero++ } zero > 2 && /^CPU Reset/ { blocks++ } zero > 2 && blocks <= cpus' "$run_dir/qemu.log"
+}
+
+# After a machine reset: why (QEMU says "Triple fault" when it was one), and each CPU's
+# registers as the reset found them, the code address named when addr2line knows it.
+report_machine_reset() {
+    local log=$run_dir/qemu.log
+    if grep -q -a 'Triple fault' "$log"; then
+        rz_say "the machine reset: QEMU logged a triple fault of the hypervisor itself (an exception it could not deliver, so no panic message); QEMU was stopped before it booted again"
+    else
+        rz_say "the machine reset (no triple fault logged: a reset the hypervisor asked for?); QEMU was stopped before it booted again"
+    fi
+    rz_say "each CPU as the reset found it (the whole state: $log):"
+    # The reset's CPU states (after QEMU's own two resets of CPU 0 at its start; one block per
+    # CPU, not what the firmware did after it), without FPU/SSE/debug registers.
+    at_reset \
+        | grep -a -v -E '^(FPR|XMM|YMM|ZMM|DR[0-9]|FCW|Opmask|PKRU|MXCSR)' >&2
+    # 64-bit CPUs in the hypervisor's code: the function, from the kernel ELF and the load
+    # offset the hypervisor printed at its start.
+    local rip offset
+    offset=$(grep -a -o 'kernel image offset 0x[0-9a-f]*' "$serial_log" | head -n 1 | awk '{print $4}')
+    if command -v addr2line >/dev/null && [ -f "$RZ_KERNEL" ] && [ -n "$offset" ]; then
+        for rip in $(at_reset | grep -a -o 'RIP=[0-9a-f]*' | cut -d= -f2); do
+            [ $((0x$rip)) -ge $((offset)) ] || continue
+            rz_say "RIP $rip: $(addr2line -f -C -e "$RZ_KERNEL" "$(printf '%#x' $((0x$rip - offset)))" | head -n 1) (in $RZ_KERNEL)"
+        done
+    fi
+}
+
 # Runs the chosen emulator with the serial console on stdout; returns its exit status.
 run_emulator() {
     if [ "$emulator" = qemu ]; then
         local qemu=(qemu-system-x86_64 -machine pc -cpu "$cpu" -smp "$smp" -m "$memory"
-            -display none -no-reboot
+            -display none -pidfile "$run_dir/qemu.pid"
             -chardev "stdio,id=console,logfile=$serial_log,signal=on" -serial chardev:console
             -device isa-debug-exit,iobase=0xf4,iosize=0x04
-            # QEMU's reset log: with -no-reboot a triple fault of the hypervisor ends QEMU
-            # with status 0, and this log is what tells it apart from a power-off.
+            # QEMU's reset log: each CPU's registers as a reset finds them. A triple fault of
+            # the hypervisor resets the machine; watch_for_reset then stops QEMU, and the log
+            # holds the state of every CPU at the fault (what -no-reboot would have lost).
             -d cpu_reset -D "$run_dir/qemu.log"
             -drive "format=raw,file=$image_dir/$firmware.img,snapshot=on")
         [ "$firmware" = uefi ] && qemu+=(-bios "$(rz_ovmf_code)")
@@ -206,20 +256,26 @@ run_emulator() {
         esac
         [ -n "$net" ] && qemu+=(-device "virtio-net-pci,netdev=net0${mac:+,mac=$mac}")
         rz_say "booting the $firmware image in QEMU (-cpu $cpu -smp $smp -m $memory)"
+        local watcher status
+        watch_for_reset &
+        watcher=$!
         # TCG warns about every CPUID feature of the model it does not emulate; those lines are noise.
         if [ -z "$input" ]; then
             "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" 2> >(grep -v "TCG doesn't support requested feature" >&2)
-            return
+            status=$?
+            kill "$watcher" 2>/dev/null
+            wait "$watcher" 2>/dev/null
+            return "$status"
         fi
         # With --input, QEMU's stdin is a FIFO that feed_input writes into.
-        local fifo=$run_dir/input.fifo feeder status
+        local fifo=$run_dir/input.fifo feeder
         mkfifo "$fifo" || rz_die "cannot make $fifo"
         feed_input >"$fifo" &
         feeder=$!
         "${timeout_args[@]}" "${qemu[@]}" "${extra[@]}" <"$fifo" 2> >(grep -v "TCG doesn't support requested feature" >&2)
         status=$?
-        kill "$feeder" 2>/dev/null
-        wait "$feeder" 2>/dev/null
+        kill "$feeder" "$watcher" 2>/dev/null
+        wait "$feeder" "$watcher" 2>/dev/null
         return "$status"
     else
         source "$RZ_ROOT/scripts/lib/bochs.sh"
@@ -245,8 +301,8 @@ if [ "${#timeout_args[@]}" -gt 0 ] && { [ "$emulator_status" = 124 ] || [ "$emul
 fi
 line=$(grep -a -o 'ringzero: poweroff status=[0-9]*' "$serial_log" 2>/dev/null | tail -n 1)
 if [ -z "$line" ]; then
-    if [ "$emulator" = qemu ] && grep -q -a 'Triple fault' "$run_dir/qemu.log" 2>/dev/null; then
-        rz_say "the machine reset: QEMU logged a triple fault of the hypervisor itself (an exception it could not deliver, so no panic message), and -no-reboot ended QEMU"
+    if [ "$emulator" = qemu ] && [ -e "$run_dir/machine-reset" ]; then
+        report_machine_reset
     fi
     rz_say "the emulator ended (status $emulator_status) but the hypervisor printed no power-off line"
     exit 125

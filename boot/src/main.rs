@@ -46,7 +46,7 @@ struct Options {
     disk: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state|disk-write|net-probe|double-free] [--config FILE] [--disk FILE]
+const USAGE: &str = "usage: ringzero-boot --kernel KERNEL_ELF --out-dir DIR [--test-hook none|page-fault|invalid-guest-state|disk-write|net-probe|double-free|triple-fault] [--config FILE] [--disk FILE]
        ringzero-boot disk create|list|read ... (ringzero-boot disk --help)";
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -64,7 +64,7 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
                 let name = value()?;
                 test_hook = TestHook::from_name(&name).ok_or_else(|| {
                     format!(
-                        "unknown test hook '{name}' (known: none, page-fault, invalid-guest-state, disk-write, net-probe, double-free)"
+                        "unknown test hook '{name}' (known: none, page-fault, invalid-guest-state, disk-write, net-probe, double-free, triple-fault)"
                     )
                 })?;
             }

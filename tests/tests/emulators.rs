@@ -9,6 +9,8 @@ const PANIC: i32 = 1;
 const HYPERVISOR_EXCEPTION: i32 = 2;
 const CANNOT_VIRTUALIZE: i32 = 3;
 const GUEST_FAILED: i32 = 6;
+/// `run-qemu.sh`: the emulator ended without the hypervisor's power-off line.
+const EMULATOR_FAILED: i32 = 125;
 
 #[test]
 fn qemu_uefi_epyc_detects_svm_with_nested_paging() {
@@ -184,6 +186,48 @@ fn a_frame_freed_twice_stops_the_hypervisor() {
         "memory: frame {frame} freed while it is not in use (a double free)"
     ));
     run.assert_serial_lacks("was NOT refused");
+}
+
+/// A triple fault of the hypervisor itself runs no handler of its own, so nothing on the
+/// serial console says what happened. QEMU resets the machine; `run-qemu.sh` stops it before
+/// it boots again, says it was a triple fault, and shows each CPU's registers as the reset
+/// found them, the code address named from the kernel ELF. The IDT line proves the state is
+/// the one at the fault (the hook loaded an empty IDT), not a fresh CPU's.
+#[test]
+fn a_triple_fault_of_the_hypervisor_shows_each_cpu_at_the_fault() {
+    let run = boot(&[
+        "--test-hook",
+        "triple-fault",
+        "--no-guests",
+        "--smp",
+        "2",
+        "--timeout",
+        "120",
+    ]);
+    run.assert_status(EMULATOR_FAILED);
+    run.assert_serial_contains("test hook: loading an empty IDT and raising #UD");
+    run.assert_serial_lacks("ringzero: poweroff");
+    for expected in [
+        "QEMU logged a triple fault of the hypervisor itself",
+        "QEMU was stopped before it booted again",
+        "CPU Reset (CPU 0)",
+        "CPU Reset (CPU 1)",
+        "IDT=     0000000000000000 00000000",
+        ": ringzero::triple_fault_for_test (in ",
+    ] {
+        assert!(
+            run.messages.contains(expected),
+            "run-qemu.sh did not say \"{expected}\"\n{}",
+            run.report()
+        );
+    }
+    // The machine did not boot a second time.
+    assert_eq!(
+        run.serial.matches("starting (kernel image offset").count(),
+        1,
+        "{}",
+        run.report()
+    );
 }
 
 #[test]

@@ -149,6 +149,10 @@ pub enum TestHook {
     /// Free one frame twice after the platform is up: the frame allocator's ownership check
     /// must stop the hypervisor, naming the frame.
     DoubleFree,
+    /// Make the hypervisor triple-fault (an empty IDT, then #UD): no handler of its own can
+    /// run, so the emulator's side must tell the reset apart from a power-off and show the
+    /// CPUs' state at the fault (`scripts/run-qemu.sh`).
+    TripleFault,
 }
 
 impl TestHook {
@@ -160,6 +164,7 @@ impl TestHook {
             TestHook::DiskWrite => 3,
             TestHook::NetProbe => 4,
             TestHook::DoubleFree => 5,
+            TestHook::TripleFault => 6,
         }
     }
 
@@ -171,6 +176,7 @@ impl TestHook {
             3 => Ok(TestHook::DiskWrite),
             4 => Ok(TestHook::NetProbe),
             5 => Ok(TestHook::DoubleFree),
+            6 => Ok(TestHook::TripleFault),
             other => Err(ManifestError::UnknownTestHook(other)),
         }
     }
@@ -184,6 +190,7 @@ impl TestHook {
             TestHook::DiskWrite => "disk-write",
             TestHook::NetProbe => "net-probe",
             TestHook::DoubleFree => "double-free",
+            TestHook::TripleFault => "triple-fault",
         }
     }
 
@@ -196,6 +203,7 @@ impl TestHook {
             TestHook::DiskWrite,
             TestHook::NetProbe,
             TestHook::DoubleFree,
+            TestHook::TripleFault,
         ]
         .into_iter()
         .find(|hook| hook.name() == name)

@@ -63,7 +63,13 @@ entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // Step 1.
     console::init();
-    log::info!("ringzero {} starting", env!("CARGO_PKG_VERSION"));
+    // The load offset turns a code address into one of the kernel ELF (addr2line, and
+    // scripts/run-qemu.sh after a triple fault): ELF address = address - offset.
+    log::info!(
+        "ringzero {} starting (kernel image offset {:#x})",
+        env!("CARGO_PKG_VERSION"),
+        boot_info.kernel_image_offset
+    );
 
     // Step 2.
     let Some(physical_memory_offset) = boot_info.physical_memory_offset.into_option() else {
@@ -130,6 +136,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     }
     if manifest.test_hook == TestHook::DoubleFree {
         memory::free_twice_for_test();
+    }
+    if manifest.test_hook == TestHook::TripleFault {
+        triple_fault_for_test();
     }
     if manifest.test_hook == TestHook::DiskWrite {
         disk::exercise_for_test();
@@ -257,6 +266,27 @@ fn trigger_page_fault() {
     // returns a value. This runs only when the manifest asks for the page-fault test.
     let value = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
     log::error!("test hook: the read returned {value:#x} instead of faulting");
+}
+
+/// Test hook: load an IDT with no entries and raise #UD. The #UD cannot be delivered (#GP),
+/// nor can that (#DF), nor that: the CPU shuts down and the machine resets, with no handler of
+/// the hypervisor run (the emulator's side reports it, `scripts/run-qemu.sh`).
+fn triple_fault_for_test() -> ! {
+    use x86_64::instructions::tables::lidt;
+    use x86_64::structures::DescriptorTablePointer;
+    log::warn!(
+        "test hook: loading an empty IDT and raising #UD: the machine must reset (a triple fault)"
+    );
+    let empty = DescriptorTablePointer {
+        limit: 0,
+        base: x86_64::VirtAddr::zero(),
+    };
+    // SAFETY: deliberately fatal: with a zero-limit IDT no exception can be delivered, so the
+    // UD2 below triple-faults the CPU. This runs only when the manifest asks for the test.
+    unsafe {
+        lidt(&empty);
+        core::arch::asm!("ud2", options(noreturn));
+    }
 }
 
 #[panic_handler]
