@@ -178,8 +178,14 @@ fn two_linux_vms_get_dhcp_addresses_and_ping_the_gateway_and_each_other() {
     run.assert_status(CLEAN);
     let mut addresses = Vec::new();
     for vm in ["vm1", "vm2"] {
-        let line = run.line_with(&format!("{vm} | net-test: address "));
-        let address = line.rsplit(' ').next().unwrap_or_default().to_string();
+        // The address is the dotted run right after the marker: the guest's kernel may print
+        // into the same console line before its newline.
+        let marker = format!("{vm} | net-test: address ");
+        let line = run.line_with(&marker);
+        let address: String = line[line.find(&marker).unwrap_or(0) + marker.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
         assert!(
             address == "10.0.2.15" || address == "10.0.2.16",
             "{vm} got {address}\n{}",
@@ -263,12 +269,11 @@ fn spoofed_frames_are_dropped_and_counted_and_the_victim_keeps_its_mac() {
         "{}",
         run.report()
     );
-    let sent = run
-        .line_with("spoofer | net-test: spoofed tx_packets=")
-        .rsplit('=')
-        .next()
-        .and_then(|count| count.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let sent = ringzero_tests::field_after(
+        run.line_with("spoofer | net-test: spoofed tx_packets="),
+        "tx_packets=",
+    )
+    .unwrap_or(0);
     let port = run.line_with("vswitch: port spoofer in=");
     let spoofed = ringzero_tests::field_after(port, "spoofed=").unwrap_or(0);
     assert!(

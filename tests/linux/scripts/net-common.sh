@@ -8,9 +8,13 @@
 #                            "net-test: no address" and fails), then
 #                            "net-test: gateway G dns D..." (from the lease).
 #   net_gateway              the default route's gateway (nothing without one)
-#   net_ping WHAT IP COUNT   COUNT pings (bounded by COUNT + 10 s); prints
-#                            "net-test: WHAT ping sent=N received=M"
+#   net_ping WHAT IP COUNT   COUNT pings, one a second; a reply counts if it comes before
+#                            2 x COUNT + 10 s have passed (a slow host stretches the run, and
+#                            that is not loss); prints "net-test: WHAT ping sent=N received=M"
 #   net_wait_for IP SECS     succeeds as soon as IP answers a ping, fails after SECS seconds
+#   net_linger SECS N        returns once at least N echo requests have come in since boot and
+#                            none for the last 5 s (peers that still ping this guest are
+#                            answered to their last ping), or after SECS seconds
 #   net_now_ns, net_seconds  the guest's clock in ns (/proc/timer_list) and whole seconds of uptime
 
 net_arg() {
@@ -69,10 +73,25 @@ net_up() {
 net_ping() {
     local summary sent received
     # timeout: busybox ping can hang despite -w (seen with replies from a broadcast address).
-    summary=$(timeout $(($3 + 10)) ping -c "$3" -w $(($3 + 5)) "$2" 2>&1 | grep 'packets transmitted')
+    summary=$(timeout $((2 * $3 + 20)) ping -c "$3" -w $((2 * $3 + 10)) "$2" 2>&1 | grep 'packets transmitted')
     sent=$(echo "$summary" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     received=$(echo "$summary" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
     echo "net-test: $1 ping sent=${sent:-0} received=${received:-0}"
+}
+
+# Echo requests this guest has received so far (Icmp InEchos in /proc/net/snmp).
+net_echo_requests() {
+    awk '$1 == "Icmp:" { if (!column) { for (i = 2; i <= NF; i++) if ($i == "InEchos") column = i } else { print $column; exit } }' /proc/net/snmp
+}
+
+net_linger() {
+    local deadline=$(($(net_seconds) + $1)) quiet=0 last now
+    last=$(net_echo_requests)
+    while { [ "$quiet" -lt 5 ] || [ "$last" -lt "$2" ]; } && [ "$(net_seconds)" -lt "$deadline" ]; do
+        sleep 1
+        now=$(net_echo_requests)
+        if [ "$now" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; last=$now; fi
+    done
 }
 
 net_wait_for() {
