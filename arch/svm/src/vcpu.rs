@@ -609,6 +609,7 @@ impl Vcpu for SvmVcpu {
             } else {
                 0
             },
+            cr2: vmcb.save.cr2,
         }
     }
 

@@ -1038,6 +1038,12 @@ impl Vcpu for VmxVcpu {
             } else {
                 0
             },
+            // Not in the VMCS: the CPU's own CR2 while this vCPU's state is loaded.
+            cr2: if self.cpu_state_loaded {
+                ringzero_x86::hw::read_cr2()
+            } else {
+                self.saved_cr2
+            },
         }
     }
 

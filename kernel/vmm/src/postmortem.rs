@@ -45,6 +45,7 @@ pub fn describe(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Vec<String> 
         ("rip".into(), state.rip),
         ("rsp".into(), state.rsp),
         ("rsp-64".into(), state.rsp.wrapping_sub(64)),
+        ("cr2".into(), context.cr2),
         ("idt".into(), context.idtr_base),
         ("gdt".into(), context.gdtr_base),
         ("tss".into(), context.tr_base),

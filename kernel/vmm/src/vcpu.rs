@@ -112,6 +112,9 @@ pub struct FaultContext {
     /// The nested page table root the hardware uses (SVM N_CR3, VMX EPTP with its low control
     /// bits cleared); 0 under shadow paging.
     pub nested_root: u64,
+    /// The guest's CR2: the linear address of its last page fault (after a triple fault, the
+    /// one whose delivery failed last).
+    pub cr2: u64,
 }
 
 /// One virtual CPU on one vendor's hardware.
