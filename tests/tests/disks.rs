@@ -23,7 +23,7 @@ fn qemu_uefi_finds_the_disk_and_its_gpt_header() {
         "--disk",
         disk.path(),
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     let line = run.line_with("disk: virtio-blk at ");
@@ -51,7 +51,7 @@ fn qemu_bios_counts_sectors_of_a_disk_without_gpt() {
         "--disk",
         disk.path(),
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     let line = run.line_with("disk: virtio-blk at ");
@@ -65,7 +65,7 @@ fn qemu_bios_counts_sectors_of_a_disk_without_gpt() {
 
 #[test]
 fn qemu_bios_without_a_disk_says_none() {
-    let run = boot(&["--bios", "--no-guests", "--timeout", "120"]);
+    let run = boot(&["--bios", "--no-guests", "--timeout", "300"]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("disk: none (no virtio-blk on the host PCI bus");
     run.assert_serial_lacks("disk: virtio-blk");
@@ -86,7 +86,7 @@ fn qemu_bios_test_hook_writes_flushes_and_reads_back() {
         "--disk",
         disk.path(),
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     let first = SECTORS - 1 - WRITTEN;

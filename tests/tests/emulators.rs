@@ -35,7 +35,7 @@ fn qemu_bios_epyc_detects_svm_with_nested_paging() {
         "--config",
         "config/test-guests.toml",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=1");
@@ -51,7 +51,7 @@ fn qemu_smp_counts_cpus_from_the_madt() {
         "--config",
         "config/test-guests.toml",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains(
@@ -81,13 +81,13 @@ fn assert_all_cpus_online(run: &ringzero_tests::Run, cpus: usize) {
 
 #[test]
 fn qemu_uefi_smp_4_starts_every_cpu() {
-    let run = boot(&["--smp", "4", "--no-guests", "--timeout", "120"]);
+    let run = boot(&["--smp", "4", "--no-guests", "--timeout", "300"]);
     assert_all_cpus_online(&run, 4);
 }
 
 #[test]
 fn qemu_bios_smp_4_starts_every_cpu() {
-    let run = boot(&["--bios", "--smp", "4", "--no-guests", "--timeout", "120"]);
+    let run = boot(&["--bios", "--smp", "4", "--no-guests", "--timeout", "300"]);
     assert_all_cpus_online(&run, 4);
 }
 
@@ -100,7 +100,7 @@ fn bochs_smp_2_starts_every_cpu() {
 
 #[test]
 fn qemu64_without_svm_is_refused() {
-    let run = boot(&["--bios", "--cpu", "qemu64,-svm", "--timeout", "60"]);
+    let run = boot(&["--bios", "--cpu", "qemu64,-svm", "--timeout", "300"]);
     run.assert_status(CANNOT_VIRTUALIZE);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=0");
     run.assert_serial_contains("CPUID.80000001h:ECX.SVM[bit 2] is 0");
@@ -119,7 +119,7 @@ fn qemu64_without_nested_paging_refuses_nested_vms_and_runs_shadow_ones() {
         "--config",
         "config/test-guests.toml",
         "--timeout",
-        "60",
+        "300",
     ]);
     run.assert_status(GUEST_FAILED);
     run.assert_serial_contains("ringzero: virt vendor=amd vmx=0 svm=1 ept=0 npt=0");
@@ -134,7 +134,7 @@ fn qemu64_without_nested_paging_refuses_nested_vms_and_runs_shadow_ones() {
         "--config",
         "tests/configs/basic-shadow.toml",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("ringzero: vm basic exit=exit-port status=0");
@@ -149,7 +149,7 @@ fn page_fault_in_the_hypervisor_is_reported_and_powers_off() {
         "--config",
         "config/test-guests.toml",
         "--timeout",
-        "60",
+        "300",
     ]);
     run.assert_status(HYPERVISOR_EXCEPTION);
     run.assert_serial_contains("CPU exception 14 (#PF page fault) error_code=0x0");
@@ -170,7 +170,7 @@ fn a_frame_freed_twice_stops_the_hypervisor() {
         "--config",
         "config/test-guests.toml",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(PANIC);
     let hook = run.line_with("test hook: freeing frame ");
@@ -202,7 +202,7 @@ fn a_triple_fault_of_the_hypervisor_shows_each_cpu_at_the_fault() {
         "--smp",
         "2",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(EMULATOR_FAILED);
     run.assert_serial_contains("test hook: loading an empty IDT and raising #UD");

@@ -13,7 +13,7 @@ const CONFIG_REFUSED: i32 = 121;
 fn basic_guest_counts_match_the_hypervisor_statistics(backend: &[&str]) {
     let run = boot(&with(
         backend,
-        &["--config", "tests/configs/basic.toml", "--timeout", "120"],
+        &["--config", "tests/configs/basic.toml", "--timeout", "300"],
     ));
     run.assert_status(CLEAN);
     run.assert_serial_contains("basic | basic: hello from a flat64 guest");
@@ -29,7 +29,7 @@ fn basic_guest_counts_match_the_hypervisor_statistics(backend: &[&str]) {
 fn several_vms_run_with_their_output_kept_apart(backend: &[&str]) {
     let run = boot(&with(
         backend,
-        &["--config", "tests/configs/several.toml", "--timeout", "180"],
+        &["--config", "tests/configs/several.toml", "--timeout", "400"],
     ));
     // The triple-fault VM fails, so the hypervisor reports a failed guest after running all.
     run.assert_status(GUEST_FAILED);
@@ -65,7 +65,7 @@ fn several_vms_run_with_their_output_kept_apart(backend: &[&str]) {
 fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) {
     let run = boot(&with(
         backend,
-        &["--config", "tests/configs/several.toml", "--timeout", "180"],
+        &["--config", "tests/configs/several.toml", "--timeout", "400"],
     ));
     let announced = run.line_with("executing ud2 at 0x");
     let rip = announced.rsplit("at ").next().expect("address").trim();
@@ -99,7 +99,7 @@ fn triple_fault_is_reported_with_its_rip_and_the_next_vm_runs(backend: &[&str]) 
 fn guest_cannot_reach_memory_outside_its_ram(backend: &[&str]) {
     let run = boot(&with(
         backend,
-        &["--config", "tests/configs/escape.toml", "--timeout", "120"],
+        &["--config", "tests/configs/escape.toml", "--timeout", "300"],
     ));
     run.assert_status(GUEST_FAILED);
     run.assert_serial_contains("escape | escape: wrote the marker over 16-24 MiB (own RAM)");
@@ -127,7 +127,7 @@ fn multiboot_guest_sees_its_memory_map_command_line_and_modules(backend: &[&str]
             "--config",
             "tests/configs/multiboot.toml",
             "--timeout",
-            "120",
+            "300",
         ],
     ));
     run.assert_status(CLEAN);
@@ -153,7 +153,7 @@ fn trap_trace_logs_every_exit_with_reason_rip_ring_and_instruction(backend: &[&s
             "--config",
             "tests/configs/basic-trace.toml",
             "--timeout",
-            "180",
+            "400",
         ],
     ));
     run.assert_status(CLEAN);
@@ -200,7 +200,7 @@ fn entry_failure_is_decoded_and_the_hypervisor_goes_on(backend: &[&str]) {
             "--test-hook",
             "invalid-guest-state",
             "--timeout",
-            "120",
+            "300",
         ],
     ));
     run.assert_status(GUEST_FAILED);

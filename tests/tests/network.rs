@@ -36,7 +36,7 @@ fn qemu_bios_net_probe_gets_the_gateways_arp_reply() {
             "--test-hook",
             "net-probe",
             "--timeout",
-            "120",
+            "300",
         ],
         &qemu_args,
     ));
@@ -106,7 +106,7 @@ fn qemu_uefi_finds_the_nic_beside_the_disk() {
         "--mac",
         "52:54:00:ab:cd:ef",
         "--timeout",
-        "120",
+        "300",
     ]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("disk: virtio-blk at ");
@@ -126,7 +126,7 @@ fn qemu_bios_never_transmits_at_boot() {
             "--net",
             "user",
             "--timeout",
-            "120",
+            "300",
         ],
         &qemu_args,
     ));
@@ -143,7 +143,7 @@ fn qemu_bios_never_transmits_at_boot() {
 
 #[test]
 fn qemu_bios_without_a_nic_says_none() {
-    let run = boot(&["--bios", "--no-guests", "--timeout", "120"]);
+    let run = boot(&["--bios", "--no-guests", "--timeout", "300"]);
     run.assert_status(CLEAN);
     run.assert_serial_contains("net: none (no virtio-net on the host PCI bus)");
     run.assert_serial_lacks("net: virtio-net");

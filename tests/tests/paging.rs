@@ -73,7 +73,7 @@ fn basic_guest_counts_match_with_shadow_paging(backend: &[&str]) {
             "--config",
             "tests/configs/basic-shadow.toml",
             "--timeout",
-            "180",
+            "400",
         ],
     ));
     run.assert_status(CLEAN);
@@ -114,7 +114,7 @@ fn escape_is_stopped_with_shadow_paging(backend: &[&str]) {
             "--config",
             "tests/configs/escape-shadow.toml",
             "--timeout",
-            "180",
+            "400",
         ],
     ));
     run.assert_status(GUEST_FAILED);
@@ -141,7 +141,7 @@ fn multiboot_with_shadow_paging(backend: &[&str]) {
             "--config",
             "tests/configs/multiboot-shadow.toml",
             "--timeout",
-            "180",
+            "400",
         ],
     ));
     run.assert_status(CLEAN);
