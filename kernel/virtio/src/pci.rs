@@ -324,8 +324,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// Reads the avail index only. `false` when the device or queue is not live (using a
     /// chain would fail for that reason, not for want of one).
     pub fn waiting_for_chain(&self, index: u16, memory: &mut dyn GuestMemory) -> bool {
-        self.live()
-            && self.config.command() & COMMAND_BUS_MASTER != 0
+        self.queues_may_run()
             && self
                 .queues
                 .get(usize::from(index))
@@ -363,6 +362,12 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn live(&self) -> bool {
         self.device_status & status::DRIVER_OK != 0
             && self.device_status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// Live (see [`Self::live`]) and bus mastering on: the device may use its queues, which
+    /// means touching guest memory.
+    fn queues_may_run(&self) -> bool {
+        self.live() && self.config.command() & COMMAND_BUS_MASTER != 0
     }
 
     /// A guest read of `size` (1, 2, 4 or 8) bytes at `offset` in BAR `bar`. Anything else, or
@@ -598,7 +603,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// queue interrupt when any chain was used, unless the driver suppressed it. Returns the
     /// number of chains used.
     pub fn process(&mut self, queue: u16, memory: &mut dyn GuestMemory) -> usize {
-        if !self.live() || self.config.command() & COMMAND_BUS_MASTER == 0 {
+        if !self.queues_may_run() {
             return 0;
         }
         let Self { device, queues, .. } = self;
@@ -665,7 +670,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         memory: &mut dyn GuestMemory,
         handle: impl FnOnce(&mut D, &DescriptorChain, &mut dyn GuestMemory) -> (u32, R),
     ) -> Result<R, UseChainError> {
-        if !self.live() || self.config.command() & COMMAND_BUS_MASTER == 0 {
+        if !self.queues_may_run() {
             return Err(UseChainError::NotLive);
         }
         let Self {
