@@ -16,8 +16,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use ringzero_memory::page_table::{self, LongModeFormat, WalkFault};
 use ringzero_memory::{
-    paging_mode, read_guest_virtual, translate_guest_virtual, GuestMemoryError, GuestPhysAddr,
-    GuestVirtAddr, HostMemory,
+    paging_mode, read_guest_virtual, translate_guest_virtual, GuestMemoryError, GuestPagingMode,
+    GuestPhysAddr, GuestVirtAddr, HostMemory,
 };
 
 /// Vectors whose IDT entries are always shown: #DF, #GP, #PF.
@@ -78,7 +78,7 @@ pub fn describe(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Vec<String> 
             place(vm, host, &state, address)
         ));
     }
-    if let Some(line) = nested_consistency(vm, vcpu, host) {
+    if let Some(line) = nested_consistency(vm, context.nested_root, host) {
         lines.push(line);
     }
     lines
@@ -210,11 +210,11 @@ fn place(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, address: u64) ->
 }
 
 /// The guest's 4-level walk of `linear` entry by entry (as guest RAM holds it now), so an entry
-/// with reserved bits or a wrong address shows: "L4 gpa=value L3 ... -> result". Long mode
-/// only. The generic walker does the walking; its reader records each entry it reads.
+/// with reserved bits or a wrong address shows: "L4 gpa=value L3 ... -> result". 4-level
+/// long mode only. The generic walker does the walking; its reader records each entry it reads.
 fn walk_entries(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, linear: u64) -> String {
-    if state.cr0 & (1 << 31) == 0 || state.efer & (1 << 10) == 0 {
-        return "not in long mode".into();
+    if paging_mode(state.cr0, state.cr4, state.efer) != GuestPagingMode::Long4 {
+        return "not in 4-level long mode".into();
     }
     let mut out = String::new();
     let mut level = 4u8;
@@ -245,13 +245,12 @@ fn walk_entries(vm: &Vm, host: &dyn HostMemory, state: &GuestSnapshot, linear: u
 
 /// Whether the nested tables and the RAM map agree on every page (the hardware walks the
 /// first, the hypervisor reads and writes guest memory through the second): `None` under
-/// shadow paging.
-fn nested_consistency(vm: &Vm, vcpu: &dyn Vcpu, host: &dyn HostMemory) -> Option<String> {
+/// shadow paging. `used` is the nested root the vCPU runs with ([`FaultContext::nested_root`]).
+fn nested_consistency(vm: &Vm, used: u64, host: &dyn HostMemory) -> Option<String> {
     let GuestPaging::Nested(tables) = &vm.paging else {
         return None;
     };
     let root = tables.root().0;
-    let used = vcpu.fault_context().nested_root;
     let root_line = if used == root {
         format!("root {root:#x}")
     } else {
@@ -335,7 +334,7 @@ mod tests {
         );
         assert_eq!(
             walk_entries(&vm, &host, &GuestSnapshot::default(), 0),
-            "not in long mode"
+            "not in 4-level long mode"
         );
     }
 }
