@@ -84,14 +84,17 @@ impl Run {
     }
 }
 
+/// The run of characters `accept` takes right after the first `key` in `line` (a guest's
+/// kernel may print into the same console line, so the rest of the line is not the value).
+pub fn text_after<'a>(line: &'a str, key: &str, accept: impl Fn(char) -> bool) -> Option<&'a str> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let end = rest.find(|c: char| !accept(c)).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
 /// The number in `key=N` on the first serial line that contains `prefix`.
 pub fn field_after(line: &str, key: &str) -> Option<u64> {
-    let start = line.find(key)? + key.len();
-    let digits: String = line[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+    text_after(line, key, |c| c.is_ascii_digit())?.parse().ok()
 }
 
 impl Run {
@@ -537,4 +540,22 @@ fn save_serial(serial: &str) -> std::io::Result<PathBuf> {
     let path = directory.join(format!("serial-{}-{number}.txt", std::process::id()));
     std::fs::write(&path, serial)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{field_after, text_after};
+
+    #[test]
+    fn values_end_where_a_kernel_message_begins() {
+        let line = "vm1 | net-test: address 10.0.2.16[   11.07] IPv6: eth0: link becomes ready";
+        let dotted = |c: char| c.is_ascii_digit() || c == '.';
+        assert_eq!(text_after(line, "address ", dotted), Some("10.0.2.16"));
+        assert_eq!(text_after(line, "absent ", dotted), None);
+        assert_eq!(
+            field_after("sent=40 received=37[ 9.1] x", "received="),
+            Some(37)
+        );
+        assert_eq!(field_after("sent= received=1", "sent="), None);
+    }
 }

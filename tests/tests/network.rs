@@ -178,14 +178,11 @@ fn two_linux_vms_get_dhcp_addresses_and_ping_the_gateway_and_each_other() {
     run.assert_status(CLEAN);
     let mut addresses = Vec::new();
     for vm in ["vm1", "vm2"] {
-        // The address is the dotted run right after the marker: the guest's kernel may print
-        // into the same console line before its newline.
         let marker = format!("{vm} | net-test: address ");
-        let line = run.line_with(&marker);
-        let address: String = line[line.find(&marker).unwrap_or(0) + marker.len()..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
+        let address = ringzero_tests::text_after(run.line_with(&marker), &marker, |c| {
+            c.is_ascii_digit() || c == '.'
+        })
+        .unwrap_or_default();
         assert!(
             address == "10.0.2.15" || address == "10.0.2.16",
             "{vm} got {address}\n{}",
