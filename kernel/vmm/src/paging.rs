@@ -137,6 +137,16 @@ fn decode_cr_operand(
     }
 }
 
+/// Says (once per boot) that an exit named another control register than the instruction.
+fn note_cr_exit_mismatch(from_exit: u8, decoded: u8) {
+    static NOTED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    if from_exit != decoded && !NOTED.swap(true, core::sync::atomic::Ordering::Relaxed) {
+        log::info!(
+            "paging: a CR access exit named CR{from_exit} for an access to CR{decoded}; the decoded instruction is used (QEMU 10 TCG does this; said once)"
+        );
+    }
+}
+
 fn iced_gpr(register: iced_x86::Register) -> Option<Register> {
     if !register.is_gpr64() && !register.is_gpr32() {
         return None;
@@ -163,15 +173,25 @@ pub fn control_register(
             register,
             destination: None,
         } => match decode_cr_operand(vm, vcpu, host) {
-            Some((true, decoded, gpr)) if decoded == register => ControlRegisterAccess::Write {
-                register,
-                source: Some(gpr),
-            },
-            Some((false, decoded, gpr)) if decoded == register => ControlRegisterAccess::Read {
-                register,
-                destination: Some(gpr),
-            },
-            _ => return Err(VmEnd::Undecodable { rip }),
+            // The instruction at RIP says which register and which way, not the exit code:
+            // QEMU 10's TCG gives a MOV from CR3 the exit code of a read of CR0 (0x00). On
+            // hardware, and on QEMU 7.2, the two agree. Every CR ringzero intercepts is
+            // intercepted both ways, so whichever bit the emulator checked, the access exits.
+            Some((true, decoded, gpr)) => {
+                note_cr_exit_mismatch(register, decoded);
+                ControlRegisterAccess::Write {
+                    register: decoded,
+                    source: Some(gpr),
+                }
+            }
+            Some((false, decoded, gpr)) => {
+                note_cr_exit_mismatch(register, decoded);
+                ControlRegisterAccess::Read {
+                    register: decoded,
+                    destination: Some(gpr),
+                }
+            }
+            None => return Err(VmEnd::Undecodable { rip }),
         },
         ControlRegisterAccess::Lmsw { value: None } => {
             let state = vcpu.snapshot();

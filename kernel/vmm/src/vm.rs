@@ -4,7 +4,7 @@
 
 use crate::cpuid::{guest_cpuid, GuestCpuState};
 use crate::decode;
-use crate::exit::{IoDirection, IoExit, MemoryAccess, VmExit};
+use crate::exit::{ControlRegisterAccess, IoDirection, IoExit, MemoryAccess, VmExit};
 use crate::msr::{self, MsrRead, MsrWrite};
 use crate::paging::{self, GuestPaging, LazyStats};
 use crate::smp::{self, Activity, VcpuState};
@@ -464,6 +464,13 @@ pub fn run_slice<L: LockVm + ?Sized>(
             VmExit::PageFault { address, .. } => *address,
             VmExit::Io(io) => u64::from(io.port),
             VmExit::MsrRead | VmExit::MsrWrite => vcpu.register(Register::Rcx) & 0xFFFF_FFFF,
+            // The register the exit names: n for a read of CRn, 0x10 + n for a write.
+            VmExit::ControlRegister(ControlRegisterAccess::Read { register, .. }) => {
+                u64::from(*register)
+            }
+            VmExit::ControlRegister(ControlRegisterAccess::Write { register, .. }) => {
+                0x10 + u64::from(*register)
+            }
             _ => 0,
         };
         vm.vcpus[index].recent.record(RecentExit {
