@@ -174,9 +174,10 @@ pub fn control_register(
             destination: None,
         } => match decode_cr_operand(vm, vcpu, host) {
             // The instruction at RIP says which register and which way, not the exit code:
-            // QEMU 10's TCG gives a MOV from CR3 the exit code of a read of CR0 (0x00). On
-            // hardware, and on QEMU 7.2, the two agree. Every CR ringzero intercepts is
-            // intercepted both ways, so whichever bit the emulator checked, the access exits.
+            // QEMU 10's TCG checks and reports the CR0 intercept for a MOV from any CRn (a
+            // MOV from CR3 or CR2 exits as a read of CR0, 0x00). On hardware, and on QEMU 7.2,
+            // the exit names the register. Shadow paging intercepts reads of CR0, CR3 and CR4
+            // together, so all of them still exit; the read below also answers CR2.
             Some((true, decoded, gpr)) => {
                 note_cr_exit_mismatch(register, decoded);
                 ControlRegisterAccess::Write {
@@ -243,6 +244,9 @@ pub fn control_register(
         } => {
             let value = match register {
                 0 => visible.cr0,
+                // Not intercepted, but QEMU 10's TCG exits on a MOV from any CR when CR0 reads
+                // are intercepted (it checks and reports CR0's bit): the guest's own CR2.
+                2 => vcpu.fault_context().cr2,
                 3 => visible.cr3,
                 4 => visible.cr4,
                 _ => {

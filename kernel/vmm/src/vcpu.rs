@@ -124,7 +124,8 @@ pub trait Vcpu {
     fn register(&self, register: Register) -> u64;
     fn set_register(&mut self, register: Register, value: u64);
     fn snapshot(&self) -> GuestSnapshot;
-    /// The descriptor tables and events of the last entry and exit, for failure reports.
+    /// The descriptor tables and events of the last entry and exit, and the guest's CR2: for
+    /// failure reports, and for a MOV from CR2 that an emulator made exit.
     fn fault_context(&self) -> FaultContext;
     /// The address of the instruction after the one that exited, when the hardware told
     /// (SVM NRIP save or an I/O exit's own field; VMX's exit instruction length). `None`
