@@ -91,8 +91,8 @@ impl GuestExtendedState {
     }
 
     /// The guest's XCR0. While loaded that is the real XCR0: the same value on hardware that
-    /// intercepts XSETBV, the guest's own where it does not (QEMU 7.2 TCG ignores SVM's XSETBV
-    /// intercept: the CPU checks and loads the value itself).
+    /// intercepts XSETBV, the guest's own where it does not (QEMU 7.2 TCG ignored SVM's XSETBV
+    /// intercept: the CPU checked and loaded the value itself; QEMU 10 takes it).
     pub fn xcr0(&self) -> u64 {
         match (&self.storage, self.loaded) {
             (Storage::Xsave { .. }, true) => hw::xcr0().unwrap_or(self.xcr0),
