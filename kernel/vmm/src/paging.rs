@@ -172,28 +172,27 @@ pub fn control_register(
         | ControlRegisterAccess::Read {
             register,
             destination: None,
-        } => match decode_cr_operand(vm, vcpu, host) {
+        } => {
             // The instruction at RIP says which register and which way, not the exit code:
             // QEMU 10's TCG checks and reports the CR0 intercept for a MOV from any CRn (a
             // MOV from CR3 or CR2 exits as a read of CR0, 0x00). On hardware, and on QEMU 7.2,
             // the exit names the register. Shadow paging intercepts reads of CR0, CR3 and CR4
             // together, so all of them still exit; the read below also answers CR2.
-            Some((true, decoded, gpr)) => {
-                note_cr_exit_mismatch(register, decoded);
+            let (write, decoded, gpr) =
+                decode_cr_operand(vm, vcpu, host).ok_or(VmEnd::Undecodable { rip })?;
+            note_cr_exit_mismatch(register, decoded);
+            if write {
                 ControlRegisterAccess::Write {
                     register: decoded,
                     source: Some(gpr),
                 }
-            }
-            Some((false, decoded, gpr)) => {
-                note_cr_exit_mismatch(register, decoded);
+            } else {
                 ControlRegisterAccess::Read {
                     register: decoded,
                     destination: Some(gpr),
                 }
             }
-            None => return Err(VmEnd::Undecodable { rip }),
-        },
+        }
         ControlRegisterAccess::Lmsw { value: None } => {
             let state = vcpu.snapshot();
             let decoded = decode::fetch(&vm.ram, host, &state)
