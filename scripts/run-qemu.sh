@@ -255,7 +255,7 @@ run_emulator() {
             socket-connect) qemu+=(-netdev "socket,id=net0,connect=127.0.0.1:$net_port") ;;
         esac
         [ -n "$net" ] && qemu+=(-device "virtio-net-pci,netdev=net0${mac:+,mac=$mac}")
-        rz_say "booting the $firmware image in QEMU $(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([^ ]*\).*/\1/p') (-cpu $cpu -smp $smp -m $memory)"
+        rz_say "booting the $firmware image in QEMU $(rz_qemu_version) (-cpu $cpu -smp $smp -m $memory)"
         local watcher status
         watch_for_reset &
         watcher=$!

@@ -18,11 +18,16 @@ rz_ensure_packages() {
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     rz_say "installing Debian packages: ${missing[*]}"
+    rz_apt_install "${missing[@]}"
+}
+
+# apt-get update, then apt-get install ARGS (options and packages), as root (sudo if needed).
+rz_apt_install() {
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq >&2 || rz_die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-        || rz_die "apt-get install ${missing[*]} failed"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >&2 \
+        || rz_die "apt-get install $* failed"
 }
 
 # Installs the toolchain rust-toolchain.toml pins (rustup does not do it by itself here).
@@ -56,9 +61,15 @@ rz_ensure_toolchain() {
 # QEMU 10, whose SVM emulation differs from 7.2's (docs/architecture.md, "Emulator facts").
 RZ_QEMU_MIN_MAJOR=10
 
-# The major version of the qemu-system-x86_64 on PATH, or of the one given ("" if none).
+# The version (10.0.2) of the qemu-system-x86_64 on PATH, or of the one given ("" if none).
+rz_qemu_version() {
+    "${1:-qemu-system-x86_64}" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([^ ]*\).*/\1/p'
+}
+# Its major version (10).
 rz_qemu_major() {
-    "${1:-qemu-system-x86_64}" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+    local version
+    version=$(rz_qemu_version "$@")
+    echo "${version%%.*}"
 }
 
 # What running under QEMU needs: OVMF and a QEMU of at least RZ_QEMU_MIN_MAJOR. On Debian 12,
@@ -86,10 +97,7 @@ rz_ensure_qemu() {
             echo "deb http://deb.debian.org/debian bookworm-backports main" | $sudo tee "$list" >/dev/null \
                 || rz_die "cannot write $list"
         fi
-        $sudo apt-get update -qq >&2 || rz_die "apt-get update failed"
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-            -t bookworm-backports qemu-system-x86 >&2 \
-            || rz_die "apt-get install -t bookworm-backports qemu-system-x86 failed"
+        rz_apt_install -t bookworm-backports qemu-system-x86
     else
         rz_ensure_packages qemu-system-x86
     fi
